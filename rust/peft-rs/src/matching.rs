@@ -1,0 +1,310 @@
+//! PEFT's module-selection rules (`tuners_utils.check_target_module_exists`,
+//! `utils.other.get_pattern_key`, `_set_trainable`), written once for every method.
+//!
+//! Python's `re` and Rust's `regex` agree on the syntax configs use in practice; a pattern Rust
+//! cannot compile (look-around, back-references) is rejected with the field that holds it.
+
+use regex::Regex;
+
+use crate::config::{ModuleSelector, OneOrMany};
+use crate::error::{PeftError, Result};
+
+fn compile(field: &str, pattern: &str) -> Result<Regex> {
+    Regex::new(pattern).map_err(|e| PeftError::config(field, format!("regex {pattern:?}: {e}")))
+}
+
+fn full_match(field: &str, pattern: &str, key: &str) -> Result<bool> {
+    Ok(compile(field, &format!("^(?:{pattern})$"))?.is_match(key))
+}
+
+/// `key` equals an entry or ends with `"." + entry`.
+fn dotted_suffix_match<'a>(names: &'a [String], key: &str) -> Option<&'a str> {
+    names
+        .iter()
+        .find(|t| key == t.as_str() || key.ends_with(&format!(".{t}")))
+        .map(String::as_str)
+}
+
+/// The module-selection part of a config.
+#[derive(Debug, Clone, Copy)]
+pub struct Selection<'a> {
+    pub target_modules: Option<&'a ModuleSelector>,
+    pub exclude_modules: Option<&'a ModuleSelector>,
+    pub modules_to_save: Option<&'a [String]>,
+    pub layers_to_transform: Option<&'a OneOrMany<i64>>,
+    pub layers_pattern: Option<&'a OneOrMany<String>>,
+}
+
+impl Selection<'_> {
+    /// Whether the module at `key` (path relative to the model) gets an adapter layer.
+    pub fn is_target(&self, key: &str) -> Result<bool> {
+        if let Some(exclude) = self.exclude_modules {
+            let excluded = match exclude {
+                ModuleSelector::Regex(p) => full_match("exclude_modules", p, key)?,
+                ModuleSelector::Names(names) => dotted_suffix_match(names, key).is_some(),
+            };
+            if excluded {
+                return Ok(false);
+            }
+        }
+        for m in self.modules_to_save.unwrap_or_default() {
+            // PEFT uses the entry as a raw regex here.
+            let guard = compile("modules_to_save", &format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)$"))?;
+            if guard.is_match(key) {
+                return Ok(false);
+            }
+        }
+        match self.target_modules {
+            None => Ok(false),
+            Some(ModuleSelector::Regex(p)) => full_match("target_modules", p, key),
+            Some(ModuleSelector::Names(names)) => {
+                if names.iter().any(|t| t == key) {
+                    // An exact name skips the layer filter, as in PEFT.
+                    return Ok(true);
+                }
+                if dotted_suffix_match(names, key).is_none() {
+                    return Ok(false);
+                }
+                self.layer_selected(key)
+            }
+        }
+    }
+
+    fn layer_selected(&self, key: &str) -> Result<bool> {
+        let Some(layers) = self.layers_to_transform else {
+            return Ok(true);
+        };
+        let layers = layers.to_vec();
+        if layers.is_empty() {
+            return Ok(true);
+        }
+        let patterns = self
+            .layers_pattern
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default();
+        let found = if patterns.iter().all(|p| p.is_empty()) {
+            layer_index(&compile("layers_pattern", r"^.*?\.[^.]*\.(\d+)\.")?, key)
+        } else {
+            let mut found = None;
+            for p in patterns.iter().filter(|p| !p.is_empty()) {
+                let re = compile("layers_pattern", &format!(r"^.*?\.(?:{p})\.(\d+)\."))?;
+                if let Some(i) = layer_index(&re, key) {
+                    found = Some(i);
+                    break;
+                }
+            }
+            found
+        };
+        Ok(found.is_some_and(|i| layers.contains(&i)))
+    }
+}
+
+fn layer_index(re: &Regex, key: &str) -> Option<i64> {
+    // The regex needs the text after the index too ("\."), as Python's `re.match` does.
+    re.captures(key)?.get(1)?.as_str().parse().ok()
+}
+
+/// `rank_pattern` / `alpha_pattern` lookup: the first key `k` (in order) with
+/// `re.match(rf"(.*\.)?({k})$", key)` gives the value.
+pub fn pattern_value<T: Copy>(
+    field: &str,
+    patterns: &[(String, T)],
+    key: &str,
+) -> Result<Option<T>> {
+    for (pattern, value) in patterns {
+        if compile(field, &format!(r"^(?:.*\.)?(?:{pattern})$"))?.is_match(key) {
+            return Ok(Some(*value));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `key` is wrapped by `modules_to_save` (plain string suffix, no dot boundary, as PEFT).
+pub fn is_module_to_save(modules_to_save: &[String], key: &str) -> bool {
+    modules_to_save.iter().any(|m| key.ends_with(m.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> ModuleSelector {
+        ModuleSelector::Names(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    type Case<'a> = (
+        &'a str,
+        ModuleSelector,
+        Option<Vec<i64>>,
+        Option<Vec<&'a str>>,
+        bool,
+    );
+
+    /// A selection of rows of PEFT's `REGEX_TEST_CASES` (tests/test_tuners_utils.py).
+    #[test]
+    fn peft_regex_cases() {
+        let cases: &[Case] = &[
+            ("", names(&[]), None, None, false),
+            ("foo", names(&["foo"]), None, None, true),
+            (
+                "foo",
+                ModuleSelector::Regex(".*oo".into()),
+                None,
+                None,
+                true,
+            ),
+            (
+                "foo",
+                ModuleSelector::Regex(".*bar.*".into()),
+                None,
+                None,
+                false,
+            ),
+            (
+                "foobar",
+                ModuleSelector::Regex(".*oba.*".into()),
+                None,
+                None,
+                true,
+            ),
+            (
+                "foo.bar.1.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec!["bar"]),
+                true,
+            ),
+            (
+                "foo.bar.1.baz",
+                names(&["baz"]),
+                Some(vec![0]),
+                Some(vec!["bar"]),
+                false,
+            ),
+            (
+                "foo.bar.10.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec!["bar"]),
+                false,
+            ),
+            (
+                "foo.whatever.1.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec![]),
+                true,
+            ),
+            (
+                "foo.whatever.1.baz",
+                names(&["baz"]),
+                Some(vec![0]),
+                None,
+                false,
+            ),
+            (
+                "transformer.h.1.attn.attention.q_proj.foo",
+                names(&["q_proj"]),
+                None,
+                Some(vec![]),
+                false,
+            ),
+            (
+                "transformer.h.1.attn.attention.q_proj",
+                names(&["q_proj"]),
+                Some(vec![0, 1, 2]),
+                Some(vec!["h"]),
+                true,
+            ),
+            (
+                "transformer.h.1.attn.attention.resid_dropout",
+                names(&["q_proj", "v_proj"]),
+                None,
+                None,
+                false,
+            ),
+            (
+                "foo.bar.1.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec!["foo"]),
+                false,
+            ),
+            (
+                "bar.1.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec!["bar"]),
+                false,
+            ),
+            (
+                "foo.bar.001.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec!["bar"]),
+                true,
+            ),
+            (
+                "foo.bar.2.spam.1.baz",
+                names(&["baz"]),
+                Some(vec![1]),
+                Some(vec!["bar"]),
+                false,
+            ),
+            (
+                "blocks.1.weight",
+                names(&["weight"]),
+                Some(vec![1]),
+                Some(vec!["blocks"]),
+                false,
+            ),
+            (
+                "mlp.blocks.1.weight",
+                names(&["weight"]),
+                Some(vec![1]),
+                Some(vec!["blocks"]),
+                true,
+            ),
+        ];
+        for (key, targets, layers, pattern, expected) in cases {
+            let layers = layers.clone().map(OneOrMany::Many);
+            let pattern = pattern
+                .clone()
+                .map(|p| OneOrMany::Many(p.iter().map(|s| s.to_string()).collect()));
+            let sel = Selection {
+                target_modules: Some(targets),
+                exclude_modules: None,
+                modules_to_save: None,
+                layers_to_transform: layers.as_ref(),
+                layers_pattern: pattern.as_ref(),
+            };
+            assert_eq!(sel.is_target(key).unwrap(), *expected, "{key} {targets:?}");
+        }
+    }
+
+    #[test]
+    fn pattern_lookup_takes_first_match_on_dot_boundary() {
+        let p = vec![("lin1".to_string(), 4usize), ("lin.".to_string(), 2)];
+        assert_eq!(
+            pattern_value("rank_pattern", &p, "a.lin1").unwrap(),
+            Some(4)
+        );
+        assert_eq!(pattern_value("rank_pattern", &p, "lin0").unwrap(), Some(2));
+        assert_eq!(pattern_value("rank_pattern", &p, "xlin1").unwrap(), None);
+    }
+
+    #[test]
+    fn unsupported_regex_is_a_config_error() {
+        let sel = ModuleSelector::Regex("(?<=a)b".into());
+        let s = Selection {
+            target_modules: Some(&sel),
+            exclude_modules: None,
+            modules_to_save: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+        };
+        assert!(
+            matches!(s.is_target("ab"), Err(PeftError::InvalidConfig { field, .. }) if field == "target_modules")
+        );
+    }
+}

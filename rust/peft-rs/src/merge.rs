@@ -1,0 +1,48 @@
+//! Arithmetic shared by every method's merge and unmerge, with PEFT's dtype rules.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{PeftError, Result};
+
+/// The dtype PEFT keeps adapter weights in (`autocast_adapter_dtype=True`): f32 for f32, f16 and
+/// bf16 bases, f64 for an f64 base.
+pub fn adapter_dtype(base: DType) -> DType {
+    if base == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `target + factor · delta`, computed in the delta's dtype and stored in the target's, as
+/// PyTorch's in-place `+=` with type promotion does.
+pub(crate) fn add_to(target: &Tensor, delta: &Tensor, factor: f64) -> Result<Tensor> {
+    if target.dims() != delta.dims() {
+        return Err(PeftError::shape(
+            "delta weight",
+            target.dims(),
+            delta.dims(),
+        ));
+    }
+    let scaled = if factor == 1.0 {
+        delta.clone()
+    } else {
+        delta.affine(factor, 0.0)?
+    };
+    Ok(target
+        .to_dtype(delta.dtype())?
+        .add(&scaled)?
+        .to_dtype(target.dtype())?)
+}
+
+/// Errors if `t` holds NaN or infinity (`safe_merge`).
+pub(crate) fn check_finite(module: &str, t: &Tensor) -> Result<()> {
+    let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    if values.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(PeftError::NonFiniteMerge {
+            module: module.to_string(),
+        })
+    }
+}

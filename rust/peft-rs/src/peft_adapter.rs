@@ -1,0 +1,319 @@
+//! [`PeftAdapter`]: one adapter directory (config + tensors), independent of any model.
+//!
+//! Module paths are relative to the model (`"lin0"`, `"encoder.layer.0.attention.self.query"`);
+//! base-model tensors are addressed by their `state_dict()` keys (`"lin0.weight"`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use crate::adapters::BiasMode;
+use crate::base::{BaseLayer, ModuleKind};
+use crate::config::{CONFIG_NAME, PeftConfig, config_to_file_json, read_config};
+use crate::error::{PeftError, Result};
+use crate::io::{MODEL_PREFIX, read_adapter_weights, write_atomic, write_safetensors};
+use crate::matching::is_module_to_save;
+use crate::traits::AdapterLayer;
+
+pub const DEFAULT_ADAPTER_NAME: &str = "default";
+
+/// A base-model module offered to [`PeftAdapter::create`].
+#[derive(Debug, Clone)]
+pub struct BaseModule {
+    pub name: String,
+    pub layer: BaseLayer,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    adapter_name: String,
+    config: PeftConfig,
+    /// Adapted module → its tensors (names relative to the module), as stored in the file.
+    layers: BTreeMap<String, Vec<(String, Tensor)>>,
+    /// Base-model tensors the adapter replaces (`modules_to_save`, trained biases), keyed like
+    /// the base model's `state_dict()`.
+    replaced: BTreeMap<String, Tensor>,
+}
+
+impl PeftAdapter {
+    /// Loads `dir` (or `dir/<adapter_name>`, where PEFT saves non-default adapters).
+    pub fn from_pretrained(dir: &Path, adapter_name: Option<&str>) -> Result<Self> {
+        let name = adapter_name.unwrap_or(DEFAULT_ADAPTER_NAME);
+        let sub = dir.join(name);
+        let dir = if name != DEFAULT_ADAPTER_NAME && sub.join(CONFIG_NAME).is_file() {
+            sub
+        } else {
+            dir.to_path_buf()
+        };
+        if !dir.is_dir() {
+            return Err(PeftError::FileNotFound { path: dir });
+        }
+        let config = read_config(&dir.join(CONFIG_NAME))?;
+        let tensors = read_adapter_weights(&dir)?;
+        Self::from_state_dict(name, config, tensors)
+    }
+
+    /// Builds an adapter from PEFT file keys (`base_model.model.<module>.<param>`). Every key
+    /// must belong to a module the config targets, to `modules_to_save`, or to a saved bias
+    /// (`bias="all"`/`"lora_only"`); anything else is an error naming the key.
+    pub fn from_state_dict(
+        adapter_name: &str,
+        config: PeftConfig,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let mut layers: BTreeMap<String, Vec<(String, Tensor)>> = BTreeMap::new();
+        let mut replaced = BTreeMap::new();
+        let mut biases = Vec::new();
+        for (key, tensor) in tensors {
+            let unexpected = |context: &str| PeftError::UnexpectedKey {
+                key: key.clone(),
+                context: context.to_string(),
+            };
+            let Some(rel) = key.strip_prefix(MODEL_PREFIX) else {
+                return Err(unexpected(
+                    "adapter tensors are named base_model.model.<module>.<param>",
+                ));
+            };
+            if let Some((module, param)) = split_param(rel, config.param_names()) {
+                if !config.selection().is_target(module)? {
+                    return Err(unexpected(
+                        "its module is not selected by the config's target_modules",
+                    ));
+                }
+                layers
+                    .entry(module.to_string())
+                    .or_default()
+                    .push((param.to_string(), tensor));
+            } else if module_to_save_prefix(config.modules_to_save(), rel) {
+                replaced.insert(rel.to_string(), tensor);
+            } else if config.bias_mode() != BiasMode::None && rel.ends_with(".bias") {
+                biases.push((rel.to_string(), tensor));
+            } else {
+                return Err(unexpected(
+                    "not an adapter tensor, a modules_to_save tensor or a saved bias",
+                ));
+            }
+        }
+        for (module, tensors) in &layers {
+            config.check_saved_layer(module, tensors)?;
+        }
+        for (rel, tensor) in biases {
+            let key = match rel.strip_suffix(".base_layer.bias") {
+                Some(module) if layers.contains_key(module) => format!("{module}.bias"),
+                _ if config.bias_mode() == BiasMode::LoraOnly => {
+                    return Err(PeftError::UnexpectedKey {
+                        key: format!("{MODEL_PREFIX}{rel}"),
+                        context: "bias=\"lora_only\" saves only biases of adapted modules".into(),
+                    });
+                }
+                _ => rel,
+            };
+            replaced.insert(key, tensor);
+        }
+        Ok(Self {
+            adapter_name: adapter_name.to_string(),
+            config,
+            layers,
+            replaced,
+        })
+    }
+
+    /// A new adapter on every module of `modules` the config selects, initialised as the config
+    /// says (`init_lora_weights`), with `modules_to_save` and trained biases copied from
+    /// `state_dict`. Layer `i` is seeded with `seed + i`.
+    pub fn create(
+        adapter_name: &str,
+        config: PeftConfig,
+        modules: Vec<BaseModule>,
+        state_dict: &HashMap<String, Tensor>,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut layers = BTreeMap::new();
+        for (i, module) in modules.into_iter().enumerate() {
+            if config.selection().is_target(&module.name)? {
+                let layer =
+                    config.init_layer(&module.name, module.layer, seed.wrapping_add(i as u64))?;
+                layers.insert(module.name, layer.weights());
+            }
+        }
+        if layers.is_empty() {
+            return Err(PeftError::config(
+                "target_modules",
+                "no module of the model matches",
+            ));
+        }
+        let mut replaced = BTreeMap::new();
+        for (key, tensor) in state_dict {
+            let keep = module_to_save_prefix(config.modules_to_save(), key)
+                || match (config.bias_mode(), key.strip_suffix(".bias")) {
+                    (BiasMode::All, Some(_)) => true,
+                    (BiasMode::LoraOnly, Some(module)) => layers.contains_key(module),
+                    _ => key == "bias" && config.bias_mode() == BiasMode::All,
+                };
+            if keep {
+                replaced.insert(key.clone(), tensor.clone());
+            }
+        }
+        Ok(Self {
+            adapter_name: adapter_name.to_string(),
+            config,
+            layers,
+            replaced,
+        })
+    }
+
+    pub fn adapter_name(&self) -> &str {
+        &self.adapter_name
+    }
+
+    pub fn config(&self) -> &PeftConfig {
+        &self.config
+    }
+
+    /// Paths of the adapted modules (not `modules_to_save`).
+    pub fn module_names(&self) -> Vec<&str> {
+        self.layers.keys().map(String::as_str).collect()
+    }
+
+    /// The module kind the adapter was saved for (Conv2d with default hyper-parameters).
+    pub fn module_kind(&self, module: &str) -> Result<ModuleKind> {
+        self.config
+            .check_saved_layer(module, self.layer_tensors(module)?)
+    }
+
+    fn layer_tensors(&self, module: &str) -> Result<&Vec<(String, Tensor)>> {
+        self.layers
+            .get(module)
+            .ok_or_else(|| PeftError::MissingKey {
+                key: module.to_string(),
+                context: format!("adapted modules are {:?}", self.module_names()),
+            })
+    }
+
+    /// The adapted layer for `module` on the given base layer.
+    pub fn layer(&self, module: &str, base: BaseLayer) -> Result<Box<dyn AdapterLayer>> {
+        self.config
+            .build_layer(module, base, self.layer_tensors(module)?.clone())
+    }
+
+    /// Base-model tensors this adapter replaces outright, keyed like the base `state_dict()`.
+    pub fn replaced_tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.replaced
+    }
+
+    /// The base layer of `module` taken from a `state_dict()`-keyed map (`<module>.weight`,
+    /// `<module>.bias`), with biases the adapter replaces already swapped in.
+    pub fn base_layer_from(
+        &self,
+        module: &str,
+        kind: ModuleKind,
+        state_dict: &HashMap<String, Tensor>,
+    ) -> Result<BaseLayer> {
+        let weight_key = format!("{module}.weight");
+        let bias_key = format!("{module}.bias");
+        let weight = state_dict
+            .get(&weight_key)
+            .ok_or_else(|| PeftError::MissingKey {
+                key: weight_key.clone(),
+                context: "base state dict".into(),
+            })?;
+        let bias = self
+            .replaced
+            .get(&bias_key)
+            .or_else(|| state_dict.get(&bias_key));
+        let bias = match (bias, state_dict.get(&bias_key)) {
+            (Some(b), Some(orig)) => Some(b.to_dtype(orig.dtype())?),
+            (b, _) => b.cloned(),
+        };
+        BaseLayer::new(kind, weight.clone(), bias)
+    }
+
+    /// Merges the adapter into a base `state_dict()`: returns every entry that changes (merged
+    /// weights and biases, `modules_to_save` and saved biases), in the given entries' dtypes.
+    pub fn merge_into(
+        &self,
+        state_dict: &HashMap<String, Tensor>,
+        safe_merge: bool,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (key, tensor) in &self.replaced {
+            let original = state_dict.get(key).ok_or_else(|| PeftError::MissingKey {
+                key: key.clone(),
+                context: "the adapter replaces it, but the base state dict lacks it".into(),
+            })?;
+            if original.dims() != tensor.dims() {
+                return Err(PeftError::shape(
+                    key.clone(),
+                    original.dims(),
+                    tensor.dims(),
+                ));
+            }
+            out.insert(key.clone(), tensor.to_dtype(original.dtype())?);
+        }
+        for module in self.layers.keys() {
+            let base = self.base_layer_from(module, self.module_kind(module)?, state_dict)?;
+            let mut layer = self.layer(module, base)?;
+            layer.merge(safe_merge)?;
+            out.insert(format!("{module}.weight"), layer.base().weight().clone());
+            if let Some(bias) = layer.base().bias() {
+                out.insert(format!("{module}.bias"), bias.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tensors under PEFT's file keys.
+    pub fn to_state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .layers
+            .iter()
+            .flat_map(|(module, tensors)| {
+                tensors
+                    .iter()
+                    .map(move |(n, t)| (format!("{MODEL_PREFIX}{module}.{n}"), t.clone()))
+            })
+            .collect();
+        for (key, tensor) in &self.replaced {
+            let file_key = match key.strip_suffix(".bias") {
+                // An adapted module's bias lives under its wrapped base layer.
+                Some(module) if self.layers.contains_key(module) => {
+                    format!("{MODEL_PREFIX}{module}.base_layer.bias")
+                }
+                _ => format!("{MODEL_PREFIX}{key}"),
+            };
+            out.push((file_key, tensor.clone()));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` (into
+    /// `dir/<name>` for a non-default adapter, as PEFT does). Returns the directory written.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<PathBuf> {
+        let dir = if self.adapter_name == DEFAULT_ADAPTER_NAME {
+            dir.to_path_buf()
+        } else {
+            dir.join(&self.adapter_name)
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| PeftError::io(&dir, e))?;
+        write_safetensors(&dir.join(crate::io::WEIGHTS_NAME), &self.to_state_dict())?;
+        let json = config_to_file_json(self.config.as_adapter_config());
+        write_atomic(&dir.join(CONFIG_NAME), json.as_bytes())?;
+        Ok(dir)
+    }
+}
+
+/// Splits `"<module>.<param>"` where `param` is one of `names`.
+fn split_param<'a>(key: &'a str, names: &[&str]) -> Option<(&'a str, &'a str)> {
+    names.iter().find_map(|name| {
+        let module = key.strip_suffix(name)?.strip_suffix('.')?;
+        (!module.is_empty()).then(|| (module, &key[module.len() + 1..]))
+    })
+}
+
+/// Whether a `state_dict()` key lies inside a module wrapped by `modules_to_save`.
+fn module_to_save_prefix(modules_to_save: &[String], key: &str) -> bool {
+    key.match_indices('.')
+        .any(|(i, _)| is_module_to_save(modules_to_save, &key[..i]))
+}
