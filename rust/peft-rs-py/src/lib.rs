@@ -1,1 +1,24 @@
-pub fn y() {}
+//! Python bindings of peft-rs (`peft_rs._core`): type and error conversion only; the logic
+//! lives in the `peft-rs` crate.
+
+mod adapter;
+mod config;
+mod dlpack;
+mod errors;
+mod json;
+mod layers;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("CUDA_ENABLED", cfg!(feature = "cuda"))?;
+    m.add_class::<config::PyLoraConfig>()?;
+    m.add_class::<layers::LoraLinear>()?;
+    m.add_class::<layers::LoraEmbedding>()?;
+    m.add_class::<layers::LoraConv2d>()?;
+    m.add_class::<adapter::PyPeftAdapter>()?;
+    m.add_class::<dlpack::DLPackExport>()?;
+    Ok(())
+}

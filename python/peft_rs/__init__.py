@@ -1,0 +1,57 @@
+"""peft_rs: PEFT adapters (LoRA, ...) computed in Rust, file-compatible with HuggingFace PEFT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors
+from ._core import (
+    CUDA_ENABLED,
+    LoraConfig,
+    LoraConv2d,
+    LoraEmbedding,
+    LoraLinear,
+    PeftAdapter,
+    __version__,
+)
+from .errors import PeftError
+from .protocols import Adapter, Mergeable
+
+
+def module_types(model: Any) -> dict[str, str]:
+    """Module paths of a torch model mapped to the types ``PeftAdapter.create`` understands.
+
+    ``nn.Linear`` → ``"linear"``, transformers ``Conv1D`` → ``"conv1d"``, ``nn.Embedding`` →
+    ``"embedding"``, ``nn.Conv2d`` → ``"conv2d"``; other modules are left out.
+    """
+    import torch.nn as nn
+
+    types: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, nn.Linear):
+            types[name] = "linear"
+        elif isinstance(module, nn.Embedding):
+            types[name] = "embedding"
+        elif isinstance(module, nn.Conv2d):
+            types[name] = "conv2d"
+        elif type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+            types[name] = "conv1d"
+    return types
+
+
+__all__ = [
+    "CUDA_ENABLED",
+    "Adapter",
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLinear",
+    "Mergeable",
+    "PeftAdapter",
+    "PeftError",
+    "__version__",
+    "errors",
+    "module_types",
+]

@@ -1,0 +1,61 @@
+//! `PeftError` → the matching `peft_rs.errors` class, and a guard that keeps panics out of Python.
+
+use peft_rs::PeftError;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyType;
+
+/// The Python class (in `peft_rs/errors.py`) for each variant.
+fn class_name(e: &PeftError) -> &'static str {
+    match e {
+        PeftError::ShapeMismatch { .. } => "ShapeError",
+        PeftError::MissingKey { .. } => "MissingKeyError",
+        PeftError::UnexpectedKey { .. } => "UnexpectedKeyError",
+        PeftError::InvalidConfig { .. } => "ConfigError",
+        PeftError::UnsupportedPeftType { .. } => "UnsupportedPeftTypeError",
+        PeftError::DType { .. } => "DTypeError",
+        PeftError::InvalidOperation(_) => "InvalidOperationError",
+        PeftError::NonFiniteMerge { .. } => "NonFiniteMergeError",
+        PeftError::FileNotFound { .. } => "AdapterFileNotFoundError",
+        PeftError::Io { .. } => "AdapterIOError",
+        PeftError::Json { .. } | PeftError::InvalidWeightsFile { .. } => "InvalidFileError",
+        PeftError::Candle(_) => "ComputeError",
+    }
+}
+
+pub fn to_pyerr(e: PeftError) -> PyErr {
+    Python::attach(|py| {
+        let class = py
+            .import("peft_rs.errors")
+            .and_then(|m| m.getattr(class_name(&e)))
+            .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
+        match class {
+            Ok(class) => PyErr::from_type(class, e.to_string()),
+            Err(import_error) => import_error,
+        }
+    })
+}
+
+pub fn candle_err(e: candle_core::Error) -> PyErr {
+    to_pyerr(PeftError::Candle(e))
+}
+
+/// Runs `f` without the GIL, turning errors into Python exceptions and panics into
+/// `RuntimeError` (a panic must never unwind into the interpreter).
+pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> peft_rs::Result<T> + Send) -> PyResult<T> {
+    let result = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(to_pyerr(e)),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in peft-rs: {msg}"
+            )))
+        }
+    }
+}

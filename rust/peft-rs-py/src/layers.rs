@@ -1,0 +1,335 @@
+//! Adapted-layer classes: one per module kind, all with the methods of `peft_rs.Adapter`.
+
+use candle_core::Tensor;
+use peft_rs::base::{BaseLayer, Conv2dParams, ModuleKind};
+use peft_rs::{AdapterLayer, LoraConfig, LoraLayer};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::sync::Arc;
+
+use crate::config::{PyLoraConfig, config_to_py};
+use crate::dlpack::{ArrayKind, tensor_from_py};
+use crate::errors::{run, to_pyerr};
+
+/// The state every layer class holds: the Rust layer and the array type its weights came in.
+pub struct LayerState {
+    pub layer: Box<dyn AdapterLayer>,
+    pub kind: ArrayKind,
+}
+
+impl LayerState {
+    fn forward<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let out_kind = ArrayKind::of(x)?;
+        let x = tensor_from_py(x)?;
+        let y = run(py, || self.layer.forward(&x))?;
+        out_kind.wrap(py, y)
+    }
+
+    fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, t) in self.layer.weights() {
+            d.set_item(name, self.kind.wrap(py, t)?)?;
+        }
+        Ok(d)
+    }
+}
+
+/// Adapter tensors passed to a constructor: all of them, or none (then the layer is
+/// initialised as the config says).
+fn given_weights(
+    named: &[(&str, Option<&Bound<'_, PyAny>>)],
+) -> PyResult<Option<Vec<(String, Tensor)>>> {
+    let given: Vec<_> = named
+        .iter()
+        .filter_map(|(n, t)| t.map(|t| (*n, t)))
+        .collect();
+    if given.is_empty() {
+        return Ok(None);
+    }
+    given
+        .into_iter()
+        .map(|(n, t)| Ok((n.to_string(), tensor_from_py(t)?)))
+        .collect::<PyResult<_>>()
+        .map(Some)
+}
+
+fn build_lora(
+    py: Python<'_>,
+    module_name: &str,
+    base: BaseLayer,
+    config: Option<&PyLoraConfig>,
+    weights: Option<Vec<(String, Tensor)>>,
+    seed: u64,
+) -> PyResult<Box<dyn AdapterLayer>> {
+    let config = Arc::new(
+        config
+            .map(|c| c.inner.clone())
+            .unwrap_or_else(LoraConfig::default),
+    );
+    run(py, || {
+        let layer = match weights {
+            Some(w) => LoraLayer::from_weights(module_name, base, config, w)?,
+            None => LoraLayer::new(module_name, base, config, seed)?,
+        };
+        Ok(Box::new(layer) as Box<dyn AdapterLayer>)
+    })
+}
+
+fn base_layer(
+    kind: ModuleKind,
+    weight: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(BaseLayer, ArrayKind)> {
+    let array_kind = ArrayKind::of(weight)?;
+    let weight = tensor_from_py(weight)?;
+    let bias = bias.map(tensor_from_py).transpose()?;
+    Ok((
+        BaseLayer::new(kind, weight, bias).map_err(to_pyerr)?,
+        array_kind,
+    ))
+}
+
+/// PyTorch conv arguments may be an int or a tuple; candle needs one value for both dimensions.
+fn square(name: &str, v: &Bound<'_, PyAny>) -> PyResult<usize> {
+    if let Ok(n) = v.extract::<usize>() {
+        return Ok(n);
+    }
+    let pair: (usize, usize) = v
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be an int or a pair of ints")))?;
+    if pair.0 != pair.1 {
+        return Err(PyValueError::new_err(format!(
+            "{name}={pair:?}: only equal values for both spatial dimensions are supported"
+        )));
+    }
+    Ok(pair.0)
+}
+
+pub fn conv2d_params(
+    stride: &Bound<'_, PyAny>,
+    padding: &Bound<'_, PyAny>,
+    dilation: &Bound<'_, PyAny>,
+    groups: usize,
+) -> PyResult<Conv2dParams> {
+    Ok(Conv2dParams {
+        stride: square("stride", stride)?,
+        padding: square("padding", padding)?,
+        dilation: square("dilation", dilation)?,
+        groups,
+    })
+}
+
+/// The Python object for an adapted layer, of the class matching its module kind.
+pub fn wrap_layer(
+    py: Python<'_>,
+    layer: Box<dyn AdapterLayer>,
+    kind: ArrayKind,
+) -> PyResult<Py<PyAny>> {
+    let state = LayerState { layer, kind };
+    Ok(match state.layer.base().kind() {
+        ModuleKind::Linear | ModuleKind::Conv1D => Py::new(py, LoraLinear { state })?.into_any(),
+        ModuleKind::Embedding => Py::new(py, LoraEmbedding { state })?.into_any(),
+        ModuleKind::Conv2d(_) => Py::new(py, LoraConv2d { state })?.into_any(),
+    })
+}
+
+/// The methods shared by every layer class (the `peft_rs.Adapter` protocol).
+macro_rules! adapter_class {
+    ($cls:ident { $($constructor:tt)* }) => {
+        #[pymethods]
+        impl $cls {
+            $($constructor)*
+
+            /// The adapted layer's output (unmerged path unless merged); returns the input's type.
+            fn forward<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+                self.state.forward(py, x)
+            }
+
+            fn __call__<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+                self.state.forward(py, x)
+            }
+
+            /// Folds the adapter into the base weight (`safe_merge` checks for NaN/inf first).
+            #[pyo3(signature = (safe_merge=false))]
+            fn merge(&mut self, py: Python<'_>, safe_merge: bool) -> PyResult<()> {
+                let layer = &mut self.state.layer;
+                run(py, || layer.merge(safe_merge))
+            }
+
+            fn unmerge(&mut self, py: Python<'_>) -> PyResult<()> {
+                let layer = &mut self.state.layer;
+                run(py, || layer.unmerge())
+            }
+
+            #[getter]
+            fn merged(&self) -> bool {
+                self.state.layer.is_merged()
+            }
+
+            /// The additive change to the base weight, in the base weight's layout.
+            fn delta_weight<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                let layer = &self.state.layer;
+                let d = run(py, || layer.delta_weight())?;
+                self.state.kind.wrap(py, d)
+            }
+
+            /// The base weight as currently held (merged into while merged).
+            #[getter]
+            fn base_weight<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                self.state.kind.wrap(py, self.state.layer.base().weight().clone())
+            }
+
+            #[getter]
+            fn base_bias<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+                self.state.layer.base().bias().map(|b| self.state.kind.wrap(py, b.clone())).transpose()
+            }
+
+            fn num_parameters(&self) -> usize {
+                self.state.layer.num_parameters()
+            }
+
+            /// Trainable tensors by PEFT name (`"lora_A.weight"`...), shared with the layer.
+            fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+                self.state.weights(py)
+            }
+
+            #[getter]
+            fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+                let json = self.state.layer.config().to_json();
+                let config = peft_rs::PeftConfig::from_json(json).map_err(to_pyerr)?;
+                config_to_py(py, &config)
+            }
+
+            /// Training mode turns dropout on.
+            #[pyo3(signature = (mode=true))]
+            fn train(&mut self, mode: bool) {
+                self.state.layer.set_training(mode);
+            }
+
+            fn eval(&mut self) {
+                self.state.layer.set_training(false);
+            }
+
+            #[getter]
+            fn training(&self) -> bool {
+                self.state.layer.is_training()
+            }
+
+            fn __repr__(&self) -> String {
+                let base = self.state.layer.base();
+                format!(
+                    "{}(kind={:?}, in_features={}, out_features={}, merged={})",
+                    stringify!($cls),
+                    base.kind(),
+                    base.in_features(),
+                    base.out_features(),
+                    self.state.layer.is_merged()
+                )
+            }
+        }
+    };
+}
+
+/// LoRA on `nn.Linear` (weight `(out, in)`) or, with `fan_in_fan_out=True`, on transformers'
+/// `Conv1D` (weight `(in, out)`).
+#[pyclass(module = "peft_rs._core")]
+pub struct LoraLinear {
+    state: LayerState,
+}
+
+adapter_class!(LoraLinear {
+    #[new]
+    #[pyo3(signature = (weight, bias=None, *, config=None, lora_A=None, lora_B=None, lora_B_bias=None, fan_in_fan_out=false, module_name="", seed=0))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        config: Option<PyRef<'_, PyLoraConfig>>,
+        lora_A: Option<&Bound<'_, PyAny>>,
+        lora_B: Option<&Bound<'_, PyAny>>,
+        lora_B_bias: Option<&Bound<'_, PyAny>>,
+        fan_in_fan_out: bool,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let kind = if fan_in_fan_out { ModuleKind::Conv1D } else { ModuleKind::Linear };
+        let (base, array_kind) = base_layer(kind, weight, bias)?;
+        let weights = given_weights(&[
+            (peft_rs::adapters::lora::LORA_A, lora_A),
+            (peft_rs::adapters::lora::LORA_B, lora_B),
+            (peft_rs::adapters::lora::LORA_B_BIAS, lora_B_bias),
+        ])?;
+        let layer = build_lora(py, module_name, base, config.as_deref(), weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
+
+/// LoRA on `nn.Embedding` (weight `(num_embeddings, embedding_dim)`); `forward` takes token ids.
+#[pyclass(module = "peft_rs._core")]
+pub struct LoraEmbedding {
+    state: LayerState,
+}
+
+adapter_class!(LoraEmbedding {
+    #[new]
+    #[pyo3(signature = (weight, *, config=None, lora_embedding_A=None, lora_embedding_B=None, module_name="", seed=0))]
+    #[allow(non_snake_case)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        config: Option<PyRef<'_, PyLoraConfig>>,
+        lora_embedding_A: Option<&Bound<'_, PyAny>>,
+        lora_embedding_B: Option<&Bound<'_, PyAny>>,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let (base, array_kind) = base_layer(ModuleKind::Embedding, weight, None)?;
+        let weights = given_weights(&[
+            (peft_rs::adapters::lora::LORA_EMBEDDING_A, lora_embedding_A),
+            (peft_rs::adapters::lora::LORA_EMBEDDING_B, lora_embedding_B),
+        ])?;
+        let layer = build_lora(py, module_name, base, config.as_deref(), weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
+
+/// LoRA on `nn.Conv2d` (weight `(out, in / groups, kh, kw)`).
+#[pyclass(module = "peft_rs._core")]
+pub struct LoraConv2d {
+    state: LayerState,
+}
+
+adapter_class!(LoraConv2d {
+    #[new]
+    #[pyo3(signature = (weight, bias=None, *, stride=None, padding=None, dilation=None, groups=1, config=None, lora_A=None, lora_B=None, lora_B_bias=None, module_name="", seed=0))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        stride: Option<&Bound<'_, PyAny>>,
+        padding: Option<&Bound<'_, PyAny>>,
+        dilation: Option<&Bound<'_, PyAny>>,
+        groups: usize,
+        config: Option<PyRef<'_, PyLoraConfig>>,
+        lora_A: Option<&Bound<'_, PyAny>>,
+        lora_B: Option<&Bound<'_, PyAny>>,
+        lora_B_bias: Option<&Bound<'_, PyAny>>,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let one = 1usize.into_pyobject(py)?.into_any();
+        let zero = 0usize.into_pyobject(py)?.into_any();
+        let params = conv2d_params(stride.unwrap_or(&one), padding.unwrap_or(&zero), dilation.unwrap_or(&one), groups)?;
+        let (base, array_kind) = base_layer(ModuleKind::Conv2d(params), weight, bias)?;
+        let weights = given_weights(&[
+            (peft_rs::adapters::lora::LORA_A, lora_A),
+            (peft_rs::adapters::lora::LORA_B, lora_B),
+            (peft_rs::adapters::lora::LORA_B_BIAS, lora_B_bias),
+        ])?;
+        let layer = build_lora(py, module_name, base, config.as_deref(), weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
