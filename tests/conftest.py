@@ -1,0 +1,114 @@
+"""Small real models and helpers shared by the parity tests (all numbers come from `peft`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+F32_TOL = {"rtol": 1e-5, "atol": 1e-5}
+# bf16 has an 8-bit mantissa: one rounding step of a value near 1 is 2**-8 ≈ 4e-3.
+BF16_TOL = {"rtol": 1.6e-2, "atol": 1.6e-2}
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 16, bias=False)
+        self.classifier = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+class Stack(nn.Module):
+    """Layered model for layers_to_transform / regex targets: model.layers.N.{q,v}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList()
+        for _ in range(3):
+            block = nn.Module()
+            block.q = nn.Linear(8, 8)
+            block.v = nn.Linear(8, 8)
+            self.model.layers.append(block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.model.layers:
+            x = block.v(torch.tanh(block.q(x)))
+        return x
+
+
+class GPT2Like(nn.Module):
+    """transformers Conv1D layers (weight stored (in, out)), as in GPT-2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn = Conv1D(24, 8)
+        self.c_proj = Conv1D(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.relu(self.c_attn(x)))
+
+
+class EmbedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 12)
+        self.lin0 = nn.Linear(12, 6)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin0(self.emb(ids))
+
+
+class ConvModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 4, 1)
+        self.conv_s2 = nn.Conv2d(4, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_s2(torch.relu(self.pw(torch.relu(self.conv(x)))))
+
+
+def model_input(model: nn.Module, batch: tuple[int, ...] = (2, 5), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, EmbedModel):
+        return torch.randint(0, 50, batch, generator=g)
+    if isinstance(model, ConvModel):
+        return torch.randn(batch[0], 3, 9, 9, generator=g)
+    if isinstance(model, GPT2Like):
+        return torch.randn(*batch, 8, generator=g)
+    if isinstance(model, Stack):
+        return torch.randn(*batch, 8, generator=g)
+    return torch.randn(*batch, 10, generator=g)
+
+
+def make_model(cls: type[nn.Module], seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return cls().to(dtype).eval()
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def peft_merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def assert_close(actual, expected, tol=F32_TOL, msg: str = "") -> None:
+    actual = torch.as_tensor(actual)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), msg=msg or None, **tol)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

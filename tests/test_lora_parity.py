@@ -1,0 +1,237 @@
+"""LoRA parity with the installed `peft`, in both directions: PEFT writes → peft_rs reads and
+computes; peft_rs writes → PEFT reads and computes. Adapters are initialised away from identity
+(`init_lora_weights=False`) and non-LoRA trainables are perturbed, so every number is tested."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    BF16_TOL,
+    ConvModel,
+    EmbedModel,
+    GPT2Like,
+    MLP,
+    Stack,
+    assert_close,
+    base_state_dict,
+    make_model,
+    model_input,
+    peft_merged_state_dict,
+)
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+import peft_rs
+
+CASES = {
+    "list-targets": (MLP, {"target_modules": ["lin0", "lin1"]}),
+    "regex-target": (Stack, {"target_modules": r"model\.layers\.[02]\.q"}),
+    "modules-to-save": (MLP, {"target_modules": ["lin0"], "modules_to_save": ["classifier"]}),
+    "rslora": (MLP, {"target_modules": ["lin0", "lin1"], "use_rslora": True, "lora_alpha": 12}),
+    "patterns": (
+        Stack,
+        {
+            "target_modules": ["q", "v"],
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {"layers.1.q": 2, "v": 6},
+            "alpha_pattern": {"layers.2.v": 3},
+        },
+    ),
+    "layers-to-transform": (Stack, {"target_modules": ["q", "v"], "layers_to_transform": [0, 2]}),
+    "lora-bias": (MLP, {"target_modules": ["lin0", "classifier"], "lora_bias": True}),
+    "bias-all": (MLP, {"target_modules": ["lin0"], "bias": "all"}),
+    "bias-lora-only": (MLP, {"target_modules": ["lin0", "classifier"], "bias": "lora_only"}),
+    "dropout": (MLP, {"target_modules": ["lin0"], "lora_dropout": 0.3}),
+    "conv1d": (GPT2Like, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
+    "embedding": (EmbedModel, {"target_modules": ["emb", "lin0"]}),
+    "conv2d": (ConvModel, {"target_modules": ["conv", "pw", "conv_s2"], "r": 4}),
+}
+
+
+def make_peft_model(cls, kwargs, dtype=torch.float32, adapter_name="default"):
+    model = make_model(cls, dtype=dtype)
+    base_sd = base_state_dict(model)
+    config = LoraConfig(init_lora_weights=False, **kwargs)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name).eval()
+    # Move every other trainable (modules_to_save, biases) away from the base model.
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+    return peft_model, base_sd
+
+
+def module_input(layer: nn.Module, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Embedding):
+        return torch.randint(0, base.num_embeddings, (2, 7), generator=g)
+    if isinstance(base, nn.Conv2d):
+        return torch.randn(2, base.in_channels, 9, 9, generator=g).to(base.weight.dtype)
+    in_features = base.weight.shape[0] if type(base).__name__ == "Conv1D" else base.in_features
+    return torch.randn(2, 3, in_features, generator=g).to(base.weight.dtype)
+
+
+def rs_layer(adapter, name, layer, base_sd):
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Conv2d):
+        return adapter.layer(name, base_sd, stride=base.stride, padding=base.padding, groups=base.groups)
+    return adapter.layer(name, base_sd)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_file_loads_and_matches(case, tmp_path):
+    cls, kwargs = CASES[case]
+    peft_model, base_sd = make_peft_model(cls, kwargs)
+    peft_model.save_pretrained(tmp_path)
+
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
+    assert adapter.peft_type == "LORA"
+    lora_layers = {
+        name.removeprefix("base_model.model."): m
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and m.lora_A or hasattr(m, "lora_embedding_A") and m.lora_embedding_A
+    }
+    assert adapter.module_names() == sorted(lora_layers)
+
+    # Merged weights equal PEFT's merge_and_unload, and everything else is untouched.
+    expected = peft_merged_state_dict(peft_model)
+    merged = adapter.merge_into(base_sd)
+    assert set(merged) == set(expected) == set(base_sd)
+    for key, value in expected.items():
+        assert isinstance(merged[key], torch.Tensor)
+        assert merged[key].dtype == value.dtype
+        assert_close(merged[key], value, msg=key)
+
+    # Unmerged layer outputs equal PEFT's LoRA layers.
+    for name, layer in lora_layers.items():
+        x = module_input(layer)
+        with torch.no_grad():
+            want = layer(x)
+        got = rs_layer(adapter, name, layer, base_sd).forward(x)
+        assert_close(got, want, msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_rs_file_loads_in_peft(case, tmp_path):
+    cls, kwargs = CASES[case]
+    model = make_model(cls)
+    base_sd = base_state_dict(model)
+    config = peft_rs.LoraConfig(init_lora_weights=False, **kwargs)
+    adapter = peft_rs.PeftAdapter.create(config, base_sd, peft_rs.module_types(model), seed=3)
+    adapter.save_pretrained(tmp_path)
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    with open(tmp_path / "adapter_config.json") as f:
+        assert json.load(f)["peft_type"] == "LORA"
+
+    peft_model = PeftModel.from_pretrained(make_model(cls), tmp_path).eval()
+    # PEFT sees exactly our tensors: no missing, no unexpected keys, same values.
+    peft_sd = get_peft_model_state_dict(peft_model)
+    assert set(peft_sd) == set(saved)
+    for key, value in saved.items():
+        assert_close(peft_sd[key], value, msg=key)
+
+    # The whole model agrees: PEFT's unmerged forward vs the base model with our merged weights.
+    x = model_input(model)
+    merged_model = make_model(cls)
+    merged_model.load_state_dict(adapter.merge_into(base_sd))
+    with torch.no_grad():
+        assert_close(merged_model(x), peft_model(x))
+
+
+def test_named_adapter_subfolder(tmp_path):
+    peft_model, base_sd = make_peft_model(MLP, {"target_modules": ["lin0"]}, adapter_name="other")
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / "other" / "adapter_config.json").is_file()
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path, adapter_name="other")
+    assert adapter.adapter_name == "other"
+    expected = peft_merged_state_dict(peft_model)
+    for key, value in adapter.merge_into(base_sd).items():
+        assert_close(value, expected[key], msg=key)
+    out = tmp_path / "resaved"
+    assert adapter.save_pretrained(out) == str(out / "other") or (out / "other").is_dir()
+    assert (out / "other" / "adapter_model.safetensors").is_file()
+
+
+def test_legacy_bin_checkpoint(tmp_path):
+    peft_model, base_sd = make_peft_model(MLP, {"target_modules": ["lin0", "lin1"]})
+    peft_model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
+    expected = peft_merged_state_dict(peft_model)
+    for key, value in adapter.merge_into(base_sd).items():
+        assert_close(value, expected[key], msg=key)
+
+
+@pytest.mark.parametrize("cls,kwargs", [CASES["list-targets"], CASES["embedding"], CASES["conv1d"]])
+def test_bf16_base(cls, kwargs, tmp_path):
+    """bf16 base weights: PEFT keeps adapters in f32, computes in f32 and casts back."""
+    peft_model, base_sd = make_peft_model(cls, kwargs, dtype=torch.bfloat16)
+    peft_model.save_pretrained(tmp_path)
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
+    expected = peft_merged_state_dict(peft_model)
+    for key, value in adapter.merge_into(base_sd).items():
+        assert value.dtype == torch.bfloat16
+        assert_close(value, expected[key], tol=BF16_TOL, msg=key)
+    for name in adapter.module_names():
+        layer = peft_model.base_model.model.get_submodule(name)
+        x = module_input(layer)
+        with torch.no_grad():
+            want = layer(x)
+        got = adapter.forward(name, x, base_sd)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert_close(got, want, tol=BF16_TOL, msg=name)
+
+
+def test_config_round_trip_with_peft(tmp_path):
+    """Every field PEFT writes is written by us, with the same values, and vice versa."""
+    kwargs = {
+        "r": 6,
+        "lora_alpha": 12,
+        "target_modules": ["lin0", "lin1"],
+        "lora_dropout": 0.05,
+        "use_rslora": True,
+        "rank_pattern": {"lin1": 2},
+        "alpha_pattern": {"lin0": 5},
+        "modules_to_save": ["classifier"],
+        "bias": "lora_only",
+        "init_lora_weights": "gaussian",
+    }
+    ours = peft_rs.LoraConfig(**kwargs).to_dict()
+    theirs = json.loads(json.dumps(LoraConfig(**kwargs).to_dict(), default=sorted))
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        if key in ("peft_version", "target_modules", "modules_to_save"):
+            continue
+        assert ours[key] == theirs[key], key
+    assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
+    # A PEFT dict (with sets and enums) is accepted as is.
+    assert peft_rs.LoraConfig.from_dict(LoraConfig(**kwargs).to_dict()).r == 6
+
+
+def test_numpy_in_numpy_out(tmp_path):
+    peft_model, base_sd = make_peft_model(MLP, {"target_modules": ["lin0"]})
+    peft_model.save_pretrained(tmp_path)
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
+    np_sd = {k: v.numpy() for k, v in base_sd.items()}
+    merged = adapter.merge_into(np_sd)
+    assert all(isinstance(v, np.ndarray) for v in merged.values())
+    assert merged["lin1.weight"] is np_sd["lin1.weight"]  # untouched entries are passed through
+    expected = peft_merged_state_dict(peft_model)
+    np.testing.assert_allclose(merged["lin0.weight"], expected["lin0.weight"].numpy(), rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(0).standard_normal((4, 10), dtype=np.float32)
+    y = adapter.forward("lin0", x, np_sd)
+    assert isinstance(y, np.ndarray)
+    with torch.no_grad():
+        want = peft_model.base_model.model.lin0(torch.from_numpy(x))
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=1e-5)
