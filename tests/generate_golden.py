@@ -23,8 +23,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import ConvModel, EmbedModel, GPT2Like, MLP, Stack, base_state_dict, make_model, peft_merged_state_dict  # noqa: E402
-from test_lora_parity import module_input  # noqa: E402
+from conftest import (
+    MLP,
+    ConvModel,
+    EmbedModel,
+    GPT2Like,
+    Stack,
+    base_state_dict,
+    make_model,
+    peft_merged_state_dict,
+)
+from test_lora_parity import module_input
 
 OUT = Path(__file__).resolve().parents[1] / "rust" / "peft-rs" / "tests" / "golden"
 
@@ -33,8 +42,13 @@ CASES = {
     "modules_to_save": (MLP, {"target_modules": ["lin0"], "modules_to_save": ["classifier"]}),
     "patterns_rslora": (
         Stack,
-        {"target_modules": ["q", "v"], "r": 4, "use_rslora": True, "rank_pattern": {"layers.1.q": 2},
-         "alpha_pattern": {"v": 5}},
+        {
+            "target_modules": ["q", "v"],
+            "r": 4,
+            "use_rslora": True,
+            "rank_pattern": {"layers.1.q": 2},
+            "alpha_pattern": {"v": 5},
+        },
     ),
     "conv1d": (GPT2Like, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
     "embedding": (EmbedModel, {"target_modules": ["emb", "lin0"]}),

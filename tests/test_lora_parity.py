@@ -9,12 +9,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+import peft_rs
 from conftest import (
     BF16_TOL,
+    MLP,
     ConvModel,
     EmbedModel,
     GPT2Like,
-    MLP,
     Stack,
     assert_close,
     base_state_dict,
@@ -22,12 +28,6 @@ from conftest import (
     model_input,
     peft_merged_state_dict,
 )
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
-from torch import nn
-
-import peft_rs
 
 CASES = {
     "list-targets": (MLP, {"target_modules": ["lin0", "lin1"]}),
@@ -98,7 +98,7 @@ def test_peft_file_loads_and_matches(case, tmp_path):
     lora_layers = {
         name.removeprefix("base_model.model."): m
         for name, m in peft_model.named_modules()
-        if hasattr(m, "lora_A") and m.lora_A or hasattr(m, "lora_embedding_A") and m.lora_embedding_A
+        if (hasattr(m, "lora_A") and m.lora_A) or (hasattr(m, "lora_embedding_A") and m.lora_embedding_A)
     }
     assert adapter.module_names() == sorted(lora_layers)
 

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 use peft_rs::base::{BaseLayer, Conv2dParams, ModuleKind};
-use peft_rs::{AdapterLayer, LoraConfig, LoraLayer};
+use peft_rs::{AdapterLayer, LoraLayer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -62,11 +62,7 @@ fn build_lora(
     weights: Option<Vec<(String, Tensor)>>,
     seed: u64,
 ) -> PyResult<Box<dyn AdapterLayer>> {
-    let config = Arc::new(
-        config
-            .map(|c| c.inner.clone())
-            .unwrap_or_else(LoraConfig::default),
-    );
+    let config = Arc::new(config.map(|c| c.inner.clone()).unwrap_or_default());
     run(py, || {
         let layer = match weights {
             Some(w) => LoraLayer::from_weights(module_name, base, config, w)?,

@@ -13,8 +13,28 @@ fn compile(field: &str, pattern: &str) -> Result<Regex> {
     Regex::new(pattern).map_err(|e| PeftError::config(field, format!("regex {pattern:?}: {e}")))
 }
 
+// The regexes PEFT builds from config values, each written once.
+fn full_match_regex(field: &str, pattern: &str) -> Result<Regex> {
+    compile(field, &format!("^(?:{pattern})$"))
+}
+
+fn modules_to_save_guard(m: &str) -> Result<Regex> {
+    compile("modules_to_save", &format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)$"))
+}
+
+fn layer_index_regex(layers_pattern: &str) -> Result<Regex> {
+    compile(
+        "layers_pattern",
+        &format!(r"^.*?\.(?:{layers_pattern})\.(\d+)\."),
+    )
+}
+
+fn pattern_key_regex(field: &str, pattern: &str) -> Result<Regex> {
+    compile(field, &format!(r"^(?:.*\.)?(?:{pattern})$"))
+}
+
 fn full_match(field: &str, pattern: &str, key: &str) -> Result<bool> {
-    Ok(compile(field, &format!("^(?:{pattern})$"))?.is_match(key))
+    Ok(full_match_regex(field, pattern)?.is_match(key))
 }
 
 /// `key` equals an entry or ends with `"." + entry`.
@@ -36,6 +56,30 @@ pub struct Selection<'a> {
 }
 
 impl Selection<'_> {
+    /// Compiles every pattern once, so a config with a pattern Rust cannot run is rejected when
+    /// it is built rather than when it is first used.
+    pub fn check_patterns(&self) -> Result<()> {
+        for (field, selector) in [
+            ("target_modules", self.target_modules),
+            ("exclude_modules", self.exclude_modules),
+        ] {
+            if let Some(ModuleSelector::Regex(p)) = selector {
+                full_match_regex(field, p)?;
+            }
+        }
+        for m in self.modules_to_save.unwrap_or_default() {
+            modules_to_save_guard(m)?;
+        }
+        for p in self
+            .layers_pattern
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default()
+        {
+            layer_index_regex(&p)?;
+        }
+        Ok(())
+    }
+
     /// Whether the module at `key` (path relative to the model) gets an adapter layer.
     pub fn is_target(&self, key: &str) -> Result<bool> {
         if let Some(exclude) = self.exclude_modules {
@@ -49,8 +93,7 @@ impl Selection<'_> {
         }
         for m in self.modules_to_save.unwrap_or_default() {
             // PEFT uses the entry as a raw regex here.
-            let guard = compile("modules_to_save", &format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)$"))?;
-            if guard.is_match(key) {
+            if modules_to_save_guard(m)?.is_match(key) {
                 return Ok(false);
             }
         }
@@ -87,8 +130,7 @@ impl Selection<'_> {
         } else {
             let mut found = None;
             for p in patterns.iter().filter(|p| !p.is_empty()) {
-                let re = compile("layers_pattern", &format!(r"^.*?\.(?:{p})\.(\d+)\."))?;
-                if let Some(i) = layer_index(&re, key) {
+                if let Some(i) = layer_index(&layer_index_regex(p)?, key) {
                     found = Some(i);
                     break;
                 }
@@ -104,6 +146,14 @@ fn layer_index(re: &Regex, key: &str) -> Option<i64> {
     re.captures(key)?.get(1)?.as_str().parse().ok()
 }
 
+/// Compiles the keys of a `rank_pattern` / `alpha_pattern`.
+pub fn check_pattern_keys<T>(field: &str, patterns: &[(String, T)]) -> Result<()> {
+    for (pattern, _) in patterns {
+        pattern_key_regex(field, pattern)?;
+    }
+    Ok(())
+}
+
 /// `rank_pattern` / `alpha_pattern` lookup: the first key `k` (in order) with
 /// `re.match(rf"(.*\.)?({k})$", key)` gives the value.
 pub fn pattern_value<T: Copy>(
@@ -112,7 +162,7 @@ pub fn pattern_value<T: Copy>(
     key: &str,
 ) -> Result<Option<T>> {
     for (pattern, value) in patterns {
-        if compile(field, &format!(r"^(?:.*\.)?(?:{pattern})$"))?.is_match(key) {
+        if pattern_key_regex(field, pattern)?.is_match(key) {
             return Ok(Some(*value));
         }
     }

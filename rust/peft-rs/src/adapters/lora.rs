@@ -16,7 +16,7 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
-use crate::matching::{Selection, pattern_value};
+use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::merge::{adapter_dtype, add_to, check_finite};
 use crate::params::Params;
 use crate::traits::{Adapter, Mergeable, Trainable};
@@ -299,6 +299,9 @@ impl AdapterConfig for LoraConfig {
                 "\"all-linear\" needs the model's module types; pass the expanded list of module names",
             ));
         }
+        self.selection().check_patterns()?;
+        check_pattern_keys("rank_pattern", &self.rank_pattern.0)?;
+        check_pattern_keys("alpha_pattern", &self.alpha_pattern.0)?;
         if self.use_dora {
             return Err(PeftError::config(
                 "use_dora",

@@ -1,0 +1,45 @@
+# Set-up and test entry points (see README.md).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: deps build example test test-rust test-python lint bench bench-rust golden
+
+deps:
+	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
+
+# Release wheel of the bindings, installed into the current Python.
+build: deps
+	rm -rf dist
+	maturin build --release --out dist
+	$(PIP) install --quiet --disable-pip-version-check --force-reinstall --no-deps dist/peft_rs-*.whl
+
+# The main job on a built-in default: MiniLM-L6 + LoRA made by peft_rs, checked against PEFT.
+example: build
+	$(PYTHON) examples/quickstart.py
+
+test: build test-rust test-python
+
+test-rust:
+	cargo test -p peft-rs
+
+# pytest exits 5 when it collects no test; make treats any non-zero exit as failure.
+test-python:
+	$(PYTHON) -m pytest tests
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	ruff check python tests benches examples
+	ruff format --check python tests benches examples
+
+bench: build
+	$(PYTHON) benches/bench_lora.py
+
+bench-rust:
+	cargo bench -p peft-rs --bench lora_forward
+
+# Regenerate the PEFT-made golden files the Rust tests read.
+golden: deps
+	$(PYTHON) tests/generate_golden.py

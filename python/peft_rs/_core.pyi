@@ -1,0 +1,137 @@
+"""Type stubs of the compiled module peft_rs._core (kept in step with rust/peft-rs-py/src)."""
+
+from collections.abc import Mapping
+from os import PathLike
+from typing import Any, Literal, TypeVar
+
+__version__: str
+CUDA_ENABLED: bool
+
+# A numpy.ndarray or a torch.Tensor; results come back as the type that was passed.
+Array = Any
+A = TypeVar("A")
+_IntOrPair = int | tuple[int, int]
+
+class LoraConfig:
+    """PEFT's LoraConfig: same keyword names, defaults and JSON form."""
+
+    def __init__(self, **kwargs: Any) -> None: ...
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> LoraConfig: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    @property
+    def peft_type(self) -> Literal["LORA"]: ...
+    def __getattr__(self, name: str) -> Any: ...
+
+class _LoraLayer:
+    def forward(self, x: A) -> A: ...
+    def __call__(self, x: A) -> A: ...
+    def merge(self, safe_merge: bool = False) -> None: ...
+    def unmerge(self) -> None: ...
+    @property
+    def merged(self) -> bool: ...
+    def delta_weight(self) -> Array: ...
+    @property
+    def base_weight(self) -> Array: ...
+    @property
+    def base_bias(self) -> Array | None: ...
+    def num_parameters(self) -> int: ...
+    def weights(self) -> dict[str, Array]: ...
+    @property
+    def config(self) -> LoraConfig: ...
+    def train(self, mode: bool = True) -> None: ...
+    def eval(self) -> None: ...
+    @property
+    def training(self) -> bool: ...
+
+class LoraLinear(_LoraLayer):
+    def __init__(
+        self,
+        weight: Array,
+        bias: Array | None = None,
+        *,
+        config: LoraConfig | None = None,
+        lora_A: Array | None = None,
+        lora_B: Array | None = None,
+        lora_B_bias: Array | None = None,
+        fan_in_fan_out: bool = False,
+        module_name: str = "",
+        seed: int = 0,
+    ) -> None: ...
+
+class LoraEmbedding(_LoraLayer):
+    def __init__(
+        self,
+        weight: Array,
+        *,
+        config: LoraConfig | None = None,
+        lora_embedding_A: Array | None = None,
+        lora_embedding_B: Array | None = None,
+        module_name: str = "",
+        seed: int = 0,
+    ) -> None: ...
+
+class LoraConv2d(_LoraLayer):
+    def __init__(
+        self,
+        weight: Array,
+        bias: Array | None = None,
+        *,
+        stride: _IntOrPair | None = None,
+        padding: _IntOrPair | None = None,
+        dilation: _IntOrPair | None = None,
+        groups: int = 1,
+        config: LoraConfig | None = None,
+        lora_A: Array | None = None,
+        lora_B: Array | None = None,
+        lora_B_bias: Array | None = None,
+        module_name: str = "",
+        seed: int = 0,
+    ) -> None: ...
+
+class PeftAdapter:
+    @staticmethod
+    def from_pretrained(path: str | PathLike[str], adapter_name: str | None = None) -> PeftAdapter: ...
+    @staticmethod
+    def create(
+        config: LoraConfig,
+        state_dict: Mapping[str, Array],
+        module_types: Mapping[str, Literal["linear", "conv1d", "embedding", "conv2d"]],
+        *,
+        adapter_name: str = "default",
+        seed: int = 0,
+    ) -> PeftAdapter: ...
+    @property
+    def peft_type(self) -> str: ...
+    @property
+    def adapter_name(self) -> str: ...
+    @property
+    def config(self) -> LoraConfig: ...
+    def module_names(self) -> list[str]: ...
+    def merge_into(
+        self, state_dict: Mapping[str, Array], *, safe_merge: bool = False
+    ) -> dict[str, Array]: ...
+    def layer(
+        self,
+        module_name: str,
+        state_dict: Mapping[str, Array],
+        *,
+        stride: _IntOrPair | None = None,
+        padding: _IntOrPair | None = None,
+        dilation: _IntOrPair | None = None,
+        groups: int = 1,
+    ) -> LoraLinear | LoraEmbedding | LoraConv2d: ...
+    def forward(self, module_name: str, x: A, state_dict: Mapping[str, Array]) -> A: ...
+    def state_dict(self, framework: Literal["numpy", "torch"] = "numpy") -> dict[str, Array]: ...
+    def save_pretrained(self, path: str | PathLike[str]) -> str: ...
+
+class DLPackExport:
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
