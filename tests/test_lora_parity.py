@@ -50,6 +50,8 @@ CASES = {
     "bias-lora-only": (MLP, {"target_modules": ["lin0", "classifier"], "bias": "lora_only"}),
     "dropout": (MLP, {"target_modules": ["lin0"], "lora_dropout": 0.3}),
     "conv1d": (GPT2Like, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
+    # PEFT sets fan_in_fan_out=True itself for Conv1D targets (and saves it); so must we.
+    "conv1d-auto": (GPT2Like, {"target_modules": ["c_attn", "c_proj"]}),
     "embedding": (EmbedModel, {"target_modules": ["emb", "lin0"]}),
     "conv2d": (ConvModel, {"target_modules": ["conv", "pw", "conv_s2"], "r": 4}),
 }

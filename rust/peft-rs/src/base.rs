@@ -197,7 +197,7 @@ pub(crate) fn linear_rows(
         ));
     }
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, last))?.matmul(w)?;
+    let y = crate::kernels::matmul(&x.reshape((rows, last))?, w)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,

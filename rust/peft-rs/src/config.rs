@@ -108,13 +108,13 @@ const TASK_TYPES: &[&str] = &[
 
 impl CommonFields {
     pub fn validate(&self) -> Result<()> {
-        if let Some(t) = &self.task_type {
-            if !TASK_TYPES.contains(&t.as_str()) {
-                return Err(PeftError::config(
-                    "task_type",
-                    format!("{t:?} is not one of {TASK_TYPES:?}"),
-                ));
-            }
+        if let Some(t) = &self.task_type
+            && !TASK_TYPES.contains(&t.as_str())
+        {
+            return Err(PeftError::config(
+                "task_type",
+                format!("{t:?} is not one of {TASK_TYPES:?}"),
+            ));
         }
         Ok(())
     }

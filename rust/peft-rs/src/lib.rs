@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod init;
 pub mod io;
+mod kernels;
 pub mod matching;
 pub mod merge;
 pub mod params;

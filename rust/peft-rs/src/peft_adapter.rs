@@ -129,13 +129,20 @@ impl PeftAdapter {
         state_dict: &HashMap<String, Tensor>,
         seed: u64,
     ) -> Result<Self> {
-        let mut layers = BTreeMap::new();
+        let mut config = config;
+        let mut targets = Vec::new();
         for (i, module) in modules.into_iter().enumerate() {
             if config.selection().is_target(&module.name)? {
-                let layer =
-                    config.init_layer(&module.name, module.layer, seed.wrapping_add(i as u64))?;
-                layers.insert(module.name, layer.weights());
+                targets.push((i, module));
             }
+        }
+        let kinds: Vec<ModuleKind> = targets.iter().map(|(_, m)| m.layer.kind()).collect();
+        config.adapt_to_targets(&kinds)?;
+        let mut layers = BTreeMap::new();
+        for (i, module) in targets {
+            let layer =
+                config.init_layer(&module.name, module.layer, seed.wrapping_add(i as u64))?;
+            layers.insert(module.name, layer.weights());
         }
         if layers.is_empty() {
             return Err(PeftError::config(

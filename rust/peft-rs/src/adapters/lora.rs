@@ -719,6 +719,23 @@ impl Trainable for LoraLayer {
     }
 }
 
+/// PEFT forces `fan_in_fan_out` to true for transformers `Conv1D` targets and to false for
+/// `nn.Linear` ones, and saves the result; the loader reads the layout from it.
+pub(crate) fn adapt_fan_in_fan_out(config: &mut LoraConfig, kinds: &[ModuleKind]) -> Result<()> {
+    let conv1d = kinds.contains(&ModuleKind::Conv1D);
+    let linear = kinds.contains(&ModuleKind::Linear);
+    if conv1d && linear {
+        return Err(PeftError::config(
+            "fan_in_fan_out",
+            "the targets mix nn.Linear and transformers Conv1D layers; an adapter file records one layout",
+        ));
+    }
+    if conv1d || linear {
+        config.fan_in_fan_out = conv1d;
+    }
+    Ok(())
+}
+
 /// Checks the tensors of a saved LoRA layer against the config: the pair for its module kind
 /// must be there, with the rank the config gives the module, and `lora_B.bias` exactly when
 /// `lora_bias` is set. Returns the module kind the tensors were saved for.

@@ -71,6 +71,14 @@ impl PeftConfig {
         }
     }
 
+    /// PEFT rewrites method settings that depend on the targeted layer types when it creates an
+    /// adapter, and saves the rewritten config; this does the same.
+    pub fn adapt_to_targets(&mut self, kinds: &[ModuleKind]) -> Result<()> {
+        match self {
+            Self::Lora(c) => lora::adapt_fan_in_fan_out(c, kinds),
+        }
+    }
+
     /// A freshly initialised adapted layer for `base`.
     pub fn init_layer(
         &self,

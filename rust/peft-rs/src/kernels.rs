@@ -1,0 +1,261 @@
+//! A CPU kernel for the case candle's matmul handles slowly: few rows (decoding one token, a
+//! short batch) times a large weight, `y = x · wᵀ` with `w` stored `(out, in)` as PyTorch does.
+//! Each output is a dot product of two contiguous rows, so the weight is streamed once, in
+//! parallel over output features; this is memory-bound and runs at memory speed.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Row counts up to which the kernel beats the general matmul.
+const MAX_ROWS: usize = 16;
+/// Output features per parallel task.
+const BLOCK: usize = 64;
+
+/// `x (n, k) @ w_t (k, m)` where `w_t` may be the transposed view of a contiguous `(m, k)`
+/// weight; uses the row-dot kernel for small f32 `n` on the CPU, candle's matmul otherwise.
+pub(crate) fn matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+    let w = w_t.t()?;
+    let fits = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.dim(0)? <= MAX_ROWS
+        && x.is_contiguous()
+        && w.is_contiguous();
+    Ok(if fits {
+        x.apply_op2(&w, RowsDotRows)?
+    } else {
+        x.matmul(w_t)?
+    })
+}
+
+/// Four dot products `x · w[j]` at once: four weight rows streamed side by side keep more memory
+/// requests in flight than one. Uses the widest vector unit the CPU has (checked at run time,
+/// cached by std); the compiler does not vectorise the portable loop by itself.
+fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+    let w = w.map(|row| &row[..x.len()]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, and every row is as long as `x`.
+            return unsafe { simd::dot4_avx512(x, w) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, and every row is as long as `x`.
+            return unsafe { simd::dot4_avx2(x, w) };
+        }
+    }
+    w.map(|row| x.iter().zip(row).map(|(a, b)| a * b).sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX-512F and each row of `w` must have `x.len()` elements.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot4_avx512(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+        let k = x.len();
+        let body = k - k % 16;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= body <= k, the length of x and of each row.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for (a, row) in acc.iter_mut().zip(&w) {
+                    *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.as_ptr().add(i)), *a);
+                }
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
+            let tail: f32 = x[body..].iter().zip(&row[body..]).map(|(p, q)| p * q).sum();
+            *o = _mm512_reduce_add_ps(a) + tail;
+        }
+        out
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA and each row of `w` must have `x.len()` elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_avx2(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+        let k = x.len();
+        let body = k - k % 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 8 <= body <= k, the length of x and of each row.
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for (a, row) in acc.iter_mut().zip(&w) {
+                    *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row.as_ptr().add(i)), *a);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [0f32; 4];
+        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+            let tail: f32 = x[body..].iter().zip(&row[body..]).map(|(p, q)| p * q).sum();
+            *o = lanes.iter().sum::<f32>() + tail;
+        }
+        out
+    }
+}
+
+/// `y = x · wᵀ` for contiguous `x (n, k)` and `w (m, k)`.
+struct RowsDotRows;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("row-dot matmul needs contiguous f32 inputs"),
+    }
+}
+
+impl CustomOp2 for RowsDotRows {
+    fn name(&self) -> &'static str {
+        "rows-dot-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, k) = l1.shape().dims2()?;
+        let (m, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("row-dot matmul: inner dimensions {k} and {k2} differ");
+        }
+        let (x, w) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        // Computed as (m, n) so each task writes one contiguous block, then laid out (n, m).
+        let mut out_t = vec![0f32; m * n];
+        out_t
+            .par_chunks_mut(BLOCK * n.max(1))
+            .enumerate()
+            .for_each(|(block, chunk)| {
+                let first = block * BLOCK;
+                let count = chunk.len() / n.max(1);
+                let row = |j: usize| &w[(first + j) * k..][..k];
+                for j in (0..count).step_by(4) {
+                    // Pad the last group with row j (its results are not stored).
+                    let group = [
+                        row(j),
+                        row((j + 1).min(count - 1)),
+                        row((j + 2).min(count - 1)),
+                        row((j + 3).min(count - 1)),
+                    ];
+                    for r in 0..n {
+                        let dots = dot4(&x[r * k..][..k], group);
+                        for (jj, d) in dots.iter().enumerate().take(count - j) {
+                            chunk[(j + jj) * n + r] = *d;
+                        }
+                    }
+                }
+            });
+        let y = if n == 1 {
+            out_t
+        } else {
+            (0..n * m).map(|i| out_t[(i % m) * n + i / m]).collect()
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, m))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_matmul_and_its_gradients() {
+        for (n, k, m) in [
+            (1, 4096, 300),
+            (3, 37, 129),
+            (8, 16, 1),
+            (1, 5, 64),
+            (16, 70, 7),
+        ] {
+            let x = candle_core::Var::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
+            let w = candle_core::Var::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
+            let fast = matmul(&x, &w.t().unwrap()).unwrap();
+            let slow = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (&fast - &slow)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-3, "{n}x{k}x{m}: {diff}");
+            let g_fast = fast.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g_slow = slow.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w] {
+                let (a, b) = (g_fast.get(v).unwrap(), g_slow.get(v).unwrap());
+                let diff = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-2, "{n}x{k}x{m} grad: {diff}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_simd_path_agrees_with_the_scalar_sum() {
+        let x: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|j| {
+                (0..77)
+                    .map(|i| ((i * (j + 2)) as f32 * 0.11).cos())
+                    .collect()
+            })
+            .collect();
+        let w = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+        let want = w.map(|r| {
+            x.iter()
+                .zip(r)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>()
+        });
+        let check = |got: [f32; 4], path: &str| {
+            for (g, e) in got.iter().zip(want) {
+                assert!((f64::from(*g) - e).abs() < 1e-4, "{path}: {g} vs {e}");
+            }
+        };
+        check(dot4(&x, w), "dispatch");
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            check(unsafe { simd::dot4_avx512(&x, w) }, "avx512");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            check(unsafe { simd::dot4_avx2(&x, w) }, "avx2");
+        }
+    }
+}
