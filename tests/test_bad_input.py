@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_rs
-from conftest import MLP, make_model
+from conftest import MLP, ConvModel, make_model
 from peft_rs import errors
 
 
@@ -156,8 +156,11 @@ def test_layer_input_errors():
         layer.forward(np.zeros((3, 5), np.float32))
     with pytest.raises(errors.DTypeError):
         layer.forward(np.zeros((3, 6), np.float64))
-    with pytest.raises(TypeError, match=r"numpy\.ndarray or torch\.Tensor"):
+    with pytest.raises(errors.ArgumentTypeError, match=r"numpy\.ndarray or torch\.Tensor") as e:
         layer.forward([[0.0] * 6])
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(errors.InvalidArgumentError, match="stride"):
+        peft_rs.LoraConv2d(np.zeros((2, 3, 3, 3), np.float32), stride=(1, 2))
     with pytest.raises(errors.ShapeError, match="lora_A"):
         peft_rs.LoraLinear(
             np.zeros((4, 6), np.float32),
@@ -224,3 +227,12 @@ def test_failed_save_leaves_no_partial_files(tmp_path, adapter_dir):
     adapter.save_pretrained(out)
     adapter.save_pretrained(out)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_conv2d_forward_shorthand_asks_for_hyper_parameters(tmp_path):
+    model = make_model(ConvModel)
+    get_peft_model(model, LoraConfig(target_modules=["conv"])).save_pretrained(tmp_path)
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
+    sd = {k: v.detach() for k, v in make_model(ConvModel).state_dict().items()}
+    with pytest.raises(errors.InvalidOperationError, match="stride"):
+        adapter.forward("conv", torch.zeros(1, 3, 5, 5), sd)

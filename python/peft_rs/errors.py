@@ -65,12 +65,22 @@ class ComputeError(PeftError, RuntimeError):
     """The tensor backend (candle) reported an error."""
 
 
+class InvalidArgumentError(PeftError, ValueError):
+    """A function argument has an invalid value."""
+
+
+class ArgumentTypeError(PeftError, TypeError):
+    """A function argument has the wrong type (e.g. not a numpy array or torch tensor)."""
+
+
 __all__ = [
     "AdapterFileNotFoundError",
     "AdapterIOError",
+    "ArgumentTypeError",
     "ComputeError",
     "ConfigError",
     "DTypeError",
+    "InvalidArgumentError",
     "InvalidFileError",
     "InvalidOperationError",
     "MissingKeyError",

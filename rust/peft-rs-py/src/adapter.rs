@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use peft_rs::base::{BaseLayer, ModuleKind};
-use peft_rs::{BaseModule, PeftAdapter};
-use pyo3::exceptions::PyValueError;
+use peft_rs::{BaseModule, PeftAdapter, PeftError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -41,7 +40,7 @@ fn parse_kind(name: &str, kind: &str) -> PyResult<ModuleKind> {
         "embedding" => ModuleKind::Embedding,
         "conv2d" => ModuleKind::Conv2d(Default::default()),
         other => {
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::errors::value_error(format!(
                 "module {name:?}: unknown module type {other:?}; expected linear, conv1d, embedding or conv2d"
             )));
         }
@@ -85,7 +84,12 @@ impl PyPeftAdapter {
             let kind = parse_kind(&name, &module_types[&name])?;
             let weight = state_dict
                 .get_item(format!("{name}.weight"))?
-                .ok_or_else(|| PyValueError::new_err(format!("state_dict has no {name}.weight")))?;
+                .ok_or_else(|| {
+                    to_pyerr(PeftError::MissingKey {
+                        key: format!("{name}.weight"),
+                        context: "state_dict (module_types names this module)".into(),
+                    })
+                })?;
             let bias = state_dict.get_item(format!("{name}.bias"))?;
             let layer = BaseLayer::new(
                 kind,
@@ -164,7 +168,7 @@ impl PyPeftAdapter {
             let kind = ArrayKind::of(
                 &state_dict
                     .get_item(&key)?
-                    .ok_or_else(|| PyValueError::new_err(key.clone()))?,
+                    .ok_or_else(|| crate::errors::value_error(key.clone()))?,
             )?;
             out.set_item(key, kind.wrap(py, tensor)?)?;
         }
@@ -210,7 +214,8 @@ impl PyPeftAdapter {
         wrap_layer(py, layer, array_kind)
     }
 
-    /// One-shot `layer(module_name, state_dict).forward(x)`.
+    /// One-shot `layer(module_name, state_dict).forward(x)` for Linear, Conv1D and Embedding
+    /// modules (a Conv2d's stride and padding are not in adapter files: use `layer`).
     fn forward<'py>(
         &self,
         py: Python<'py>,
@@ -218,6 +223,12 @@ impl PyPeftAdapter {
         x: &Bound<'py, PyAny>,
         state_dict: &Bound<'py, PyDict>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        if let ModuleKind::Conv2d(_) = self.inner.module_kind(module_name).map_err(to_pyerr)? {
+            return Err(to_pyerr(PeftError::InvalidOperation(format!(
+                "`{module_name}` is a Conv2d: its stride/padding are not stored in adapter files; \
+                 use layer({module_name:?}, state_dict, stride=..., padding=...).forward(x)"
+            ))));
+        }
         let layer = self.layer(py, module_name, state_dict, None, None, None, 1)?;
         layer.bind(py).call_method1("forward", (x,))
     }
@@ -230,7 +241,7 @@ impl PyPeftAdapter {
             "numpy" => ArrayKind::Numpy,
             "torch" => ArrayKind::Torch,
             other => {
-                return Err(PyValueError::new_err(format!(
+                return Err(crate::errors::value_error(format!(
                     "framework must be \"numpy\" or \"torch\", found {other:?}"
                 )));
             }

@@ -81,7 +81,7 @@ impl ArrayKind {
         } else if module.starts_with("numpy") {
             Ok(Self::Numpy)
         } else {
-            Err(PyTypeError::new_err(format!(
+            Err(crate::errors::type_error(format!(
                 "expected a numpy.ndarray or torch.Tensor, found {}",
                 obj.get_type().name()?
             )))
@@ -100,7 +100,7 @@ impl ArrayKind {
             Self::Torch => py.import("torch")?.getattr("from_dlpack")?.call1((export,)),
             Self::Numpy => {
                 if export.borrow().tensor.dtype() == DType::BF16 {
-                    return Err(PyTypeError::new_err(
+                    return Err(crate::errors::type_error(
                         "numpy has no bfloat16 dtype: pass torch tensors for bf16",
                     ));
                 }
@@ -112,7 +112,7 @@ impl ArrayKind {
 
 fn dtype_from_dl(t: DLDataType) -> PyResult<DType> {
     if t.lanes != 1 {
-        return Err(PyTypeError::new_err(
+        return Err(crate::errors::type_error(
             "vector dtypes (lanes > 1) are not supported",
         ));
     }
@@ -127,7 +127,7 @@ fn dtype_from_dl(t: DLDataType) -> PyResult<DType> {
         (1, 8) => DType::U8,
         (1, 32) => DType::U32,
         (code, bits) => {
-            return Err(PyTypeError::new_err(format!(
+            return Err(crate::errors::type_error(format!(
                 "unsupported array dtype (DLPack code {code}, {bits} bits); use float16/32/64, bfloat16 or an integer type"
             )));
         }
@@ -146,7 +146,7 @@ fn dtype_to_dl(d: DType) -> PyResult<DLDataType> {
         DType::U8 => (1, 8),
         DType::U32 => (1, 32),
         other => {
-            return Err(PyTypeError::new_err(format!(
+            return Err(crate::errors::type_error(format!(
                 "cannot export dtype {other:?}"
             )));
         }
@@ -217,7 +217,7 @@ pub fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     }
     let (device_type, _): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
     if device_type != KDL_CPU {
-        return Err(PyTypeError::new_err(
+        return Err(crate::errors::type_error(
             "only CPU arrays are accepted by this build of peft_rs (CUDA needs the `cuda` feature)",
         ));
     }
@@ -230,7 +230,7 @@ pub fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     };
     let capsule = capsule
         .cast_into::<PyCapsule>()
-        .map_err(|_| PyTypeError::new_err("__dlpack__ did not return a capsule"))?;
+        .map_err(|_| crate::errors::type_error("__dlpack__ did not return a capsule"))?;
     // The capsule is not consumed (not renamed): its own destructor releases the producer's
     // memory once we drop it, after the copy below.
     unsafe {
@@ -332,7 +332,7 @@ unsafe extern "C" fn capsule_destructor(cap: *mut ffi::PyObject) {
 fn data_pointer(tensor: &Tensor) -> PyResult<*mut c_void> {
     let (storage, layout) = tensor.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        return Err(PyTypeError::new_err(
+        return Err(crate::errors::type_error(
             "only CPU tensors can be exported by this build",
         ));
     };
@@ -348,7 +348,7 @@ fn data_pointer(tensor: &Tensor) -> PyResult<*mut c_void> {
         CpuStorage::U8(v) => v[offset..].as_ptr() as *const c_void,
         CpuStorage::U32(v) => v[offset..].as_ptr() as *const c_void,
         _ => {
-            return Err(PyTypeError::new_err(format!(
+            return Err(crate::errors::type_error(format!(
                 "cannot export dtype {:?}",
                 tensor.dtype()
             )));

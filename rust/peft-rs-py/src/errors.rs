@@ -24,16 +24,31 @@ fn class_name(e: &PeftError) -> &'static str {
 }
 
 pub fn to_pyerr(e: PeftError) -> PyErr {
+    raise(class_name(&e), e.to_string())
+}
+
+/// An instance of the `peft_rs.errors` class `class` with `message`.
+fn raise(class: &str, message: String) -> PyErr {
     Python::attach(|py| {
         let class = py
             .import("peft_rs.errors")
-            .and_then(|m| m.getattr(class_name(&e)))
+            .and_then(|m| m.getattr(class))
             .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
         match class {
-            Ok(class) => PyErr::from_type(class, e.to_string()),
+            Ok(class) => PyErr::from_type(class, message),
             Err(import_error) => import_error,
         }
     })
+}
+
+/// An argument of the wrong Python type (`ArgumentTypeError`, also a `TypeError`).
+pub fn type_error(message: impl Into<String>) -> PyErr {
+    raise("ArgumentTypeError", message.into())
+}
+
+/// An argument with an invalid value (`InvalidArgumentError`, also a `ValueError`).
+pub fn value_error(message: impl Into<String>) -> PyErr {
+    raise("InvalidArgumentError", message.into())
 }
 
 pub fn candle_err(e: candle_core::Error) -> PyErr {

@@ -1,6 +1,5 @@
 //! Python values ↔ JSON values, for configs passed as keyword arguments or dicts.
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PySet, PyString, PyTuple};
 use serde_json::{Map, Value};
@@ -24,7 +23,7 @@ pub fn to_json(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
         for (k, v) in d.iter() {
             let key: String = k
                 .extract()
-                .map_err(|_| PyTypeError::new_err("config dict keys must be str"))?;
+                .map_err(|_| crate::errors::type_error("config dict keys must be str"))?;
             map.insert(key, to_json(&v)?);
         }
         Ok(Value::Object(map))
@@ -42,7 +41,7 @@ pub fn to_json(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
         items.sort_by_key(|v| v.to_string());
         Ok(Value::Array(items))
     } else {
-        Err(PyTypeError::new_err(format!(
+        Err(crate::errors::type_error(format!(
             "cannot use a {} in a config",
             obj.get_type().name()?
         )))

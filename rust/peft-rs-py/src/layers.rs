@@ -3,7 +3,6 @@
 use candle_core::Tensor;
 use peft_rs::base::{BaseLayer, Conv2dParams, ModuleKind};
 use peft_rs::{AdapterLayer, LoraLayer};
-use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::Arc;
@@ -91,11 +90,11 @@ fn square(name: &str, v: &Bound<'_, PyAny>) -> PyResult<usize> {
     if let Ok(n) = v.extract::<usize>() {
         return Ok(n);
     }
-    let pair: (usize, usize) = v
-        .extract()
-        .map_err(|_| PyTypeError::new_err(format!("{name} must be an int or a pair of ints")))?;
+    let pair: (usize, usize) = v.extract().map_err(|_| {
+        crate::errors::type_error(format!("{name} must be an int or a pair of ints"))
+    })?;
     if pair.0 != pair.1 {
-        return Err(PyValueError::new_err(format!(
+        return Err(crate::errors::value_error(format!(
             "{name}={pair:?}: only equal values for both spatial dimensions are supported"
         )));
     }
