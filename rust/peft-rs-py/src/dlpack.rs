@@ -208,6 +208,19 @@ unsafe fn gather<T: Copy>(t: &DLTensor, shape: &[usize]) -> Vec<T> {
     out
 }
 
+/// A borrowed DLPack tensor handed to the GIL-free copy.
+struct SendRef<'a>(&'a DLTensor);
+// SAFETY: the DLTensor and the memory it points to stay alive and unmoved for the borrow (the
+// caller holds the producer object and its capsule); the copy only reads them.
+unsafe impl Send for SendRef<'_> {}
+
+impl<'a> SendRef<'a> {
+    // A method, so closures capture the whole (Send) wrapper rather than its field.
+    fn into_inner(self) -> &'a DLTensor {
+        self.0
+    }
+}
+
 /// A numpy array or torch tensor (CPU) as a candle tensor (one copy).
 pub fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     ArrayKind::of(obj)?;
@@ -262,19 +275,24 @@ pub fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
                 .collect()
         };
         let dtype = dtype_from_dl(dl.dtype)?;
-        let dev = &Device::Cpu;
-        let t = match dtype {
-            DType::F16 => Tensor::from_vec(gather::<f16>(dl, &shape), shape, dev),
-            DType::BF16 => Tensor::from_vec(gather::<bf16>(dl, &shape), shape, dev),
-            DType::F32 => Tensor::from_vec(gather::<f32>(dl, &shape), shape, dev),
-            DType::F64 => Tensor::from_vec(gather::<f64>(dl, &shape), shape, dev),
-            DType::I16 => Tensor::from_vec(gather::<i16>(dl, &shape), shape, dev),
-            DType::I32 => Tensor::from_vec(gather::<i32>(dl, &shape), shape, dev),
-            DType::I64 => Tensor::from_vec(gather::<i64>(dl, &shape), shape, dev),
-            DType::U8 => Tensor::from_vec(gather::<u8>(dl, &shape), shape, dev),
-            DType::U32 => Tensor::from_vec(gather::<u32>(dl, &shape), shape, dev),
-            _ => unreachable!("dtype_from_dl returns only the dtypes above"),
-        };
+        // The copy runs without the GIL; `obj` and `capsule` keep the memory alive meanwhile.
+        let source = SendRef(dl);
+        let t = obj.py().detach(move || {
+            let dl = source.into_inner();
+            let dev = &Device::Cpu;
+            match dtype {
+                DType::F16 => Tensor::from_vec(gather::<f16>(dl, &shape), shape, dev),
+                DType::BF16 => Tensor::from_vec(gather::<bf16>(dl, &shape), shape, dev),
+                DType::F32 => Tensor::from_vec(gather::<f32>(dl, &shape), shape, dev),
+                DType::F64 => Tensor::from_vec(gather::<f64>(dl, &shape), shape, dev),
+                DType::I16 => Tensor::from_vec(gather::<i16>(dl, &shape), shape, dev),
+                DType::I32 => Tensor::from_vec(gather::<i32>(dl, &shape), shape, dev),
+                DType::I64 => Tensor::from_vec(gather::<i64>(dl, &shape), shape, dev),
+                DType::U8 => Tensor::from_vec(gather::<u8>(dl, &shape), shape, dev),
+                DType::U32 => Tensor::from_vec(gather::<u32>(dl, &shape), shape, dev),
+                _ => unreachable!("dtype_from_dl returns only the dtypes above"),
+            }
+        });
         t.map_err(crate::errors::candle_err)
     }
 }

@@ -474,7 +474,9 @@ impl LoraLayer {
                     found: format!("{:?}", t.dtype()),
                 });
             }
-            params.push((name.to_string(), t.to_dtype(dtype)?));
+            // Adapter tensors live where the base weight lives (a no-op on the CPU).
+            let t = t.to_dtype(dtype)?.to_device(base.weight().device())?;
+            params.push((name.to_string(), t));
         }
         Ok(Self {
             module: module.to_string(),
