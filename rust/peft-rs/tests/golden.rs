@@ -18,33 +18,24 @@ fn load(path: &Path) -> HashMap<String, Tensor> {
     read_safetensors(path).unwrap().into_iter().collect()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
+fn abs_max(t: &Tensor) -> f64 {
+    let t = t.to_dtype(DType::F64).unwrap();
+    t.abs()
         .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
+        .max_all()
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F64).unwrap();
+    abs_max(&(a - b.to_dtype(DType::F64).unwrap()).unwrap())
+}
+
 fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    let scale = expected
-        .to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    let tol = 1e-5 * scale.to_scalar::<f64>().unwrap().max(1.0);
+    let tol = 1e-5 * abs_max(expected).max(1.0);
     let diff = max_abs_diff(actual, expected);
     assert!(diff <= tol, "{what}: max |diff| {diff} > {tol}");
 }
