@@ -7,6 +7,9 @@ from typing import Any
 from . import errors
 from ._core import (
     CUDA_ENABLED,
+    IA3Config,
+    IA3Conv2d,
+    IA3Linear,
     LoraConfig,
     LoraConv2d,
     LoraEmbedding,
@@ -44,6 +47,9 @@ def module_types(model: Any) -> dict[str, str]:
 __all__ = [
     "CUDA_ENABLED",
     "Adapter",
+    "IA3Config",
+    "IA3Conv2d",
+    "IA3Linear",
     "LoraConfig",
     "LoraConv2d",
     "LoraEmbedding",

@@ -23,7 +23,18 @@ class LoraConfig:
     def peft_type(self) -> Literal["LORA"]: ...
     def __getattr__(self, name: str) -> Any: ...
 
-class _LoraLayer:
+class IA3Config:
+    """IA³ configuration (`peft.IA3Config`): same keyword names, defaults and JSON form."""
+
+    def __init__(self, **kwargs: Any) -> None: ...
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> IA3Config: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    @property
+    def peft_type(self) -> Literal["IA3"]: ...
+    def __getattr__(self, name: str) -> Any: ...
+
+class _AdapterLayer:
     def forward(self, x: A) -> A: ...
     def __call__(self, x: A) -> A: ...
     def merge(self, safe_merge: bool = False) -> None: ...
@@ -38,13 +49,13 @@ class _LoraLayer:
     def num_parameters(self) -> int: ...
     def weights(self) -> dict[str, Array]: ...
     @property
-    def config(self) -> LoraConfig: ...
+    def config(self) -> LoraConfig | IA3Config: ...
     def train(self, mode: bool = True) -> None: ...
     def eval(self) -> None: ...
     @property
     def training(self) -> bool: ...
 
-class LoraLinear(_LoraLayer):
+class LoraLinear(_AdapterLayer):
     def __init__(
         self,
         weight: Array,
@@ -59,7 +70,7 @@ class LoraLinear(_LoraLayer):
         seed: int = 0,
     ) -> None: ...
 
-class LoraEmbedding(_LoraLayer):
+class LoraEmbedding(_AdapterLayer):
     def __init__(
         self,
         weight: Array,
@@ -71,7 +82,7 @@ class LoraEmbedding(_LoraLayer):
         seed: int = 0,
     ) -> None: ...
 
-class LoraConv2d(_LoraLayer):
+class LoraConv2d(_AdapterLayer):
     def __init__(
         self,
         weight: Array,
@@ -89,12 +100,43 @@ class LoraConv2d(_LoraLayer):
         seed: int = 0,
     ) -> None: ...
 
+class IA3Linear(_AdapterLayer):
+    def __init__(
+        self,
+        weight: Array,
+        bias: Array | None = None,
+        *,
+        config: IA3Config | None = None,
+        ia3_l: Array | None = None,
+        feedforward: bool | None = None,
+        fan_in_fan_out: bool = False,
+        module_name: str = "",
+        seed: int = 0,
+    ) -> None: ...
+
+class IA3Conv2d(_AdapterLayer):
+    def __init__(
+        self,
+        weight: Array,
+        bias: Array | None = None,
+        *,
+        stride: _IntOrPair | None = None,
+        padding: _IntOrPair | None = None,
+        dilation: _IntOrPair | None = None,
+        groups: int = 1,
+        config: IA3Config | None = None,
+        ia3_l: Array | None = None,
+        feedforward: bool | None = None,
+        module_name: str = "",
+        seed: int = 0,
+    ) -> None: ...
+
 class PeftAdapter:
     @staticmethod
     def from_pretrained(path: str | PathLike[str], adapter_name: str | None = None) -> PeftAdapter: ...
     @staticmethod
     def create(
-        config: LoraConfig,
+        config: LoraConfig | IA3Config,
         state_dict: Mapping[str, Array],
         module_types: Mapping[str, Literal["linear", "conv1d", "embedding", "conv2d"]],
         *,
@@ -106,7 +148,7 @@ class PeftAdapter:
     @property
     def adapter_name(self) -> str: ...
     @property
-    def config(self) -> LoraConfig: ...
+    def config(self) -> LoraConfig | IA3Config: ...
     def module_names(self) -> list[str]: ...
     def merge_into(
         self, state_dict: Mapping[str, Array], *, safe_merge: bool = False
@@ -120,7 +162,7 @@ class PeftAdapter:
         padding: _IntOrPair | None = None,
         dilation: _IntOrPair | None = None,
         groups: int = 1,
-    ) -> LoraLinear | LoraEmbedding | LoraConv2d: ...
+    ) -> LoraLinear | LoraEmbedding | LoraConv2d | IA3Linear | IA3Conv2d: ...
     def forward(self, module_name: str, x: A, state_dict: Mapping[str, Array]) -> A: ...
     def state_dict(self, framework: Literal["numpy", "torch"] = "numpy") -> dict[str, Array]: ...
     def save_pretrained(self, path: str | PathLike[str]) -> str: ...

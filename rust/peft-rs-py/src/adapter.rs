@@ -9,10 +9,10 @@ use peft_rs::{BaseModule, PeftAdapter, PeftError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::config::{PyLoraConfig, config_to_py};
+use crate::config::{config_from_py, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
 use crate::errors::{run, to_pyerr};
-use crate::layers::{conv2d_params, wrap_layer};
+use crate::layers::{conv2d_params_or_default, wrap_layer};
 
 #[pyclass(name = "PeftAdapter", module = "peft_rs._core", frozen)]
 pub struct PyPeftAdapter {
@@ -71,12 +71,13 @@ impl PyPeftAdapter {
     #[pyo3(signature = (config, state_dict, module_types, *, adapter_name="default", seed=0))]
     fn create(
         py: Python<'_>,
-        config: PyRef<'_, PyLoraConfig>,
+        config: &Bound<'_, PyAny>,
         state_dict: &Bound<'_, PyDict>,
         module_types: HashMap<String, String>,
         adapter_name: &str,
         seed: u64,
     ) -> PyResult<Self> {
+        let peft_config = config_from_py(config)?;
         let mut names: Vec<_> = module_types.keys().cloned().collect();
         names.sort();
         let mut modules = Vec::new();
@@ -105,16 +106,14 @@ impl PyPeftAdapter {
             let key: String = k.extract()?;
             if key.ends_with(".bias")
                 || key == "bias"
-                || config
-                    .inner
-                    .modules_to_save
-                    .as_ref()
-                    .is_some_and(|m| m.iter().any(|m| key.contains(m.as_str())))
+                || peft_config
+                    .modules_to_save()
+                    .iter()
+                    .any(|m| key.contains(m.as_str()))
             {
                 extra.insert(key, tensor_from_py(&v)?);
             }
         }
-        let peft_config = config.peft_config();
         let inner = run(py, || {
             PeftAdapter::create(adapter_name, peft_config, modules, &extra, seed)
         })?;
@@ -192,13 +191,8 @@ impl PyPeftAdapter {
     ) -> PyResult<Py<PyAny>> {
         let mut kind = self.inner.module_kind(module_name).map_err(to_pyerr)?;
         if let ModuleKind::Conv2d(_) = kind {
-            let one = 1usize.into_pyobject(py)?.into_any();
-            let zero = 0usize.into_pyobject(py)?.into_any();
-            kind = ModuleKind::Conv2d(conv2d_params(
-                stride.unwrap_or(&one),
-                padding.unwrap_or(&zero),
-                dilation.unwrap_or(&one),
-                groups,
+            kind = ModuleKind::Conv2d(conv2d_params_or_default(
+                py, stride, padding, dilation, groups,
             )?);
         }
         let weight_key = format!("{module_name}.weight");

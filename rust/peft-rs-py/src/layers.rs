@@ -2,12 +2,12 @@
 
 use candle_core::Tensor;
 use peft_rs::base::{BaseLayer, Conv2dParams, ModuleKind};
-use peft_rs::{AdapterLayer, LoraLayer};
+use peft_rs::config::ModuleSelector;
+use peft_rs::{AdapterLayer, PeftConfig, PeftType};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::Arc;
 
-use crate::config::{PyLoraConfig, config_to_py};
+use crate::config::{PyIa3Config, PyLoraConfig, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
 use crate::errors::{run, to_pyerr};
 
@@ -53,22 +53,32 @@ fn given_weights(
         .map(Some)
 }
 
-fn build_lora(
+fn build_layer(
     py: Python<'_>,
     module_name: &str,
     base: BaseLayer,
-    config: Option<&PyLoraConfig>,
+    config: PeftConfig,
     weights: Option<Vec<(String, Tensor)>>,
     seed: u64,
 ) -> PyResult<Box<dyn AdapterLayer>> {
-    let config = Arc::new(config.map(|c| c.inner.clone()).unwrap_or_default());
-    run(py, || {
-        let layer = match weights {
-            Some(w) => LoraLayer::from_weights(module_name, base, config, w)?,
-            None => LoraLayer::new(module_name, base, config, seed)?,
-        };
-        Ok(Box::new(layer) as Box<dyn AdapterLayer>)
+    run(py, || match weights {
+        Some(w) => config.build_layer(module_name, base, w),
+        None => config.init_layer(module_name, base, seed),
     })
+}
+
+fn lora_config(config: Option<&PyLoraConfig>) -> PeftConfig {
+    PeftConfig::Lora(config.map(|c| c.inner.clone()).unwrap_or_default())
+}
+
+/// IA³'s feed-forward flag comes from `feedforward_modules` matched against `module_name`; a
+/// standalone layer may set it directly (`feedforward_modules` then selects every module or none).
+fn ia3_config(config: Option<&PyIa3Config>, feedforward: Option<bool>) -> PeftConfig {
+    let mut config = config.map(|c| c.inner.clone()).unwrap_or_default();
+    if let Some(ff) = feedforward {
+        config.feedforward_modules = ff.then(|| ModuleSelector::Regex(".*".into()));
+    }
+    PeftConfig::Ia3(config)
 }
 
 fn base_layer(
@@ -115,17 +125,41 @@ pub fn conv2d_params(
     })
 }
 
-/// The Python object for an adapted layer, of the class matching its module kind.
+/// Conv2d hyper-parameters with PyTorch's defaults (stride 1, padding 0, dilation 1).
+pub fn conv2d_params_or_default(
+    py: Python<'_>,
+    stride: Option<&Bound<'_, PyAny>>,
+    padding: Option<&Bound<'_, PyAny>>,
+    dilation: Option<&Bound<'_, PyAny>>,
+    groups: usize,
+) -> PyResult<Conv2dParams> {
+    let one = 1usize.into_pyobject(py)?.into_any();
+    let zero = 0usize.into_pyobject(py)?.into_any();
+    conv2d_params(
+        stride.unwrap_or(&one),
+        padding.unwrap_or(&zero),
+        dilation.unwrap_or(&one),
+        groups,
+    )
+}
+
+/// The Python object for an adapted layer, of the class matching its method and module kind.
 pub fn wrap_layer(
     py: Python<'_>,
     layer: Box<dyn AdapterLayer>,
     kind: ArrayKind,
 ) -> PyResult<Py<PyAny>> {
+    let method = layer.config().peft_type();
+    let module_kind = layer.base().kind();
     let state = LayerState { layer, kind };
-    Ok(match state.layer.base().kind() {
-        ModuleKind::Linear | ModuleKind::Conv1D => Py::new(py, LoraLinear { state })?.into_any(),
-        ModuleKind::Embedding => Py::new(py, LoraEmbedding { state })?.into_any(),
-        ModuleKind::Conv2d(_) => Py::new(py, LoraConv2d { state })?.into_any(),
+    Ok(match (method, module_kind) {
+        (PeftType::Lora, ModuleKind::Linear | ModuleKind::Conv1D) => {
+            Py::new(py, LoraLinear { state })?.into_any()
+        }
+        (PeftType::Lora, ModuleKind::Embedding) => Py::new(py, LoraEmbedding { state })?.into_any(),
+        (PeftType::Lora, ModuleKind::Conv2d(_)) => Py::new(py, LoraConv2d { state })?.into_any(),
+        (PeftType::Ia3, ModuleKind::Conv2d(_)) => Py::new(py, IA3Conv2d { state })?.into_any(),
+        (PeftType::Ia3, _) => Py::new(py, IA3Linear { state })?.into_any(),
     })
 }
 
@@ -256,7 +290,7 @@ adapter_class!(LoraLinear {
             (peft_rs::adapters::lora::LORA_B, lora_B),
             (peft_rs::adapters::lora::LORA_B_BIAS, lora_B_bias),
         ])?;
-        let layer = build_lora(py, module_name, base, config.as_deref(), weights, seed)?;
+        let layer = build_layer(py, module_name, base, lora_config(config.as_deref()), weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
     }
 });
@@ -285,7 +319,7 @@ adapter_class!(LoraEmbedding {
             (peft_rs::adapters::lora::LORA_EMBEDDING_A, lora_embedding_A),
             (peft_rs::adapters::lora::LORA_EMBEDDING_B, lora_embedding_B),
         ])?;
-        let layer = build_lora(py, module_name, base, config.as_deref(), weights, seed)?;
+        let layer = build_layer(py, module_name, base, lora_config(config.as_deref()), weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
     }
 });
@@ -315,16 +349,79 @@ adapter_class!(LoraConv2d {
         module_name: &str,
         seed: u64,
     ) -> PyResult<Self> {
-        let one = 1usize.into_pyobject(py)?.into_any();
-        let zero = 0usize.into_pyobject(py)?.into_any();
-        let params = conv2d_params(stride.unwrap_or(&one), padding.unwrap_or(&zero), dilation.unwrap_or(&one), groups)?;
+        let params = conv2d_params_or_default(py, stride, padding, dilation, groups)?;
         let (base, array_kind) = base_layer(ModuleKind::Conv2d(params), weight, bias)?;
         let weights = given_weights(&[
             (peft_rs::adapters::lora::LORA_A, lora_A),
             (peft_rs::adapters::lora::LORA_B, lora_B),
             (peft_rs::adapters::lora::LORA_B_BIAS, lora_B_bias),
         ])?;
-        let layer = build_lora(py, module_name, base, config.as_deref(), weights, seed)?;
+        let layer = build_layer(py, module_name, base, lora_config(config.as_deref()), weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
+
+/// IA³ on `nn.Linear` or (with `fan_in_fan_out=True`) transformers' `Conv1D`. The input is scaled
+/// when the module is feed-forward (`feedforward=True`, or `config.feedforward_modules` matching
+/// `module_name`), the output otherwise.
+#[pyclass(module = "peft_rs._core")]
+pub struct IA3Linear {
+    state: LayerState,
+}
+
+adapter_class!(IA3Linear {
+    #[new]
+    #[pyo3(signature = (weight, bias=None, *, config=None, ia3_l=None, feedforward=None, fan_in_fan_out=false, module_name="", seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        config: Option<PyRef<'_, PyIa3Config>>,
+        ia3_l: Option<&Bound<'_, PyAny>>,
+        feedforward: Option<bool>,
+        fan_in_fan_out: bool,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let kind = if fan_in_fan_out { ModuleKind::Conv1D } else { ModuleKind::Linear };
+        let (base, array_kind) = base_layer(kind, weight, bias)?;
+        let weights = given_weights(&[(peft_rs::adapters::ia3::IA3_L, ia3_l)])?;
+        let config = ia3_config(config.as_deref(), feedforward);
+        let layer = build_layer(py, module_name, base, config, weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
+
+/// IA³ on `nn.Conv2d`.
+#[pyclass(module = "peft_rs._core")]
+pub struct IA3Conv2d {
+    state: LayerState,
+}
+
+adapter_class!(IA3Conv2d {
+    #[new]
+    #[pyo3(signature = (weight, bias=None, *, stride=None, padding=None, dilation=None, groups=1, config=None, ia3_l=None, feedforward=None, module_name="", seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        stride: Option<&Bound<'_, PyAny>>,
+        padding: Option<&Bound<'_, PyAny>>,
+        dilation: Option<&Bound<'_, PyAny>>,
+        groups: usize,
+        config: Option<PyRef<'_, PyIa3Config>>,
+        ia3_l: Option<&Bound<'_, PyAny>>,
+        feedforward: Option<bool>,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let params = conv2d_params_or_default(py, stride, padding, dilation, groups)?;
+        let (base, array_kind) = base_layer(ModuleKind::Conv2d(params), weight, bias)?;
+        let weights = given_weights(&[(peft_rs::adapters::ia3::IA3_L, ia3_l)])?;
+        let config = ia3_config(config.as_deref(), feedforward);
+        let layer = build_layer(py, module_name, base, config, weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
     }
 });

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::adapters::ia3::Ia3Config;
 use crate::adapters::lora::LoraConfig;
 use crate::error::{PeftError, Result};
 
@@ -21,14 +22,16 @@ pub const CONFIG_NAME: &str = "adapter_config.json";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeftType {
     Lora,
+    Ia3,
 }
 
 impl PeftType {
-    pub const ALL: &'static [PeftType] = &[PeftType::Lora];
+    pub const ALL: &'static [PeftType] = &[PeftType::Lora, PeftType::Ia3];
 
     pub fn as_str(self) -> &'static str {
         match self {
             PeftType::Lora => "LORA",
+            PeftType::Ia3 => "IA3",
         }
     }
 
@@ -61,6 +64,7 @@ pub trait AdapterConfig: std::fmt::Debug + Send + Sync {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeftConfig {
     Lora(LoraConfig),
+    Ia3(Ia3Config),
 }
 
 impl PeftConfig {
@@ -71,12 +75,14 @@ impl PeftConfig {
             .ok_or_else(|| PeftError::config("peft_type", "missing or not a string"))?;
         match PeftType::parse(peft_type)? {
             PeftType::Lora => Ok(Self::Lora(LoraConfig::from_json(value)?)),
+            PeftType::Ia3 => Ok(Self::Ia3(Ia3Config::from_json(value)?)),
         }
     }
 
     pub fn as_adapter_config(&self) -> &dyn AdapterConfig {
         match self {
             Self::Lora(c) => c,
+            Self::Ia3(c) => c,
         }
     }
 
@@ -180,6 +186,24 @@ fn is_off(v: &Value) -> bool {
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
         _ => false,
+    }
+}
+
+/// Checks that `value` is an object whose `peft_type` (if present) is `expected`, and removes it.
+pub(crate) fn take_peft_type(value: &mut Value, expected: PeftType) -> Result<()> {
+    let Value::Object(map) = value else {
+        return Err(PeftError::config(
+            "<root>",
+            "a config must be a JSON object",
+        ));
+    };
+    match map.remove("peft_type") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(t)) if t == expected.as_str() => Ok(()),
+        Some(other) => Err(PeftError::UnsupportedPeftType {
+            found: other.to_string(),
+            supported: expected.as_str().into(),
+        }),
     }
 }
 

@@ -33,7 +33,7 @@ fn pattern_key_regex(field: &str, pattern: &str) -> Result<Regex> {
     compile(field, &format!(r"^(?:.*\.)?(?:{pattern})$"))
 }
 
-fn full_match(field: &str, pattern: &str, key: &str) -> Result<bool> {
+pub(crate) fn full_match(field: &str, pattern: &str, key: &str) -> Result<bool> {
     Ok(full_match_regex(field, pattern)?.is_match(key))
 }
 

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::base::{BaseLayer, Conv2dParams, ModuleKind, conv2d, linear_rows};
 use crate::config::{
     AdapterConfig, CommonFields, ModuleSelector, OneOrMany, PeftType, check_extra_fields,
-    deserialize_fields, number,
+    deserialize_fields, number, take_peft_type,
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
@@ -179,24 +179,10 @@ impl LoraConfig {
     /// Reads a config from PEFT's JSON form (`adapter_config.json` or `LoraConfig.to_dict()`).
     pub fn from_json(value: Value) -> Result<Self> {
         let mut value = value;
+        take_peft_type(&mut value, PeftType::Lora)?;
         if let Value::Object(map) = &mut value {
-            match map.remove("peft_type") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(t)) if t == "LORA" => {}
-                Some(other) => {
-                    return Err(PeftError::UnsupportedPeftType {
-                        found: other.to_string(),
-                        supported: "LORA".into(),
-                    });
-                }
-            }
             // PEFT never writes it, but warns and drops it on load.
             map.remove("runtime_config");
-        } else {
-            return Err(PeftError::config(
-                "<root>",
-                "a config must be a JSON object",
-            ));
         }
         let config: Self = deserialize_fields(value)?;
         config.validate()?;
@@ -719,23 +705,6 @@ impl Trainable for LoraLayer {
     fn is_training(&self) -> bool {
         self.training
     }
-}
-
-/// PEFT forces `fan_in_fan_out` to true for transformers `Conv1D` targets and to false for
-/// `nn.Linear` ones, and saves the result; the loader reads the layout from it.
-pub(crate) fn adapt_fan_in_fan_out(config: &mut LoraConfig, kinds: &[ModuleKind]) -> Result<()> {
-    let conv1d = kinds.contains(&ModuleKind::Conv1D);
-    let linear = kinds.contains(&ModuleKind::Linear);
-    if conv1d && linear {
-        return Err(PeftError::config(
-            "fan_in_fan_out",
-            "the targets mix nn.Linear and transformers Conv1D layers; an adapter file records one layout",
-        ));
-    }
-    if conv1d || linear {
-        config.fan_in_fan_out = conv1d;
-    }
-    Ok(())
 }
 
 /// Checks the tensors of a saved LoRA layer against the config: the pair for its module kind

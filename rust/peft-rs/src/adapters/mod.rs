@@ -1,6 +1,7 @@
 //! One file per method; this module routes a [`PeftConfig`] to its method. Adding a method adds
 //! a file, a `PeftConfig` variant and one arm per function below.
 
+pub mod ia3;
 pub mod lora;
 
 use std::sync::Arc;
@@ -21,24 +22,28 @@ impl PeftConfig {
     pub fn param_names(&self) -> &'static [&'static str] {
         match self {
             Self::Lora(_) => lora::PARAM_NAMES,
+            Self::Ia3(_) => ia3::PARAM_NAMES,
         }
     }
 
     pub fn selection(&self) -> Selection<'_> {
         match self {
             Self::Lora(c) => c.selection(),
+            Self::Ia3(c) => c.selection(),
         }
     }
 
     pub fn modules_to_save(&self) -> &[String] {
         match self {
             Self::Lora(c) => c.modules_to_save.as_deref().unwrap_or_default(),
+            Self::Ia3(c) => c.modules_to_save.as_deref().unwrap_or_default(),
         }
     }
 
     pub fn bias_mode(&self) -> BiasMode {
         match self {
             Self::Lora(c) => c.bias,
+            Self::Ia3(_) => BiasMode::None,
         }
     }
 
@@ -51,6 +56,7 @@ impl PeftConfig {
     ) -> Result<ModuleKind> {
         match self {
             Self::Lora(c) => lora::check_saved_layer(c, module, tensors),
+            Self::Ia3(c) => ia3::check_saved_layer(c, module, tensors),
         }
     }
 
@@ -68,6 +74,12 @@ impl PeftConfig {
                 Arc::new(c.clone()),
                 tensors,
             )?)),
+            Self::Ia3(c) => Ok(Box::new(ia3::Ia3Layer::from_weights(
+                module,
+                base,
+                Arc::new(c.clone()),
+                tensors,
+            )?)),
         }
     }
 
@@ -75,7 +87,8 @@ impl PeftConfig {
     /// adapter, and saves the rewritten config; this does the same.
     pub fn adapt_to_targets(&mut self, kinds: &[ModuleKind]) -> Result<()> {
         match self {
-            Self::Lora(c) => lora::adapt_fan_in_fan_out(c, kinds),
+            Self::Lora(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
+            Self::Ia3(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
         }
     }
 
@@ -93,6 +106,29 @@ impl PeftConfig {
                 Arc::new(c.clone()),
                 seed,
             )?)),
+            Self::Ia3(c) => Ok(Box::new(ia3::Ia3Layer::new(
+                module,
+                base,
+                Arc::new(c.clone()),
+                seed,
+            )?)),
         }
     }
+}
+
+/// PEFT forces `fan_in_fan_out` to true for transformers `Conv1D` targets and to false for
+/// `nn.Linear` ones, and saves the result; the loader reads the layout from it.
+fn adapt_fan_in_fan_out(fan_in_fan_out: &mut bool, kinds: &[ModuleKind]) -> Result<()> {
+    let conv1d = kinds.contains(&ModuleKind::Conv1D);
+    let linear = kinds.contains(&ModuleKind::Linear);
+    if conv1d && linear {
+        return Err(crate::error::PeftError::config(
+            "fan_in_fan_out",
+            "the targets mix nn.Linear and transformers Conv1D layers; an adapter file records one layout",
+        ));
+    }
+    if conv1d || linear {
+        *fan_in_fan_out = conv1d;
+    }
+    Ok(())
 }
