@@ -70,8 +70,8 @@ def test_unknown_peft_type(adapter_dir):
 
 
 def test_unimplemented_feature_is_rejected(adapter_dir):
-    rewrite_config(adapter_dir, use_dora=True)
-    with pytest.raises(errors.ConfigError, match="use_dora"):
+    rewrite_config(adapter_dir, use_qalora=True)
+    with pytest.raises(errors.ConfigError, match="use_qalora"):
         peft_rs.PeftAdapter.from_pretrained(adapter_dir)
 
 

@@ -65,6 +65,7 @@ class LoraLinear(_AdapterLayer):
         lora_A: Array | None = None,
         lora_B: Array | None = None,
         lora_B_bias: Array | None = None,
+        lora_magnitude_vector: Array | None = None,
         fan_in_fan_out: bool = False,
         module_name: str = "",
         seed: int = 0,
@@ -78,6 +79,7 @@ class LoraEmbedding(_AdapterLayer):
         config: LoraConfig | None = None,
         lora_embedding_A: Array | None = None,
         lora_embedding_B: Array | None = None,
+        lora_magnitude_vector: Array | None = None,
         module_name: str = "",
         seed: int = 0,
     ) -> None: ...
@@ -96,6 +98,7 @@ class LoraConv2d(_AdapterLayer):
         lora_A: Array | None = None,
         lora_B: Array | None = None,
         lora_B_bias: Array | None = None,
+        lora_magnitude_vector: Array | None = None,
         module_name: str = "",
         seed: int = 0,
     ) -> None: ...

@@ -269,7 +269,7 @@ pub struct LoraLinear {
 
 adapter_class!(LoraLinear {
     #[new]
-    #[pyo3(signature = (weight, bias=None, *, config=None, lora_A=None, lora_B=None, lora_B_bias=None, fan_in_fan_out=false, module_name="", seed=0))]
+    #[pyo3(signature = (weight, bias=None, *, config=None, lora_A=None, lora_B=None, lora_B_bias=None, lora_magnitude_vector=None, fan_in_fan_out=false, module_name="", seed=0))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -279,6 +279,7 @@ adapter_class!(LoraLinear {
         lora_A: Option<&Bound<'_, PyAny>>,
         lora_B: Option<&Bound<'_, PyAny>>,
         lora_B_bias: Option<&Bound<'_, PyAny>>,
+        lora_magnitude_vector: Option<&Bound<'_, PyAny>>,
         fan_in_fan_out: bool,
         module_name: &str,
         seed: u64,
@@ -289,6 +290,7 @@ adapter_class!(LoraLinear {
             (peft_rs::adapters::lora::LORA_A, lora_A),
             (peft_rs::adapters::lora::LORA_B, lora_B),
             (peft_rs::adapters::lora::LORA_B_BIAS, lora_B_bias),
+            (peft_rs::adapters::dora::LORA_MAGNITUDE, lora_magnitude_vector),
         ])?;
         let layer = build_layer(py, module_name, base, lora_config(config.as_deref()), weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
@@ -303,14 +305,15 @@ pub struct LoraEmbedding {
 
 adapter_class!(LoraEmbedding {
     #[new]
-    #[pyo3(signature = (weight, *, config=None, lora_embedding_A=None, lora_embedding_B=None, module_name="", seed=0))]
-    #[allow(non_snake_case)]
+    #[pyo3(signature = (weight, *, config=None, lora_embedding_A=None, lora_embedding_B=None, lora_magnitude_vector=None, module_name="", seed=0))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         weight: &Bound<'_, PyAny>,
         config: Option<PyRef<'_, PyLoraConfig>>,
         lora_embedding_A: Option<&Bound<'_, PyAny>>,
         lora_embedding_B: Option<&Bound<'_, PyAny>>,
+        lora_magnitude_vector: Option<&Bound<'_, PyAny>>,
         module_name: &str,
         seed: u64,
     ) -> PyResult<Self> {
@@ -318,6 +321,7 @@ adapter_class!(LoraEmbedding {
         let weights = given_weights(&[
             (peft_rs::adapters::lora::LORA_EMBEDDING_A, lora_embedding_A),
             (peft_rs::adapters::lora::LORA_EMBEDDING_B, lora_embedding_B),
+            (peft_rs::adapters::dora::LORA_MAGNITUDE, lora_magnitude_vector),
         ])?;
         let layer = build_layer(py, module_name, base, lora_config(config.as_deref()), weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
@@ -332,7 +336,7 @@ pub struct LoraConv2d {
 
 adapter_class!(LoraConv2d {
     #[new]
-    #[pyo3(signature = (weight, bias=None, *, stride=None, padding=None, dilation=None, groups=1, config=None, lora_A=None, lora_B=None, lora_B_bias=None, module_name="", seed=0))]
+    #[pyo3(signature = (weight, bias=None, *, stride=None, padding=None, dilation=None, groups=1, config=None, lora_A=None, lora_B=None, lora_B_bias=None, lora_magnitude_vector=None, module_name="", seed=0))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -346,6 +350,7 @@ adapter_class!(LoraConv2d {
         lora_A: Option<&Bound<'_, PyAny>>,
         lora_B: Option<&Bound<'_, PyAny>>,
         lora_B_bias: Option<&Bound<'_, PyAny>>,
+        lora_magnitude_vector: Option<&Bound<'_, PyAny>>,
         module_name: &str,
         seed: u64,
     ) -> PyResult<Self> {
@@ -355,6 +360,7 @@ adapter_class!(LoraConv2d {
             (peft_rs::adapters::lora::LORA_A, lora_A),
             (peft_rs::adapters::lora::LORA_B, lora_B),
             (peft_rs::adapters::lora::LORA_B_BIAS, lora_B_bias),
+            (peft_rs::adapters::dora::LORA_MAGNITUDE, lora_magnitude_vector),
         ])?;
         let layer = build_layer(py, module_name, base, lora_config(config.as_deref()), weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })

@@ -163,6 +163,16 @@ impl BaseLayer {
         }
     }
 
+    /// The layer without its bias, computed in `x`'s dtype (DoRA's recomputed base term).
+    pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
+        let unbiased = Self {
+            kind: self.kind,
+            weight: self.weight.to_dtype(x.dtype())?,
+            bias: None,
+        };
+        unbiased.forward(x)
+    }
+
     fn check_input_dtype(&self, x: &Tensor) -> Result<()> {
         if x.dtype() != self.weight.dtype() {
             return Err(PeftError::DType {

@@ -43,6 +43,10 @@ impl Params {
             })
     }
 
+    pub fn push(&mut self, name: &str, tensor: Tensor) {
+        self.entries.push((name.to_string(), tensor));
+    }
+
     pub fn entries(&self) -> &[(String, Tensor)] {
         &self.entries
     }

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::adapters::dora::{self, LORA_MAGNITUDE};
 use crate::base::{BaseLayer, Conv2dParams, ModuleKind, conv2d, linear_rows};
 use crate::config::{
     AdapterConfig, CommonFields, ModuleSelector, OneOrMany, PeftType, check_extra_fields,
@@ -34,6 +35,7 @@ pub const PARAM_NAMES: &[&str] = &[
     LORA_B_BIAS,
     LORA_EMBEDDING_A,
     LORA_EMBEDDING_B,
+    LORA_MAGNITUDE,
 ];
 
 /// Which biases are trained and saved alongside the adapter (`bias`).
@@ -288,10 +290,10 @@ impl AdapterConfig for LoraConfig {
         self.selection().check_patterns()?;
         check_pattern_keys("rank_pattern", &self.rank_pattern.0)?;
         check_pattern_keys("alpha_pattern", &self.alpha_pattern.0)?;
-        if self.use_dora {
+        if self.use_dora && self.lora_bias {
             return Err(PeftError::config(
                 "use_dora",
-                "DoRA is not implemented in peft-rs yet",
+                "DoRA cannot be combined with lora_bias (as in PEFT)",
             ));
         }
         if self.lora_bias && !matches!(self.init_lora_weights, LoraInit::Flag(_)) {
@@ -320,6 +322,7 @@ fn expected_params(
     base: &BaseLayer,
     r: usize,
     lora_bias: bool,
+    use_dora: bool,
 ) -> Result<Vec<(&'static str, Vec<usize>)>> {
     let (inp, out) = (base.in_features(), base.out_features());
     let mut params = match base.kind() {
@@ -352,6 +355,9 @@ fn expected_params(
             ]
         }
     };
+    if use_dora {
+        params.push((LORA_MAGNITUDE, dora::magnitude_shape(base)));
+    }
     if lora_bias {
         if base.kind() == ModuleKind::Embedding {
             return Err(PeftError::config(
@@ -374,6 +380,8 @@ pub struct LoraLayer {
     scaling: f64,
     merged: bool,
     training: bool,
+    /// DoRA: `‖W + ΔW‖` at merge time, which unmerge needs (as PEFT caches it).
+    dora_merge_norm: Option<Tensor>,
     config: Arc<LoraConfig>,
 }
 
@@ -384,7 +392,11 @@ impl LoraLayer {
         let dtype = adapter_dtype(base.dtype());
         let mut init = Initializer::new(seed);
         let mut weights = Vec::new();
-        for (name, shape) in expected_params(&base, r, config.lora_bias)? {
+        for (name, shape) in expected_params(&base, r, config.lora_bias, config.use_dora)? {
+            if name == LORA_MAGNITUDE {
+                // Computed from the initialised A and B below (PEFT does the same).
+                continue;
+            }
             let t = match (&config.init_lora_weights, name) {
                 // Embedding is the reverse of Linear: A zero, B standard normal.
                 (LoraInit::Flag(false), LORA_EMBEDDING_A | LORA_EMBEDDING_B) => {
@@ -408,7 +420,7 @@ impl LoraLayer {
             };
             weights.push((name.to_string(), t));
         }
-        Self::from_weights(module, base, config, weights)
+        Self::build(module, base, config, weights, true)
     }
 
     /// An adapter on `base` with the given tensors (named as in [`PARAM_NAMES`]). Every expected
@@ -420,8 +432,20 @@ impl LoraLayer {
         config: Arc<LoraConfig>,
         weights: Vec<(String, Tensor)>,
     ) -> Result<Self> {
+        Self::build(module, base, config, weights, false)
+    }
+
+    /// `from_weights`; with `init_magnitude`, a missing DoRA magnitude is set to `‖W + s·BA‖`
+    /// (the identity), as PEFT initialises it.
+    fn build(
+        module: &str,
+        base: BaseLayer,
+        config: Arc<LoraConfig>,
+        weights: Vec<(String, Tensor)>,
+        init_magnitude: bool,
+    ) -> Result<Self> {
         let (r, alpha) = config.rank_and_alpha(module)?;
-        let expected = expected_params(&base, r, config.lora_bias)?;
+        let expected = expected_params(&base, r, config.lora_bias, config.use_dora)?;
         if let Some((name, _)) = weights
             .iter()
             .find(|(n, _)| !expected.iter().any(|(e, _)| e == n))
@@ -438,6 +462,9 @@ impl LoraLayer {
         let dtype = adapter_dtype(base.dtype());
         let mut params = Vec::with_capacity(expected.len());
         for (name, shape) in expected {
+            if name == LORA_MAGNITUDE && init_magnitude {
+                continue;
+            }
             let t = weights
                 .iter()
                 .find(|(n, _)| n == name)
@@ -464,7 +491,7 @@ impl LoraLayer {
             let t = t.to_dtype(dtype)?.to_device(base.weight().device())?;
             params.push((name.to_string(), t));
         }
-        Ok(Self {
+        let mut layer = Self {
             module: module.to_string(),
             scaling: config.scaling(r, alpha),
             base,
@@ -472,8 +499,15 @@ impl LoraLayer {
             r,
             merged: false,
             training: false,
+            dora_merge_norm: None,
             config,
-        })
+        };
+        if layer.config.use_dora && init_magnitude {
+            let norm = dora::weight_norm(&layer.base, &layer.delta_weight()?)?;
+            let m = norm.reshape(dora::magnitude_shape(&layer.base))?;
+            layer.params.push(LORA_MAGNITUDE, m);
+        }
+        Ok(layer)
     }
 
     pub fn module(&self) -> &str {
@@ -488,18 +522,38 @@ impl LoraLayer {
         self.scaling
     }
 
-    /// The adapter's contribution `s · B A dropout(x)`, in the adapter dtype.
-    fn lora_output(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = adapter_dtype(self.base.dtype());
-        let s = self.scaling;
+    /// DoRA's magnitude as a flat vector.
+    fn magnitude(&self) -> Result<Tensor> {
+        Ok(self.params.get(LORA_MAGNITUDE)?.flatten_all()?)
+    }
+
+    /// DoRA's `m / ‖W + s·BA‖` shaped for an output of rank `rank` (`None` without DoRA). The norm
+    /// carries no gradient; `m` does.
+    fn dora_scale(&self, rank: usize) -> Result<Option<Tensor>> {
+        if !self.config.use_dora {
+            return Ok(None);
+        }
+        let norm = dora::weight_norm(&self.base, &self.delta_weight()?)?;
+        let scale = self.magnitude()?.div(&norm)?;
+        Ok(Some(dora::per_output_for_activations(
+            &self.base, &scale, rank,
+        )?))
+    }
+
+    /// Dropout on the adapter input, in training mode only.
+    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.config.lora_dropout;
-        let dropout = |t: Tensor| -> Result<Tensor> {
-            if self.training && p > 0.0 {
-                Ok(candle_nn::ops::dropout(&t, p as f32)?)
-            } else {
-                Ok(t)
-            }
-        };
+        if self.training && p > 0.0 {
+            Ok(candle_nn::ops::dropout(x, p as f32)?)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// The adapter's contribution `s · B A x` for an input already in the adapter dtype (and
+    /// dropped out); token ids for Embedding.
+    fn lora_path(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.scaling;
         let bias = self
             .params
             .get_opt(LORA_B_BIAS)
@@ -509,9 +563,8 @@ impl LoraLayer {
             ModuleKind::Linear | ModuleKind::Conv1D => {
                 let a = self.params.get(LORA_A)?;
                 let b = self.params.get(LORA_B)?;
-                let x = dropout(x.to_dtype(dtype)?)?;
                 // Scaling the rank-r intermediate is cheaper than scaling the output.
-                let h = linear_rows(&x, &a.t()?, None, a.dim(1)?)?.affine(s, 0.0)?;
+                let h = linear_rows(x, &a.t()?, None, a.dim(1)?)?.affine(s, 0.0)?;
                 linear_rows(&h, &b.t()?, bias.as_ref(), self.r)
             }
             ModuleKind::Embedding => {
@@ -528,13 +581,12 @@ impl LoraLayer {
             ModuleKind::Conv2d(p) => {
                 let a = self.params.get(LORA_A)?;
                 let b = self.params.get(LORA_B)?;
-                let x = dropout(x.to_dtype(dtype)?)?;
                 let a_params = Conv2dParams {
                     dilation: 1,
                     groups: 1,
                     ..p
                 };
-                let h = conv2d(&x, &a, a_params, a.dim(1)?)?;
+                let h = conv2d(x, &a, a_params, a.dim(1)?)?;
                 let b_params = Conv2dParams {
                     stride: 1,
                     padding: 0,
@@ -559,17 +611,56 @@ impl LoraLayer {
 }
 
 impl Adapter for LoraLayer {
+    /// PEFT's forward: the LoRA path runs in the adapter dtype, is added to the base output in
+    /// that (promoted) dtype, and the sum is cast back to the base output's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let result = self.base.forward(x)?;
         if self.merged {
             return Ok(result);
         }
-        let lora = self.lora_output(x)?;
-        // PEFT adds in the promoted (adapter) dtype, then casts back to the base output dtype.
-        Ok(result
-            .to_dtype(lora.dtype())?
-            .add(&lora)?
-            .to_dtype(result.dtype())?)
+        let dtype = adapter_dtype(self.base.dtype());
+        let out_dtype = result.dtype();
+        let base_out = result.to_dtype(dtype)?;
+        let out = if self.base.kind() == ModuleKind::Embedding {
+            let lora = self.lora_path(x)?;
+            match self.dora_scale(base_out.rank())? {
+                // DoRA rescales the whole embedding output.
+                Some(mag) => base_out
+                    .broadcast_mul(&mag)?
+                    .add(&lora.broadcast_mul(&mag)?)?,
+                None => base_out.add(&lora)?,
+            }
+        } else {
+            let x_d = self.dropout(&x.to_dtype(dtype)?)?;
+            let lora = self.lora_path(&x_d)?;
+            match self.dora_scale(base_out.rank())? {
+                Some(mag) => {
+                    // (m/‖W+sBA‖ − 1)·W x + (m/‖W+sBA‖)·s·BA x on top of the base output; with
+                    // dropout active the W x term uses the dropped-out input, as in PEFT.
+                    let wx = if self.training && self.config.lora_dropout > 0.0 {
+                        self.base.forward_without_bias(&x_d)?
+                    } else {
+                        match self.base.bias() {
+                            Some(b) => {
+                                let b = dora::per_output_for_activations(
+                                    &self.base,
+                                    b,
+                                    base_out.rank(),
+                                )?;
+                                base_out.broadcast_sub(&b.to_dtype(dtype)?)?
+                            }
+                            None => base_out.clone(),
+                        }
+                    };
+                    let extra = wx
+                        .broadcast_mul(&(&mag - 1.0)?)?
+                        .add(&lora.broadcast_mul(&mag)?)?;
+                    base_out.add(&extra)?
+                }
+                None => base_out.add(&lora)?,
+            }
+        };
+        Ok(out.to_dtype(out_dtype)?)
     }
 
     fn weights(&self) -> Vec<(String, Tensor)> {
@@ -627,7 +718,20 @@ impl Mergeable for LoraLayer {
             )));
         }
         let delta = self.delta_weight()?;
-        let weight = add_to(self.base.weight(), &delta, 1.0)?;
+        let (weight, dora_norm) = if self.config.use_dora {
+            // W' = (m / ‖W + ΔW‖) (W + ΔW); the norm is kept for unmerge.
+            let norm = dora::weight_norm(&self.base, &delta)?;
+            let factor = self.magnitude()?.div(&norm)?;
+            let factor = dora::per_output_for_weight(&self.base, &factor)?;
+            let w = self.base.weight();
+            let merged = w
+                .to_dtype(delta.dtype())?
+                .add(&delta)?
+                .broadcast_mul(&factor)?;
+            (merged.to_dtype(w.dtype())?, Some(norm))
+        } else {
+            (add_to(self.base.weight(), &delta, 1.0)?, None)
+        };
         let bias = self.merged_bias(1.0)?;
         if safe_merge {
             check_finite(&self.module, &weight)?;
@@ -636,6 +740,7 @@ impl Mergeable for LoraLayer {
             }
         }
         self.base.set_weights(weight, bias);
+        self.dora_merge_norm = dora_norm;
         self.merged = true;
         Ok(())
     }
@@ -648,7 +753,19 @@ impl Mergeable for LoraLayer {
             )));
         }
         let delta = self.delta_weight()?;
-        let weight = add_to(self.base.weight(), &delta, -1.0)?;
+        let weight = match self.dora_merge_norm.take() {
+            Some(norm) => {
+                let factor = self.magnitude()?.div(&norm)?;
+                let factor = dora::per_output_for_weight(&self.base, &factor)?;
+                let w = self.base.weight();
+                let unscaled = w
+                    .to_dtype(delta.dtype())?
+                    .broadcast_div(&factor)?
+                    .sub(&delta)?;
+                unscaled.to_dtype(w.dtype())?
+            }
+            None => add_to(self.base.weight(), &delta, -1.0)?,
+        };
         let bias = self.merged_bias(-1.0)?;
         self.base.set_weights(weight, bias);
         self.merged = false;
@@ -724,7 +841,7 @@ pub fn check_saved_layer(
     };
     let missing = |name: &str| PeftError::MissingKey {
         key: format!("{}{module}.{name}", crate::io::MODEL_PREFIX),
-        context: "every LoRA layer needs both A and B".into(),
+        context: "required for this LoRA layer by its config".into(),
     };
     let a = get(a_name).ok_or_else(|| missing(a_name))?;
     let b = get(b_name).ok_or_else(|| missing(b_name))?;
@@ -761,24 +878,27 @@ pub fn check_saved_layer(
             b.dims(),
         ));
     }
-    match (
-        config.lora_bias && !is_embedding,
-        get(LORA_B_BIAS).is_some(),
-    ) {
-        (true, false) => return Err(missing(LORA_B_BIAS)),
-        (false, true) => {
-            return Err(PeftError::UnexpectedKey {
-                key: format!("{}{module}.{LORA_B_BIAS}", crate::io::MODEL_PREFIX),
-                context: "the config has lora_bias=false".into(),
-            });
+    // Optional tensors must be present exactly when the config asks for them.
+    for (name, wanted, setting) in [
+        (LORA_B_BIAS, config.lora_bias && !is_embedding, "lora_bias"),
+        (LORA_MAGNITUDE, config.use_dora, "use_dora"),
+    ] {
+        match (wanted, get(name).is_some()) {
+            (true, false) => return Err(missing(name)),
+            (false, true) => {
+                return Err(PeftError::UnexpectedKey {
+                    key: format!("{}{module}.{name}", crate::io::MODEL_PREFIX),
+                    context: format!("the config has {setting}=false"),
+                });
+            }
+            _ => {}
         }
-        _ => {}
     }
     if let Some((name, _)) = tensors.iter().find(|(n, _)| {
         let allowed: &[&str] = if is_embedding {
-            &[LORA_EMBEDDING_A, LORA_EMBEDDING_B]
+            &[LORA_EMBEDDING_A, LORA_EMBEDDING_B, LORA_MAGNITUDE]
         } else {
-            &[LORA_A, LORA_B, LORA_B_BIAS]
+            &[LORA_A, LORA_B, LORA_B_BIAS, LORA_MAGNITUDE]
         };
         !allowed.contains(&n.as_str())
     }) {

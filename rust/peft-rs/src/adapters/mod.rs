@@ -1,6 +1,7 @@
 //! One file per method; this module routes a [`PeftConfig`] to its method. Adding a method adds
 //! a file, a `PeftConfig` variant and one arm per function below.
 
+pub mod dora;
 pub mod ia3;
 pub mod lora;
 
