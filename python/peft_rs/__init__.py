@@ -7,6 +7,8 @@ from typing import Any
 from . import errors
 from ._core import (
     CUDA_ENABLED,
+    AdaLoraConfig,
+    AdaLoraLinear,
     IA3Config,
     IA3Conv2d,
     IA3Linear,
@@ -46,6 +48,8 @@ def module_types(model: Any) -> dict[str, str]:
 
 __all__ = [
     "CUDA_ENABLED",
+    "AdaLoraConfig",
+    "AdaLoraLinear",
     "Adapter",
     "IA3Config",
     "IA3Conv2d",

@@ -2,7 +2,7 @@
 //! dict form; each wraps the core config of its method.
 
 use peft_rs::config::AdapterConfig;
-use peft_rs::{Ia3Config, LoraConfig, PeftConfig};
+use peft_rs::{AdaLoraConfig, Ia3Config, LoraConfig, PeftConfig};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -88,12 +88,20 @@ config_class!(
     Ia3,
     "IA³ configuration (`peft.IA3Config`)."
 );
+config_class!(
+    "AdaLoraConfig",
+    PyAdaLoraConfig,
+    AdaLoraConfig,
+    AdaLora,
+    "AdaLoRA configuration (`peft.AdaLoraConfig`)."
+);
 
 /// A Python object for any config.
 pub fn config_to_py(py: Python<'_>, config: &PeftConfig) -> PyResult<Py<PyAny>> {
     match config {
         PeftConfig::Lora(c) => Ok(Py::new(py, PyLoraConfig { inner: c.clone() })?.into_any()),
         PeftConfig::Ia3(c) => Ok(Py::new(py, PyIa3Config { inner: c.clone() })?.into_any()),
+        PeftConfig::AdaLora(c) => Ok(Py::new(py, PyAdaLoraConfig { inner: c.clone() })?.into_any()),
     }
 }
 
@@ -105,8 +113,11 @@ pub fn config_from_py(obj: &Bound<'_, PyAny>) -> PyResult<PeftConfig> {
     if let Ok(c) = obj.cast::<PyIa3Config>() {
         return Ok(c.get().peft_config());
     }
+    if let Ok(c) = obj.cast::<PyAdaLoraConfig>() {
+        return Ok(c.get().peft_config());
+    }
     Err(crate::errors::type_error(format!(
-        "expected a peft_rs config (LoraConfig, IA3Config), found {}",
+        "expected a peft_rs config (LoraConfig, AdaLoraConfig, IA3Config), found {}",
         obj.get_type().name()?
     )))
 }

@@ -7,7 +7,7 @@ use peft_rs::{AdapterLayer, PeftConfig, PeftType};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::config::{PyIa3Config, PyLoraConfig, config_to_py};
+use crate::config::{PyAdaLoraConfig, PyIa3Config, PyLoraConfig, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
 use crate::errors::{run, to_pyerr};
 
@@ -158,6 +158,7 @@ pub fn wrap_layer(
         }
         (PeftType::Lora, ModuleKind::Embedding) => Py::new(py, LoraEmbedding { state })?.into_any(),
         (PeftType::Lora, ModuleKind::Conv2d(_)) => Py::new(py, LoraConv2d { state })?.into_any(),
+        (PeftType::AdaLora, _) => Py::new(py, AdaLoraLinear { state })?.into_any(),
         (PeftType::Ia3, ModuleKind::Conv2d(_)) => Py::new(py, IA3Conv2d { state })?.into_any(),
         (PeftType::Ia3, _) => Py::new(py, IA3Linear { state })?.into_any(),
     })
@@ -428,6 +429,41 @@ adapter_class!(IA3Conv2d {
         let weights = given_weights(&[(peft_rs::adapters::ia3::IA3_L, ia3_l)])?;
         let config = ia3_config(config.as_deref(), feedforward);
         let layer = build_layer(py, module_name, base, config, weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
+
+/// AdaLoRA on `nn.Linear` or (with `fan_in_fan_out=True`) transformers' `Conv1D`; the module's rank
+/// comes from `config.rank_pattern` (`init_r` if absent).
+#[pyclass(module = "peft_rs._core")]
+pub struct AdaLoraLinear {
+    state: LayerState,
+}
+
+adapter_class!(AdaLoraLinear {
+    #[new]
+    #[pyo3(signature = (weight, bias=None, *, config, lora_A=None, lora_B=None, lora_E=None, fan_in_fan_out=false, module_name="", seed=0))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        config: PyRef<'_, PyAdaLoraConfig>,
+        lora_A: Option<&Bound<'_, PyAny>>,
+        lora_B: Option<&Bound<'_, PyAny>>,
+        lora_E: Option<&Bound<'_, PyAny>>,
+        fan_in_fan_out: bool,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let kind = if fan_in_fan_out { ModuleKind::Conv1D } else { ModuleKind::Linear };
+        let (base, array_kind) = base_layer(kind, weight, bias)?;
+        let weights = given_weights(&[
+            (peft_rs::adapters::adalora::ADALORA_A, lora_A),
+            (peft_rs::adapters::adalora::ADALORA_B, lora_B),
+            (peft_rs::adapters::adalora::ADALORA_E, lora_E),
+        ])?;
+        let layer = build_layer(py, module_name, base, config.peft_config(), weights, seed)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
     }
 });

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::adapters::adalora::AdaLoraConfig;
 use crate::adapters::ia3::Ia3Config;
 use crate::adapters::lora::LoraConfig;
 use crate::error::{PeftError, Result};
@@ -22,15 +23,17 @@ pub const CONFIG_NAME: &str = "adapter_config.json";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeftType {
     Lora,
+    AdaLora,
     Ia3,
 }
 
 impl PeftType {
-    pub const ALL: &'static [PeftType] = &[PeftType::Lora, PeftType::Ia3];
+    pub const ALL: &'static [PeftType] = &[PeftType::Lora, PeftType::AdaLora, PeftType::Ia3];
 
     pub fn as_str(self) -> &'static str {
         match self {
             PeftType::Lora => "LORA",
+            PeftType::AdaLora => "ADALORA",
             PeftType::Ia3 => "IA3",
         }
     }
@@ -64,6 +67,7 @@ pub trait AdapterConfig: std::fmt::Debug + Send + Sync {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeftConfig {
     Lora(LoraConfig),
+    AdaLora(AdaLoraConfig),
     Ia3(Ia3Config),
 }
 
@@ -75,6 +79,7 @@ impl PeftConfig {
             .ok_or_else(|| PeftError::config("peft_type", "missing or not a string"))?;
         match PeftType::parse(peft_type)? {
             PeftType::Lora => Ok(Self::Lora(LoraConfig::from_json(value)?)),
+            PeftType::AdaLora => Ok(Self::AdaLora(AdaLoraConfig::from_json(value)?)),
             PeftType::Ia3 => Ok(Self::Ia3(Ia3Config::from_json(value)?)),
         }
     }
@@ -82,6 +87,7 @@ impl PeftConfig {
     pub fn as_adapter_config(&self) -> &dyn AdapterConfig {
         match self {
             Self::Lora(c) => c,
+            Self::AdaLora(c) => c,
             Self::Ia3(c) => c,
         }
     }

@@ -25,6 +25,7 @@ pub mod params;
 pub mod peft_adapter;
 pub mod traits;
 
+pub use adapters::adalora::{AdaLoraConfig, AdaLoraLayer};
 pub use adapters::ia3::{Ia3Config, Ia3Layer};
 pub use adapters::lora::{LoraConfig, LoraLayer};
 pub use config::{AdapterConfig, PeftConfig, PeftType};

@@ -1,6 +1,7 @@
 //! One file per method; this module routes a [`PeftConfig`] to its method. Adding a method adds
 //! a file, a `PeftConfig` variant and one arm per function below.
 
+pub mod adalora;
 pub mod dora;
 pub mod ia3;
 pub mod lora;
@@ -23,6 +24,7 @@ impl PeftConfig {
     pub fn param_names(&self) -> &'static [&'static str] {
         match self {
             Self::Lora(_) => lora::PARAM_NAMES,
+            Self::AdaLora(_) => adalora::PARAM_NAMES,
             Self::Ia3(_) => ia3::PARAM_NAMES,
         }
     }
@@ -30,6 +32,7 @@ impl PeftConfig {
     pub fn selection(&self) -> Selection<'_> {
         match self {
             Self::Lora(c) => c.selection(),
+            Self::AdaLora(c) => c.selection(),
             Self::Ia3(c) => c.selection(),
         }
     }
@@ -37,6 +40,7 @@ impl PeftConfig {
     pub fn modules_to_save(&self) -> &[String] {
         match self {
             Self::Lora(c) => c.modules_to_save.as_deref().unwrap_or_default(),
+            Self::AdaLora(c) => c.lora.modules_to_save.as_deref().unwrap_or_default(),
             Self::Ia3(c) => c.modules_to_save.as_deref().unwrap_or_default(),
         }
     }
@@ -44,6 +48,7 @@ impl PeftConfig {
     pub fn bias_mode(&self) -> BiasMode {
         match self {
             Self::Lora(c) => c.bias,
+            Self::AdaLora(c) => c.lora.bias,
             Self::Ia3(_) => BiasMode::None,
         }
     }
@@ -57,6 +62,7 @@ impl PeftConfig {
     ) -> Result<ModuleKind> {
         match self {
             Self::Lora(c) => lora::check_saved_layer(c, module, tensors),
+            Self::AdaLora(c) => adalora::check_saved_layer(c, module, tensors),
             Self::Ia3(c) => ia3::check_saved_layer(c, module, tensors),
         }
     }
@@ -70,6 +76,12 @@ impl PeftConfig {
     ) -> Result<Box<dyn AdapterLayer>> {
         match self {
             Self::Lora(c) => Ok(Box::new(lora::LoraLayer::from_weights(
+                module,
+                base,
+                Arc::new(c.clone()),
+                tensors,
+            )?)),
+            Self::AdaLora(c) => Ok(Box::new(adalora::AdaLoraLayer::from_weights(
                 module,
                 base,
                 Arc::new(c.clone()),
@@ -89,6 +101,7 @@ impl PeftConfig {
     pub fn adapt_to_targets(&mut self, kinds: &[ModuleKind]) -> Result<()> {
         match self {
             Self::Lora(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
+            Self::AdaLora(c) => adapt_fan_in_fan_out(&mut c.lora.fan_in_fan_out, kinds),
             Self::Ia3(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
         }
     }
@@ -102,6 +115,12 @@ impl PeftConfig {
     ) -> Result<Box<dyn AdapterLayer>> {
         match self {
             Self::Lora(c) => Ok(Box::new(lora::LoraLayer::new(
+                module,
+                base,
+                Arc::new(c.clone()),
+                seed,
+            )?)),
+            Self::AdaLora(c) => Ok(Box::new(adalora::AdaLoraLayer::new(
                 module,
                 base,
                 Arc::new(c.clone()),

@@ -1,0 +1,485 @@
+//! AdaLoRA (PEFT `tuners/adalora`): LoRA in SVD form, `ΔW = B (A ⊙ E) · s / (ranknum + 1e-5)`,
+//! whose singular values `E` are pruned during training. Saved files hold only the kept ranks,
+//! with the kept/pruned masks in `rank_pattern`; `ranknum` stays `init_r`, so the scaling of a
+//! reloaded adapter is the one it was trained with.
+//!
+//! The layer math and the files are here; the training-time rank allocator is not yet.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use serde_json::{Map, Value};
+
+use crate::adapters::lora::{LoraConfig, LoraInit};
+use crate::base::{BaseLayer, ModuleKind, linear_rows};
+use crate::config::{AdapterConfig, PeftType, deserialize_fields, number, take_peft_type};
+use crate::error::{PeftError, Result};
+use crate::init::Initializer;
+use crate::matching::Selection;
+use crate::merge::{adapter_dtype, add_to, check_finite};
+use crate::params::Params;
+use crate::traits::{Adapter, Mergeable, Trainable};
+
+pub const ADALORA_A: &str = "lora_A";
+pub const ADALORA_B: &str = "lora_B";
+pub const ADALORA_E: &str = "lora_E";
+pub const PARAM_NAMES: &[&str] = &[ADALORA_A, ADALORA_B, ADALORA_E];
+
+/// The AdaLoRA-only fields of `AdaLoraConfig` (PEFT names and defaults).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaLoraFields {
+    pub target_r: u32,
+    pub init_r: u32,
+    pub tinit: u64,
+    pub tfinal: u64,
+    #[serde(rename = "deltaT")]
+    pub delta_t: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub orth_reg_weight: f64,
+    pub total_step: Option<u64>,
+    /// `"<module>.lora_E"` → which of the `init_r` ranks were kept.
+    pub rank_pattern: Option<Map<String, Value>>,
+}
+
+impl Default for AdaLoraFields {
+    fn default() -> Self {
+        Self {
+            target_r: 8,
+            init_r: 12,
+            tinit: 0,
+            tfinal: 0,
+            delta_t: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            orth_reg_weight: 0.5,
+            total_step: None,
+            rank_pattern: None,
+        }
+    }
+}
+
+const ADALORA_KEYS: &[&str] = &[
+    "target_r",
+    "init_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "rank_pattern",
+];
+
+/// PEFT's `AdaLoraConfig`: every LoRA field plus the AdaLoRA ones.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdaLoraConfig {
+    /// The LoRA fields (`rank_pattern` there is unused: AdaLoRA's has another meaning).
+    pub lora: LoraConfig,
+    pub adalora: AdaLoraFields,
+}
+
+impl AdaLoraConfig {
+    pub fn from_json(value: Value) -> Result<Self> {
+        let mut value = value;
+        take_peft_type(&mut value, PeftType::AdaLora)?;
+        let Value::Object(map) = value else {
+            unreachable!("take_peft_type checked for an object")
+        };
+        let (own, lora): (Map<String, Value>, Map<String, Value>) = map
+            .into_iter()
+            .partition(|(k, _)| ADALORA_KEYS.contains(&k.as_str()));
+        let config = Self {
+            lora: LoraConfig::from_json(Value::Object(lora))?,
+            adalora: deserialize_fields(Value::Object(own))?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn selection(&self) -> Selection<'_> {
+        self.lora.selection()
+    }
+
+    /// The kept-rank mask of `module` from `rank_pattern` (`None`: all `init_r` ranks kept).
+    pub fn rank_mask(&self, module: &str) -> Result<Option<Vec<bool>>> {
+        let key = format!("{module}.lora_E");
+        let Some(mask) = self.adalora.rank_pattern.as_ref().and_then(|p| p.get(&key)) else {
+            return Ok(None);
+        };
+        let mask: Vec<bool> = serde_json::from_value(mask.clone())
+            .map_err(|e| PeftError::config("rank_pattern", format!("{key:?}: {e}")))?;
+        if mask.len() != self.adalora.init_r as usize {
+            return Err(PeftError::config(
+                "rank_pattern",
+                format!(
+                    "{key:?} has {} entries, init_r is {}",
+                    mask.len(),
+                    self.adalora.init_r
+                ),
+            ));
+        }
+        Ok(Some(mask))
+    }
+
+    /// The rank a module keeps after pruning.
+    pub fn rank(&self, module: &str) -> Result<usize> {
+        Ok(match self.rank_mask(module)? {
+            Some(mask) => mask.iter().filter(|k| **k).count(),
+            None => self.adalora.init_r as usize,
+        })
+    }
+
+    /// `s / (ranknum + 1e-5)`: `s = lora_alpha` (or `init_r` if alpha ≤ 0), `ranknum = init_r`.
+    pub fn scaling(&self) -> f64 {
+        let init_r = f64::from(self.adalora.init_r);
+        let s = if self.lora.lora_alpha > 0.0 {
+            self.lora.lora_alpha
+        } else {
+            init_r
+        };
+        s / (init_r + 1e-5)
+    }
+}
+
+impl AdapterConfig for AdaLoraConfig {
+    fn peft_type(&self) -> PeftType {
+        PeftType::AdaLora
+    }
+
+    fn validate(&self) -> Result<()> {
+        let a = &self.adalora;
+        match a.total_step {
+            None | Some(0) => {
+                return Err(PeftError::config(
+                    "total_step",
+                    "AdaLoRA requires total_step > 0",
+                ));
+            }
+            Some(total) if a.tinit >= total.saturating_sub(a.tfinal) => {
+                return Err(PeftError::config(
+                    "tinit",
+                    format!(
+                        "tinit ({}) must be below total_step - tfinal ({total} - {})",
+                        a.tinit, a.tfinal
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if a.init_r == 0 {
+            return Err(PeftError::config("init_r", "must be positive"));
+        }
+        if a.orth_reg_weight < 0.0 {
+            return Err(PeftError::config("orth_reg_weight", "must be >= 0"));
+        }
+        let l = &self.lora;
+        for (field, set) in [
+            ("use_dora", l.use_dora),
+            ("use_rslora", l.use_rslora),
+            ("lora_bias", l.lora_bias),
+            ("rank_pattern", !l.rank_pattern.0.is_empty()),
+            ("alpha_pattern", !l.alpha_pattern.0.is_empty()),
+            (
+                "init_lora_weights",
+                matches!(l.init_lora_weights, LoraInit::Named(_)),
+            ),
+        ] {
+            if set {
+                return Err(PeftError::config(
+                    field,
+                    "is not supported by AdaLoRA (as in PEFT) or by peft-rs for it",
+                ));
+            }
+        }
+        if let Some(pattern) = &a.rank_pattern {
+            for key in pattern.keys() {
+                let module = key.strip_suffix(".lora_E").unwrap_or(key);
+                self.rank_mask(module)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> Value {
+        let mut value = self.lora.to_json();
+        let own = serde_json::to_value(&self.adalora).expect("AdaLoraFields serialise");
+        if let (Value::Object(map), Value::Object(own)) = (&mut value, own) {
+            map.extend(own);
+            map.insert("peft_type".into(), Value::from(PeftType::AdaLora.as_str()));
+            for key in ["beta1", "beta2", "orth_reg_weight"] {
+                if let Some(v) = map.get(key).and_then(Value::as_f64) {
+                    map.insert(key.into(), number(v));
+                }
+            }
+        }
+        value
+    }
+}
+
+/// One Linear / Conv1D module with an AdaLoRA adapter.
+#[derive(Debug, Clone)]
+pub struct AdaLoraLayer {
+    module: String,
+    base: BaseLayer,
+    params: Params,
+    r: usize,
+    scaling: f64,
+    merged: bool,
+    training: bool,
+    config: Arc<AdaLoraConfig>,
+}
+
+fn expected_params(base: &BaseLayer, r: usize) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    match base.kind() {
+        ModuleKind::Linear | ModuleKind::Conv1D => Ok(vec![
+            (ADALORA_A, vec![r, base.in_features()]),
+            (ADALORA_B, vec![base.out_features(), r]),
+            (ADALORA_E, vec![r, 1]),
+        ]),
+        other => Err(PeftError::InvalidOperation(format!(
+            "AdaLoRA on {other:?} layers is not implemented in peft-rs (Linear and Conv1D are)"
+        ))),
+    }
+}
+
+impl AdaLoraLayer {
+    /// A fresh adapter at the module's rank: A, B ~ N(0, 0.02²) and E = 0 (the identity), or all
+    /// N(0, 1) with `init_lora_weights=false`.
+    pub fn new(
+        module: &str,
+        base: BaseLayer,
+        config: Arc<AdaLoraConfig>,
+        seed: u64,
+    ) -> Result<Self> {
+        let r = config.rank(module)?;
+        let dtype = adapter_dtype(base.dtype());
+        let mut init = Initializer::new(seed);
+        let identity = matches!(config.lora.init_lora_weights, LoraInit::Flag(true));
+        let mut weights = Vec::new();
+        for (name, shape) in expected_params(&base, r)? {
+            let t = match (identity, name) {
+                (true, ADALORA_E) => Tensor::zeros(shape, dtype, base.weight().device())?,
+                (true, _) => init.normal(&shape, 0.02, dtype)?,
+                (false, _) => init.normal(&shape, 1.0, dtype)?,
+            };
+            weights.push((name.to_string(), t));
+        }
+        Self::from_weights(module, base, config, weights)
+    }
+
+    /// An adapter with the given (already rank-truncated) tensors.
+    pub fn from_weights(
+        module: &str,
+        base: BaseLayer,
+        config: Arc<AdaLoraConfig>,
+        weights: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let r = config.rank(module)?;
+        let dtype = adapter_dtype(base.dtype());
+        let mut params = Vec::new();
+        for (name, shape) in expected_params(&base, r)? {
+            let t = weights
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| PeftError::MissingKey {
+                    key: format!("{module}.{name}"),
+                    context: format!("AdaLoRA layer with rank {r}"),
+                })?;
+            if t.dims() != shape.as_slice() {
+                return Err(PeftError::shape(
+                    format!("{module}.{name} (rank {r})"),
+                    &shape,
+                    t.dims(),
+                ));
+            }
+            params.push((
+                name.to_string(),
+                t.to_dtype(dtype)?.to_device(base.weight().device())?,
+            ));
+        }
+        if let Some((name, _)) = weights
+            .iter()
+            .find(|(n, _)| !PARAM_NAMES.contains(&n.as_str()))
+        {
+            return Err(PeftError::UnexpectedKey {
+                key: format!("{module}.{name}"),
+                context: "an AdaLoRA layer has lora_A, lora_B and lora_E".into(),
+            });
+        }
+        Ok(Self {
+            module: module.to_string(),
+            scaling: config.scaling(),
+            base,
+            params: Params::new(params),
+            r,
+            merged: false,
+            training: false,
+            config,
+        })
+    }
+
+    /// `A ⊙ E`, shape `(r, in)`.
+    fn scaled_a(&self) -> Result<Tensor> {
+        Ok(self
+            .params
+            .get(ADALORA_A)?
+            .broadcast_mul(&self.params.get(ADALORA_E)?)?)
+    }
+}
+
+impl Adapter for AdaLoraLayer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let result = self.base.forward(x)?;
+        if self.merged || self.r == 0 {
+            return Ok(result);
+        }
+        let dtype = adapter_dtype(self.base.dtype());
+        let mut x = x.to_dtype(dtype)?;
+        let p = self.config.lora.lora_dropout;
+        if self.training && p > 0.0 {
+            x = candle_nn::ops::dropout(&x, p as f32)?;
+        }
+        let h = linear_rows(&x, &self.scaled_a()?.t()?, None, self.base.in_features())?;
+        let lora = linear_rows(&h, &self.params.get(ADALORA_B)?.t()?, None, self.r)?
+            .affine(self.scaling, 0.0)?;
+        Ok(result
+            .to_dtype(dtype)?
+            .add(&lora)?
+            .to_dtype(result.dtype())?)
+    }
+
+    fn weights(&self) -> Vec<(String, Tensor)> {
+        self.params.entries().to_vec()
+    }
+
+    fn config(&self) -> &dyn AdapterConfig {
+        &*self.config
+    }
+
+    fn base(&self) -> &BaseLayer {
+        &self.base
+    }
+}
+
+impl Mergeable for AdaLoraLayer {
+    fn delta_weight(&self) -> Result<Tensor> {
+        let w = self.base.weight();
+        if self.r == 0 {
+            return Ok(Tensor::zeros(
+                w.dims(),
+                adapter_dtype(w.dtype()),
+                w.device(),
+            )?);
+        }
+        let delta = self
+            .params
+            .get(ADALORA_B)?
+            .matmul(&self.scaled_a()?)?
+            .affine(self.scaling, 0.0)?;
+        Ok(match self.base.kind() {
+            ModuleKind::Conv1D => delta.t()?.contiguous()?,
+            _ => delta,
+        })
+    }
+
+    fn merge(&mut self, safe_merge: bool) -> Result<()> {
+        if self.merged {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}` is already merged",
+                self.module
+            )));
+        }
+        let weight = add_to(self.base.weight(), &self.delta_weight()?, 1.0)?;
+        if safe_merge {
+            check_finite(&self.module, &weight)?;
+        }
+        let bias = self.base.bias().cloned();
+        self.base.set_weights(weight, bias);
+        self.merged = true;
+        Ok(())
+    }
+
+    fn unmerge(&mut self) -> Result<()> {
+        if !self.merged {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}` is not merged",
+                self.module
+            )));
+        }
+        let weight = add_to(self.base.weight(), &self.delta_weight()?, -1.0)?;
+        let bias = self.base.bias().cloned();
+        self.base.set_weights(weight, bias);
+        self.merged = false;
+        Ok(())
+    }
+
+    fn is_merged(&self) -> bool {
+        self.merged
+    }
+}
+
+impl Trainable for AdaLoraLayer {
+    fn register(&mut self, varmap: &VarMap, prefix: &str) -> Result<()> {
+        self.params.register(varmap, prefix)
+    }
+
+    fn freeze(&mut self) {
+        self.params.set_frozen(true);
+    }
+
+    fn unfreeze(&mut self) {
+        self.params.set_frozen(false);
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.params.is_frozen()
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn is_training(&self) -> bool {
+        self.training
+    }
+}
+
+/// Checks a saved AdaLoRA layer: A `(r, in)`, B `(out, r)`, E `(r, 1)` with `r` the rank kept by
+/// `rank_pattern` (zero-size tensors for a fully pruned layer).
+pub fn check_saved_layer(
+    config: &AdaLoraConfig,
+    module: &str,
+    tensors: &[(String, Tensor)],
+) -> Result<ModuleKind> {
+    let key = |name: &str| format!("{}{module}.{name}", crate::io::MODEL_PREFIX);
+    let r = config.rank(module)?;
+    for name in PARAM_NAMES {
+        let t = tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| PeftError::MissingKey {
+                key: key(name),
+                context: format!("AdaLoRA layer with rank {r}"),
+            })?;
+        let rank_dim = if *name == ADALORA_B { 1 } else { 0 };
+        if t.rank() != 2 || t.dims()[rank_dim] != r {
+            let mut expected = t.dims().to_vec();
+            if expected.len() == 2 {
+                expected[rank_dim] = r;
+            }
+            let what = format!("{} (rank {r} from rank_pattern / init_r)", key(name));
+            return Err(PeftError::shape(what, &expected, t.dims()));
+        }
+    }
+    Ok(if config.lora.fan_in_fan_out {
+        ModuleKind::Conv1D
+    } else {
+        ModuleKind::Linear
+    })
+}
