@@ -25,13 +25,14 @@ class One(nn.Module):
         self.lin = nn.Linear(width, width)
 
 
-def best_time(fn, budget_s: float = 1.0, min_reps: int = 3) -> float:
-    fn()  # warm-up
+def best_time(fn, *args, budget_s: float = 1.0, min_reps: int = 3) -> float:
+    """The fastest of repeated calls of `fn(*args)` within about `budget_s` seconds."""
+    fn(*args)  # warm-up
     times = []
     start = time.perf_counter()
     while len(times) < min_reps or time.perf_counter() - start < budget_s:
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t0)
         if len(times) >= 50:
             break

@@ -66,7 +66,15 @@ def test_protocols():
         assert isinstance(layer, peft_rs.Mergeable)
 
 
-LAYER_CLASSES = {"LoraLinear", "LoraEmbedding", "LoraConv2d", "AdaLoraLinear", "IA3Linear", "IA3Conv2d"}
+LAYER_CLASSES = {
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv2d",
+    "AdaLoraLinear",
+    "IA3Linear",
+    "IA3Conv2d",
+    "VeraLinear",
+}
 
 
 def test_stub_lists_every_public_class_and_method():

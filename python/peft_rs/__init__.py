@@ -17,6 +17,8 @@ from ._core import (
     LoraEmbedding,
     LoraLinear,
     PeftAdapter,
+    VeraConfig,
+    VeraLinear,
     __version__,
 )
 from .errors import PeftError
@@ -61,6 +63,8 @@ __all__ = [
     "Mergeable",
     "PeftAdapter",
     "PeftError",
+    "VeraConfig",
+    "VeraLinear",
     "__version__",
     "errors",
     "module_types",

@@ -200,10 +200,27 @@ impl PyPeftAdapter {
             Some(w) => ArrayKind::of(&w)?,
             None => ArrayKind::Numpy,
         };
-        let base = pick(state_dict, [weight_key, format!("{module_name}.bias")])?;
+        let mut keys = vec![weight_key, format!("{module_name}.bias")];
+        let needs_shapes = self.inner.needs_model_shapes();
+        if needs_shapes {
+            // VeRA without saved projections: their size comes from every adapted module.
+            keys.extend(
+                self.inner
+                    .module_names()
+                    .iter()
+                    .map(|m| format!("{m}.weight")),
+            );
+        }
+        let base = pick(state_dict, keys)?;
         let layer = run(py, || {
-            let base = self.inner.base_layer_from(module_name, kind, &base)?;
-            self.inner.layer(module_name, base)
+            let base_layer = self.inner.base_layer_from(module_name, kind, &base)?;
+            if needs_shapes {
+                let mut resolved = self.inner.clone();
+                resolved.with_shared_from(&base)?;
+                resolved.layer(module_name, base_layer)
+            } else {
+                self.inner.layer(module_name, base_layer)
+            }
         })?;
         wrap_layer(py, layer, array_kind)
     }

@@ -2,7 +2,7 @@
 //! dict form; each wraps the core config of its method.
 
 use peft_rs::config::AdapterConfig;
-use peft_rs::{AdaLoraConfig, Ia3Config, LoraConfig, PeftConfig};
+use peft_rs::{AdaLoraConfig, Ia3Config, LoraConfig, PeftConfig, VeraConfig};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -89,6 +89,13 @@ config_class!(
     "IA³ configuration (`peft.IA3Config`)."
 );
 config_class!(
+    "VeraConfig",
+    PyVeraConfig,
+    VeraConfig,
+    Vera,
+    "VeRA configuration (`peft.VeraConfig`)."
+);
+config_class!(
     "AdaLoraConfig",
     PyAdaLoraConfig,
     AdaLoraConfig,
@@ -102,6 +109,7 @@ pub fn config_to_py(py: Python<'_>, config: &PeftConfig) -> PyResult<Py<PyAny>> 
         PeftConfig::Lora(c) => Ok(Py::new(py, PyLoraConfig { inner: c.clone() })?.into_any()),
         PeftConfig::Ia3(c) => Ok(Py::new(py, PyIa3Config { inner: c.clone() })?.into_any()),
         PeftConfig::AdaLora(c) => Ok(Py::new(py, PyAdaLoraConfig { inner: c.clone() })?.into_any()),
+        PeftConfig::Vera(c) => Ok(Py::new(py, PyVeraConfig { inner: c.clone() })?.into_any()),
     }
 }
 
@@ -116,8 +124,11 @@ pub fn config_from_py(obj: &Bound<'_, PyAny>) -> PyResult<PeftConfig> {
     if let Ok(c) = obj.cast::<PyAdaLoraConfig>() {
         return Ok(c.get().peft_config());
     }
+    if let Ok(c) = obj.cast::<PyVeraConfig>() {
+        return Ok(c.get().peft_config());
+    }
     Err(crate::errors::type_error(format!(
-        "expected a peft_rs config (LoraConfig, AdaLoraConfig, IA3Config), found {}",
+        "expected a peft_rs config (LoraConfig, AdaLoraConfig, IA3Config, VeraConfig), found {}",
         obj.get_type().name()?
     )))
 }

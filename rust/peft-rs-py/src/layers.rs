@@ -1,5 +1,7 @@
 //! Adapted-layer classes: one per module kind, all with the methods of `peft_rs.Adapter`.
 
+use std::collections::BTreeMap;
+
 use candle_core::Tensor;
 use peft_rs::base::{BaseLayer, Conv2dParams, ModuleKind};
 use peft_rs::config::ModuleSelector;
@@ -7,7 +9,7 @@ use peft_rs::{AdapterLayer, PeftConfig, PeftType};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::config::{PyAdaLoraConfig, PyIa3Config, PyLoraConfig, config_to_py};
+use crate::config::{PyAdaLoraConfig, PyIa3Config, PyLoraConfig, PyVeraConfig, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
 use crate::errors::{run, to_pyerr};
 
@@ -61,9 +63,29 @@ fn build_layer(
     weights: Option<Vec<(String, Tensor)>>,
     seed: u64,
 ) -> PyResult<Box<dyn AdapterLayer>> {
+    build_layer_with(
+        py,
+        module_name,
+        base,
+        config,
+        weights,
+        seed,
+        &BTreeMap::new(),
+    )
+}
+
+fn build_layer_with(
+    py: Python<'_>,
+    module_name: &str,
+    base: BaseLayer,
+    config: PeftConfig,
+    weights: Option<Vec<(String, Tensor)>>,
+    seed: u64,
+    shared: &BTreeMap<String, Tensor>,
+) -> PyResult<Box<dyn AdapterLayer>> {
     run(py, || match weights {
-        Some(w) => config.build_layer(module_name, base, w),
-        None => config.init_layer(module_name, base, seed),
+        Some(w) => config.build_layer(module_name, base, w, shared),
+        None => config.init_layer(module_name, base, seed, shared),
     })
 }
 
@@ -159,6 +181,7 @@ pub fn wrap_layer(
         (PeftType::Lora, ModuleKind::Embedding) => Py::new(py, LoraEmbedding { state })?.into_any(),
         (PeftType::Lora, ModuleKind::Conv2d(_)) => Py::new(py, LoraConv2d { state })?.into_any(),
         (PeftType::AdaLora, _) => Py::new(py, AdaLoraLinear { state })?.into_any(),
+        (PeftType::Vera, _) => Py::new(py, VeraLinear { state })?.into_any(),
         (PeftType::Ia3, ModuleKind::Conv2d(_)) => Py::new(py, IA3Conv2d { state })?.into_any(),
         (PeftType::Ia3, _) => Py::new(py, IA3Linear { state })?.into_any(),
     })
@@ -464,6 +487,50 @@ adapter_class!(AdaLoraLinear {
             (peft_rs::adapters::adalora::ADALORA_E, lora_E),
         ])?;
         let layer = build_layer(py, module_name, base, config.peft_config(), weights, seed)?;
+        Ok(Self { state: LayerState { layer, kind: array_kind } })
+    }
+});
+
+/// VeRA on `nn.Linear` or (with `fan_in_fan_out=True`) transformers' `Conv1D`. The shared
+/// projections are given, or generated from `config.projection_prng_key` at this layer's size.
+#[pyclass(module = "peft_rs._core")]
+pub struct VeraLinear {
+    state: LayerState,
+}
+
+adapter_class!(VeraLinear {
+    #[new]
+    #[pyo3(signature = (weight, bias=None, *, config=None, vera_A=None, vera_B=None, vera_lambda_b=None, vera_lambda_d=None, fan_in_fan_out=false, module_name="", seed=0))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        config: Option<PyRef<'_, PyVeraConfig>>,
+        vera_A: Option<&Bound<'_, PyAny>>,
+        vera_B: Option<&Bound<'_, PyAny>>,
+        vera_lambda_b: Option<&Bound<'_, PyAny>>,
+        vera_lambda_d: Option<&Bound<'_, PyAny>>,
+        fan_in_fan_out: bool,
+        module_name: &str,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let kind = if fan_in_fan_out { ModuleKind::Conv1D } else { ModuleKind::Linear };
+        let (base, array_kind) = base_layer(kind, weight, bias)?;
+        let config = config.map(|c| c.inner.clone()).unwrap_or_default();
+        let shared = match (vera_A, vera_B) {
+            (Some(a), Some(b)) => BTreeMap::from([
+                (peft_rs::adapters::vera::VERA_A.to_string(), tensor_from_py(a)?),
+                (peft_rs::adapters::vera::VERA_B.to_string(), tensor_from_py(b)?),
+            ]),
+            (None, None) => config.generate_projections(base.out_features(), base.in_features()).map_err(to_pyerr)?,
+            _ => return Err(crate::errors::value_error("pass both vera_A and vera_B, or neither")),
+        };
+        let weights = given_weights(&[
+            (peft_rs::adapters::vera::VERA_LAMBDA_B, vera_lambda_b),
+            (peft_rs::adapters::vera::VERA_LAMBDA_D, vera_lambda_d),
+        ])?;
+        let layer = build_layer_with(py, module_name, base, PeftConfig::Vera(config), weights, seed, &shared)?;
         Ok(Self { state: LayerState { layer, kind: array_kind } })
     }
 });

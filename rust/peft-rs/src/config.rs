@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use crate::adapters::adalora::AdaLoraConfig;
 use crate::adapters::ia3::Ia3Config;
 use crate::adapters::lora::LoraConfig;
+use crate::adapters::vera::VeraConfig;
 use crate::error::{PeftError, Result};
 
 /// File name of the config inside an adapter directory.
@@ -25,16 +26,23 @@ pub enum PeftType {
     Lora,
     AdaLora,
     Ia3,
+    Vera,
 }
 
 impl PeftType {
-    pub const ALL: &'static [PeftType] = &[PeftType::Lora, PeftType::AdaLora, PeftType::Ia3];
+    pub const ALL: &'static [PeftType] = &[
+        PeftType::Lora,
+        PeftType::AdaLora,
+        PeftType::Ia3,
+        PeftType::Vera,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             PeftType::Lora => "LORA",
             PeftType::AdaLora => "ADALORA",
             PeftType::Ia3 => "IA3",
+            PeftType::Vera => "VERA",
         }
     }
 
@@ -69,6 +77,7 @@ pub enum PeftConfig {
     Lora(LoraConfig),
     AdaLora(AdaLoraConfig),
     Ia3(Ia3Config),
+    Vera(VeraConfig),
 }
 
 impl PeftConfig {
@@ -81,6 +90,7 @@ impl PeftConfig {
             PeftType::Lora => Ok(Self::Lora(LoraConfig::from_json(value)?)),
             PeftType::AdaLora => Ok(Self::AdaLora(AdaLoraConfig::from_json(value)?)),
             PeftType::Ia3 => Ok(Self::Ia3(Ia3Config::from_json(value)?)),
+            PeftType::Vera => Ok(Self::Vera(VeraConfig::from_json(value)?)),
         }
     }
 
@@ -89,6 +99,7 @@ impl PeftConfig {
             Self::Lora(c) => c,
             Self::AdaLora(c) => c,
             Self::Ia3(c) => c,
+            Self::Vera(c) => c,
         }
     }
 

@@ -28,6 +28,7 @@ pub mod traits;
 pub use adapters::adalora::{AdaLoraConfig, AdaLoraLayer};
 pub use adapters::ia3::{Ia3Config, Ia3Layer};
 pub use adapters::lora::{LoraConfig, LoraLayer};
+pub use adapters::vera::{VeraConfig, VeraLayer};
 pub use config::{AdapterConfig, PeftConfig, PeftType};
 pub use error::{PeftError, Result};
 pub use peft_adapter::{BaseModule, PeftAdapter};

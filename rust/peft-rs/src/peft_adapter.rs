@@ -17,6 +17,8 @@ use crate::matching::is_module_to_save;
 use crate::traits::AdapterLayer;
 
 pub const DEFAULT_ADAPTER_NAME: &str = "default";
+/// Prefix of adapter-wide tensors in PEFT's files (VeRA's `base_model.vera_A`).
+const SHARED_PREFIX: &str = "base_model.";
 
 /// A base-model module offered to [`PeftAdapter::create`].
 #[derive(Debug, Clone)]
@@ -34,6 +36,9 @@ pub struct PeftAdapter {
     /// Base-model tensors the adapter replaces (`modules_to_save`, trained biases), keyed like
     /// the base model's `state_dict()`.
     replaced: BTreeMap<String, Tensor>,
+    /// Adapter-wide tensors (VeRA's projections), saved as `base_model.<name>`; empty when the
+    /// file leaves them out (they are then regenerated from the base model's shapes).
+    shared: BTreeMap<String, Tensor>,
 }
 
 impl PeftAdapter {
@@ -64,12 +69,20 @@ impl PeftAdapter {
     ) -> Result<Self> {
         let mut layers: BTreeMap<String, Vec<(String, Tensor)>> = BTreeMap::new();
         let mut replaced = BTreeMap::new();
+        let mut shared = BTreeMap::new();
         let mut biases = Vec::new();
         for (key, tensor) in tensors {
             let unexpected = |context: &str| PeftError::UnexpectedKey {
                 key: key.clone(),
                 context: context.to_string(),
             };
+            if let Some(name) = key
+                .strip_prefix(SHARED_PREFIX)
+                .filter(|n| config.shared_names().contains(n))
+            {
+                shared.insert(name.to_string(), tensor);
+                continue;
+            }
             let Some(rel) = key.strip_prefix(MODEL_PREFIX) else {
                 return Err(unexpected(
                     "adapter tensors are named base_model.model.<module>.<param>",
@@ -111,11 +124,23 @@ impl PeftAdapter {
             };
             replaced.insert(key, tensor);
         }
+        if config.saves_shared()
+            && let Some(name) = config
+                .shared_names()
+                .iter()
+                .find(|n| !shared.contains_key(**n))
+        {
+            return Err(PeftError::MissingKey {
+                key: format!("{SHARED_PREFIX}{name}"),
+                context: "the config says the shared projections were saved".into(),
+            });
+        }
         Ok(Self {
             adapter_name: adapter_name.to_string(),
             config,
             layers,
             replaced,
+            shared,
         })
     }
 
@@ -138,10 +163,26 @@ impl PeftAdapter {
         }
         let kinds: Vec<ModuleKind> = targets.iter().map(|(_, m)| m.layer.kind()).collect();
         config.adapt_to_targets(&kinds)?;
+        let shared = config.generate_shared(
+            targets
+                .iter()
+                .map(|(_, m)| m.layer.out_features())
+                .max()
+                .unwrap_or(0),
+            targets
+                .iter()
+                .map(|(_, m)| m.layer.in_features())
+                .max()
+                .unwrap_or(0),
+        )?;
         let mut layers = BTreeMap::new();
         for (i, module) in targets {
-            let layer =
-                config.init_layer(&module.name, module.layer, seed.wrapping_add(i as u64))?;
+            let layer = config.init_layer(
+                &module.name,
+                module.layer,
+                seed.wrapping_add(i as u64),
+                &shared,
+            )?;
             layers.insert(module.name, layer.weights());
         }
         if layers.is_empty() {
@@ -167,6 +208,7 @@ impl PeftAdapter {
             config,
             layers,
             replaced,
+            shared,
         })
     }
 
@@ -198,10 +240,37 @@ impl PeftAdapter {
             })
     }
 
-    /// The adapted layer for `module` on the given base layer.
+    /// The adapted layer for `module` on the given base layer. For a VeRA file saved without
+    /// its projections, use [`PeftAdapter::with_shared_from`] first.
     pub fn layer(&self, module: &str, base: BaseLayer) -> Result<Box<dyn AdapterLayer>> {
-        self.config
-            .build_layer(module, base, self.layer_tensors(module)?.clone())
+        self.config.build_layer(
+            module,
+            base,
+            self.layer_tensors(module)?.clone(),
+            &self.shared,
+        )
+    }
+
+    /// Whether the adapter-wide tensors must be regenerated from the base model's shapes
+    /// (a VeRA file saved with `save_projection=false`).
+    pub fn needs_model_shapes(&self) -> bool {
+        self.shared.is_empty() && !self.config.shared_names().is_empty()
+    }
+
+    /// Regenerates missing adapter-wide tensors from the shapes of every adapted module's weight
+    /// in `state_dict` (PEFT sizes them to the largest targeted layer).
+    pub fn with_shared_from(&mut self, state_dict: &HashMap<String, Tensor>) -> Result<()> {
+        if !self.needs_model_shapes() {
+            return Ok(());
+        }
+        let (mut out_max, mut in_max) = (0, 0);
+        for module in self.layers.keys() {
+            let base = self.base_layer_from(module, self.module_kind(module)?, state_dict)?;
+            out_max = out_max.max(base.out_features());
+            in_max = in_max.max(base.in_features());
+        }
+        self.shared = self.config.generate_shared(out_max, in_max)?;
+        Ok(())
     }
 
     /// Base-model tensors this adapter replaces outright, keyed like the base `state_dict()`.
@@ -243,6 +312,11 @@ impl PeftAdapter {
         state_dict: &HashMap<String, Tensor>,
         safe_merge: bool,
     ) -> Result<BTreeMap<String, Tensor>> {
+        if self.needs_model_shapes() {
+            let mut resolved = self.clone();
+            resolved.with_shared_from(state_dict)?;
+            return resolved.merge_into(state_dict, safe_merge);
+        }
         let mut out = BTreeMap::new();
         for (key, tensor) in &self.replaced {
             let original = state_dict.get(key).ok_or_else(|| PeftError::MissingKey {
@@ -290,6 +364,13 @@ impl PeftAdapter {
                 _ => format!("{MODEL_PREFIX}{key}"),
             };
             out.push((file_key, tensor.clone()));
+        }
+        if self.config.saves_shared() {
+            out.extend(
+                self.shared
+                    .iter()
+                    .map(|(name, t)| (format!("{SHARED_PREFIX}{name}"), t.clone())),
+            );
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out

@@ -5,7 +5,9 @@ pub mod adalora;
 pub mod dora;
 pub mod ia3;
 pub mod lora;
+pub mod vera;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -26,6 +28,7 @@ impl PeftConfig {
             Self::Lora(_) => lora::PARAM_NAMES,
             Self::AdaLora(_) => adalora::PARAM_NAMES,
             Self::Ia3(_) => ia3::PARAM_NAMES,
+            Self::Vera(_) => vera::PARAM_NAMES,
         }
     }
 
@@ -34,6 +37,7 @@ impl PeftConfig {
             Self::Lora(c) => c.selection(),
             Self::AdaLora(c) => c.selection(),
             Self::Ia3(c) => c.selection(),
+            Self::Vera(c) => c.selection(),
         }
     }
 
@@ -42,6 +46,7 @@ impl PeftConfig {
             Self::Lora(c) => c.modules_to_save.as_deref().unwrap_or_default(),
             Self::AdaLora(c) => c.lora.modules_to_save.as_deref().unwrap_or_default(),
             Self::Ia3(c) => c.modules_to_save.as_deref().unwrap_or_default(),
+            Self::Vera(c) => c.modules_to_save.as_deref().unwrap_or_default(),
         }
     }
 
@@ -50,6 +55,7 @@ impl PeftConfig {
             Self::Lora(c) => c.bias,
             Self::AdaLora(c) => c.lora.bias,
             Self::Ia3(_) => BiasMode::None,
+            Self::Vera(c) => c.bias,
         }
     }
 
@@ -64,6 +70,7 @@ impl PeftConfig {
             Self::Lora(c) => lora::check_saved_layer(c, module, tensors),
             Self::AdaLora(c) => adalora::check_saved_layer(c, module, tensors),
             Self::Ia3(c) => ia3::check_saved_layer(c, module, tensors),
+            Self::Vera(c) => vera::check_saved_layer(c, module, tensors),
         }
     }
 
@@ -73,6 +80,7 @@ impl PeftConfig {
         module: &str,
         base: BaseLayer,
         tensors: Vec<(String, Tensor)>,
+        shared: &BTreeMap<String, Tensor>,
     ) -> Result<Box<dyn AdapterLayer>> {
         match self {
             Self::Lora(c) => Ok(Box::new(lora::LoraLayer::from_weights(
@@ -93,6 +101,41 @@ impl PeftConfig {
                 Arc::new(c.clone()),
                 tensors,
             )?)),
+            Self::Vera(c) => Ok(Box::new(vera::VeraLayer::from_weights(
+                module,
+                base,
+                Arc::new(c.clone()),
+                tensors,
+                shared,
+            )?)),
+        }
+    }
+
+    /// Names of adapter-wide tensors (saved as `base_model.<name>`).
+    pub fn shared_names(&self) -> &'static [&'static str] {
+        match self {
+            Self::Vera(_) => vera::SHARED_NAMES,
+            _ => &[],
+        }
+    }
+
+    /// Whether the adapter-wide tensors are written to the file.
+    pub fn saves_shared(&self) -> bool {
+        match self {
+            Self::Vera(c) => c.save_projection,
+            _ => false,
+        }
+    }
+
+    /// The adapter-wide tensors for layers of at most `out_max` outputs and `in_max` inputs.
+    pub fn generate_shared(
+        &self,
+        out_max: usize,
+        in_max: usize,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        match self {
+            Self::Vera(c) => c.generate_projections(out_max, in_max),
+            _ => Ok(BTreeMap::new()),
         }
     }
 
@@ -103,6 +146,7 @@ impl PeftConfig {
             Self::Lora(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
             Self::AdaLora(c) => adapt_fan_in_fan_out(&mut c.lora.fan_in_fan_out, kinds),
             Self::Ia3(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
+            Self::Vera(c) => adapt_fan_in_fan_out(&mut c.fan_in_fan_out, kinds),
         }
     }
 
@@ -112,6 +156,7 @@ impl PeftConfig {
         module: &str,
         base: BaseLayer,
         seed: u64,
+        shared: &BTreeMap<String, Tensor>,
     ) -> Result<Box<dyn AdapterLayer>> {
         match self {
             Self::Lora(c) => Ok(Box::new(lora::LoraLayer::new(
@@ -130,6 +175,13 @@ impl PeftConfig {
                 module,
                 base,
                 Arc::new(c.clone()),
+                seed,
+            )?)),
+            Self::Vera(c) => Ok(Box::new(vera::VeraLayer::new(
+                module,
+                base,
+                Arc::new(c.clone()),
+                shared,
                 seed,
             )?)),
         }

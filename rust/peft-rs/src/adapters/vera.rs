@@ -1,0 +1,509 @@
+//! VeRA (PEFT `tuners/vera`): frozen random projections `A (r, in_max)`, `B (out_max, r)` shared
+//! by every layer (each slices what it needs) and trainable per-layer vectors:
+//! `y = base(x) + λ_b ⊙ B_s (λ_d ⊙ A_s x)`.
+//!
+//! Without `save_projection` the projections are not in the file: they are regenerated
+//! bit-exactly as PyTorch's CPU generator draws them (`projection_prng_key`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::adapters::lora::BiasMode;
+use crate::base::{BaseLayer, ModuleKind, linear_rows};
+use crate::config::{
+    AdapterConfig, CommonFields, ModuleSelector, OneOrMany, PeftType, check_extra_fields,
+    deserialize_fields, number, take_peft_type,
+};
+use crate::error::{PeftError, Result};
+use crate::init::Initializer;
+use crate::matching::Selection;
+use crate::merge::{adapter_dtype, add_to, check_finite};
+use crate::params::Params;
+use crate::traits::{Adapter, Mergeable, Trainable};
+
+pub const VERA_LAMBDA_B: &str = "vera_lambda_b";
+pub const VERA_LAMBDA_D: &str = "vera_lambda_d";
+pub const PARAM_NAMES: &[&str] = &[VERA_LAMBDA_B, VERA_LAMBDA_D];
+pub const VERA_A: &str = "vera_A";
+pub const VERA_B: &str = "vera_B";
+/// Adapter-wide tensors, saved as `base_model.<name>`.
+pub const SHARED_NAMES: &[&str] = &[VERA_A, VERA_B];
+
+/// PEFT's `VeraConfig`, with PEFT's field names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VeraConfig {
+    #[serde(flatten)]
+    pub common: CommonFields,
+    pub r: u32,
+    pub target_modules: Option<ModuleSelector>,
+    pub projection_prng_key: u64,
+    pub save_projection: bool,
+    pub vera_dropout: f64,
+    #[serde(serialize_with = "serialize_number")]
+    pub d_initial: f64,
+    pub fan_in_fan_out: bool,
+    pub bias: BiasMode,
+    pub modules_to_save: Option<Vec<String>>,
+    pub init_weights: bool,
+    pub layers_to_transform: Option<OneOrMany<i64>>,
+    pub layers_pattern: Option<OneOrMany<String>>,
+    #[serde(flatten, skip_serializing)]
+    pub unsupported: Map<String, Value>,
+}
+
+fn serialize_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    number(*v).serialize(s)
+}
+
+impl Default for VeraConfig {
+    fn default() -> Self {
+        Self {
+            common: CommonFields::default(),
+            r: 256,
+            target_modules: None,
+            projection_prng_key: 0,
+            save_projection: true,
+            vera_dropout: 0.0,
+            d_initial: 0.1,
+            fan_in_fan_out: false,
+            bias: BiasMode::None,
+            modules_to_save: None,
+            init_weights: true,
+            layers_to_transform: None,
+            layers_pattern: None,
+            unsupported: Map::new(),
+        }
+    }
+}
+
+impl VeraConfig {
+    pub fn from_json(value: Value) -> Result<Self> {
+        let mut value = value;
+        take_peft_type(&mut value, PeftType::Vera)?;
+        let config: Self = deserialize_fields(value)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn selection(&self) -> Selection<'_> {
+        Selection {
+            target_modules: self.target_modules.as_ref(),
+            exclude_modules: None,
+            modules_to_save: self.modules_to_save.as_deref(),
+            layers_to_transform: self.layers_to_transform.as_ref(),
+            layers_pattern: self.layers_pattern.as_ref(),
+        }
+    }
+
+    /// The shared projections for layers of at most `out_max` outputs and `in_max` inputs, drawn
+    /// as PEFT draws them: `kaiming_uniform` (gain √2) from a CPU generator seeded with
+    /// `projection_prng_key`, `vera_A` first.
+    pub fn generate_projections(
+        &self,
+        out_max: usize,
+        in_max: usize,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let mut mt = Mt19937::new(self.projection_prng_key);
+        let r = self.r as usize;
+        let a = kaiming_uniform(&mut mt, r, in_max)?;
+        let b = kaiming_uniform(&mut mt, out_max, r)?;
+        Ok(BTreeMap::from([
+            (VERA_A.to_string(), a),
+            (VERA_B.to_string(), b),
+        ]))
+    }
+}
+
+impl AdapterConfig for VeraConfig {
+    fn peft_type(&self) -> PeftType {
+        PeftType::Vera
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.common.validate()?;
+        check_extra_fields(&self.unsupported, &[])?;
+        self.selection().check_patterns()?;
+        if self.r == 0 {
+            return Err(PeftError::config(
+                "r",
+                "must be a positive integer, found 0",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.vera_dropout) {
+            return Err(PeftError::config(
+                "vera_dropout",
+                format!("must be in [0, 1), found {}", self.vera_dropout),
+            ));
+        }
+        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+            return Err(PeftError::config(
+                "layers_pattern",
+                "requires layers_to_transform to be set",
+            ));
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> Value {
+        let mut value = serde_json::to_value(self).expect("VeraConfig serialises");
+        if let Value::Object(map) = &mut value {
+            map.insert("peft_type".into(), Value::from(PeftType::Vera.as_str()));
+        }
+        value
+    }
+}
+
+/// PyTorch's CPU generator (`at::mt19937`): the standard 32-bit Mersenne Twister seeded with
+/// `init_genrand`.
+struct Mt19937 {
+    state: [u32; 624],
+    index: usize,
+}
+
+impl Mt19937 {
+    fn new(seed: u64) -> Self {
+        let mut state = [0u32; 624];
+        state[0] = seed as u32;
+        for i in 1..624 {
+            let prev = state[i - 1];
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(i as u32);
+        }
+        Self { state, index: 624 }
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if self.index >= 624 {
+            for i in 0..624 {
+                let y = (self.state[i] & 0x8000_0000) | (self.state[(i + 1) % 624] & 0x7fff_ffff);
+                let mut next = self.state[(i + 397) % 624] ^ (y >> 1);
+                if y & 1 != 0 {
+                    next ^= 0x9908_b0df;
+                }
+                self.state[i] = next;
+            }
+            self.index = 0;
+        }
+        let mut y = self.state[self.index];
+        self.index += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+}
+
+/// `torch.nn.init.kaiming_uniform_(t, a=0)` on a `(rows, cols)` f32 tensor with a CPU generator:
+/// `uniform_(-b, b)` with `b = sqrt(3) · sqrt(2) / sqrt(cols)`, 24 random bits per element.
+fn kaiming_uniform(mt: &mut Mt19937, rows: usize, cols: usize) -> Result<Tensor> {
+    let bound = 3f64.sqrt() * (2f64.sqrt() / (cols as f64).sqrt());
+    let (lo, hi) = (-bound as f32, bound as f32);
+    let range = f64::from(hi - lo);
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            let x = f64::from(mt.next_u32() & 0x00ff_ffff) * (1.0 / 16_777_216.0);
+            (x * range + f64::from(lo)) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?)
+}
+
+/// One Linear / Conv1D module with a VeRA adapter.
+#[derive(Debug, Clone)]
+pub struct VeraLayer {
+    module: String,
+    base: BaseLayer,
+    params: Params,
+    /// `vera_A[:, :in]` and `vera_B[:out, :]` (frozen).
+    a: Tensor,
+    b: Tensor,
+    merged: bool,
+    training: bool,
+    config: Arc<VeraConfig>,
+}
+
+impl VeraLayer {
+    /// A fresh adapter: `λ_b = 0`, `λ_d = d_initial` (the identity), or with
+    /// `init_weights=false` `λ_b = 1`, `λ_d ~ N(0, 1)`.
+    pub fn new(
+        module: &str,
+        base: BaseLayer,
+        config: Arc<VeraConfig>,
+        shared: &BTreeMap<String, Tensor>,
+        seed: u64,
+    ) -> Result<Self> {
+        let dtype = adapter_dtype(base.dtype());
+        let dev = base.weight().device().clone();
+        let (out, r) = (base.out_features(), config.r as usize);
+        let (lambda_b, lambda_d) = if config.init_weights {
+            (
+                Tensor::zeros(out, dtype, &dev)?,
+                Tensor::full(config.d_initial, r, &dev)?.to_dtype(dtype)?,
+            )
+        } else {
+            (
+                Tensor::ones(out, dtype, &dev)?,
+                Initializer::new(seed).normal(&[r], 1.0, dtype)?,
+            )
+        };
+        let weights = vec![
+            (VERA_LAMBDA_B.to_string(), lambda_b),
+            (VERA_LAMBDA_D.to_string(), lambda_d),
+        ];
+        Self::from_weights(module, base, config, weights, shared)
+    }
+
+    pub fn from_weights(
+        module: &str,
+        base: BaseLayer,
+        config: Arc<VeraConfig>,
+        weights: Vec<(String, Tensor)>,
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        if !matches!(base.kind(), ModuleKind::Linear | ModuleKind::Conv1D) {
+            return Err(PeftError::InvalidOperation(format!(
+                "VeRA supports Linear and Conv1D layers only (as PEFT), not {:?}",
+                base.kind()
+            )));
+        }
+        let dtype = adapter_dtype(base.dtype());
+        let dev = base.weight().device().clone();
+        let (inp, out, r) = (base.in_features(), base.out_features(), config.r as usize);
+        if let Some((name, _)) = weights
+            .iter()
+            .find(|(n, _)| !PARAM_NAMES.contains(&n.as_str()))
+        {
+            return Err(PeftError::UnexpectedKey {
+                key: format!("{module}.{name}"),
+                context: "a VeRA layer has vera_lambda_b and vera_lambda_d".into(),
+            });
+        }
+        let mut params = Vec::new();
+        for (name, shape) in [(VERA_LAMBDA_B, out), (VERA_LAMBDA_D, r)] {
+            let t = weights
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| PeftError::MissingKey {
+                    key: format!("{module}.{name}"),
+                    context: "VeRA layer".into(),
+                })?;
+            if t.dims() != [shape] {
+                return Err(PeftError::shape(
+                    format!("{module}.{name}"),
+                    &[shape],
+                    t.dims(),
+                ));
+            }
+            params.push((name.to_string(), t.to_dtype(dtype)?.to_device(&dev)?));
+        }
+        let projection = |name: &str| {
+            shared.get(name).ok_or_else(|| PeftError::MissingKey {
+                key: format!("base_model.{name}"),
+                context: "VeRA's shared projection (save_projection=false files need the base model's shapes)".into(),
+            })
+        };
+        let (a, b) = (projection(VERA_A)?, projection(VERA_B)?);
+        if a.rank() != 2 || a.dim(0)? != r || a.dim(1)? < inp {
+            return Err(PeftError::shape(
+                format!("base_model.{VERA_A} (at least)"),
+                &[r, inp],
+                a.dims(),
+            ));
+        }
+        if b.rank() != 2 || b.dim(1)? != r || b.dim(0)? < out {
+            return Err(PeftError::shape(
+                format!("base_model.{VERA_B} (at least)"),
+                &[out, r],
+                b.dims(),
+            ));
+        }
+        Ok(Self {
+            module: module.to_string(),
+            a: a.narrow(1, 0, inp)?.to_dtype(dtype)?.to_device(&dev)?,
+            b: b.narrow(0, 0, out)?.to_dtype(dtype)?.to_device(&dev)?,
+            base,
+            params: Params::new(params),
+            merged: false,
+            training: false,
+            config,
+        })
+    }
+}
+
+impl Adapter for VeraLayer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let result = self.base.forward(x)?;
+        if self.merged {
+            return Ok(result);
+        }
+        let dtype = adapter_dtype(self.base.dtype());
+        let mut x = x.to_dtype(dtype)?;
+        let p = self.config.vera_dropout;
+        if self.training && p > 0.0 {
+            x = candle_nn::ops::dropout(&x, p as f32)?;
+        }
+        let h = linear_rows(&x, &self.a.t()?, None, self.base.in_features())?;
+        let h = h.broadcast_mul(&self.params.get(VERA_LAMBDA_D)?)?;
+        let y = linear_rows(&h, &self.b.t()?, None, self.config.r as usize)?;
+        let y = y.broadcast_mul(&self.params.get(VERA_LAMBDA_B)?)?;
+        Ok(result.to_dtype(dtype)?.add(&y)?.to_dtype(result.dtype())?)
+    }
+
+    fn weights(&self) -> Vec<(String, Tensor)> {
+        self.params.entries().to_vec()
+    }
+
+    fn config(&self) -> &dyn AdapterConfig {
+        &*self.config
+    }
+
+    fn base(&self) -> &BaseLayer {
+        &self.base
+    }
+}
+
+impl Mergeable for VeraLayer {
+    /// `(λ_b ⊙ B_s) (λ_d ⊙ A_s)`, transposed for Conv1D.
+    fn delta_weight(&self) -> Result<Tensor> {
+        let lambda_b = self.params.get(VERA_LAMBDA_B)?.unsqueeze(1)?;
+        let lambda_d = self.params.get(VERA_LAMBDA_D)?.unsqueeze(1)?;
+        let delta = self
+            .b
+            .broadcast_mul(&lambda_b)?
+            .matmul(&self.a.broadcast_mul(&lambda_d)?)?;
+        Ok(match self.base.kind() {
+            ModuleKind::Conv1D => delta.t()?.contiguous()?,
+            _ => delta,
+        })
+    }
+
+    fn merge(&mut self, safe_merge: bool) -> Result<()> {
+        if self.merged {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}` is already merged",
+                self.module
+            )));
+        }
+        let weight = add_to(self.base.weight(), &self.delta_weight()?, 1.0)?;
+        if safe_merge {
+            check_finite(&self.module, &weight)?;
+        }
+        let bias = self.base.bias().cloned();
+        self.base.set_weights(weight, bias);
+        self.merged = true;
+        Ok(())
+    }
+
+    fn unmerge(&mut self) -> Result<()> {
+        if !self.merged {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}` is not merged",
+                self.module
+            )));
+        }
+        let weight = add_to(self.base.weight(), &self.delta_weight()?, -1.0)?;
+        let bias = self.base.bias().cloned();
+        self.base.set_weights(weight, bias);
+        self.merged = false;
+        Ok(())
+    }
+
+    fn is_merged(&self) -> bool {
+        self.merged
+    }
+}
+
+impl Trainable for VeraLayer {
+    fn register(&mut self, varmap: &VarMap, prefix: &str) -> Result<()> {
+        self.params.register(varmap, prefix)
+    }
+
+    fn freeze(&mut self) {
+        self.params.set_frozen(true);
+    }
+
+    fn unfreeze(&mut self) {
+        self.params.set_frozen(false);
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.params.is_frozen()
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn is_training(&self) -> bool {
+        self.training
+    }
+}
+
+/// Checks a saved VeRA layer: `vera_lambda_b (out,)` and `vera_lambda_d (r,)`.
+pub fn check_saved_layer(
+    config: &VeraConfig,
+    module: &str,
+    tensors: &[(String, Tensor)],
+) -> Result<ModuleKind> {
+    let key = |name: &str| format!("{}{module}.{name}", crate::io::MODEL_PREFIX);
+    for name in PARAM_NAMES {
+        let t = tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| PeftError::MissingKey {
+                key: key(name),
+                context: "VeRA layer".into(),
+            })?;
+        if t.rank() != 1 || (*name == VERA_LAMBDA_D && t.dim(0)? != config.r as usize) {
+            let expected = if *name == VERA_LAMBDA_D {
+                vec![config.r as usize]
+            } else {
+                vec![t.elem_count()]
+            };
+            return Err(PeftError::shape(key(name), &expected, t.dims()));
+        }
+    }
+    Ok(if config.fan_in_fan_out {
+        ModuleKind::Conv1D
+    } else {
+        ModuleKind::Linear
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test vectors from the reference notes (torch 2.13 CPU, seed 0), as torch prints them.
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn projections_match_torch_generator() {
+        let config = VeraConfig {
+            r: 4,
+            ..Default::default()
+        };
+        let p = config.generate_projections(20, 20).unwrap();
+        let a: Vec<f32> = p[VERA_A].get(0).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = p[VERA_B].get(0).unwrap().to_vec1().unwrap();
+        assert_eq!(
+            &a[..5],
+            &[
+                -0.0041007004,
+                0.29382226,
+                -0.45080039,
+                -0.40309042,
+                -0.21095774
+            ]
+        );
+        assert_eq!(&b[..4], &[-1.1414061, 1.0881766, 0.93124676, -1.2217172]);
+    }
+}

@@ -1,0 +1,140 @@
+"""VeRA parity with the installed `peft` in both directions, with and without saved projections;
+the projections regenerated from `projection_prng_key` equal torch's generator bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, VeraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+import peft_rs
+from conftest import (
+    MLP,
+    GPT2Like,
+    Stack,
+    assert_close,
+    base_state_dict,
+    make_model,
+    model_input,
+    peft_merged_state_dict,
+)
+from peft_rs import errors
+from test_lora_parity import module_input
+
+CASES = {
+    "mlp": (MLP, {"target_modules": ["lin0", "lin1"], "r": 6}),
+    "mlp-no-projection": (MLP, {"target_modules": ["lin0", "lin1"], "r": 6, "save_projection": False}),
+    "stack-seed": (Stack, {"target_modules": ["q", "v"], "r": 4, "projection_prng_key": 1234}),
+    "conv1d": (GPT2Like, {"target_modules": ["c_attn", "c_proj"], "r": 5, "save_projection": False}),
+}
+
+
+@pytest.mark.parametrize("seed,r,in_max,out_max", [(0, 4, 20, 20), (7, 16, 33, 9), (2**31 + 5, 3, 1000, 700)])
+def test_projections_are_torch_bit_exact(seed, r, in_max, out_max):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.empty(r, in_max)
+    b = torch.empty(out_max, r)
+    bound_a = 3**0.5 * (2**0.5 / in_max**0.5)
+    bound_b = 3**0.5 * (2**0.5 / r**0.5)
+    a.uniform_(-bound_a, bound_a, generator=g)
+    b.uniform_(-bound_b, bound_b, generator=g)
+    w = np.zeros((out_max, in_max), np.float32)
+    layer = peft_rs.VeraLinear(
+        w, config=peft_rs.VeraConfig(r=r, projection_prng_key=seed, init_weights=False)
+    )
+    delta = torch.from_numpy(layer.delta_weight())
+    lam_b = torch.from_numpy(layer.weights()["vera_lambda_b"])
+    lam_d = torch.from_numpy(layer.weights()["vera_lambda_d"])
+    want = (lam_b[:, None] * b) @ (lam_d[:, None] * a)
+    torch.testing.assert_close(delta, want, rtol=1e-6, atol=1e-6)
+
+
+def test_projections_equal_peft_buffers():
+    model = make_model(MLP)
+    base_sd, types = base_state_dict(model), peft_rs.module_types(model)
+    peft_model = get_peft_model(
+        model, VeraConfig(target_modules=["lin0", "lin1"], r=6, projection_prng_key=3)
+    )
+    vera_a = peft_model.base_model.vera_A["default"]
+    vera_b = peft_model.base_model.vera_B["default"]
+    config = peft_rs.VeraConfig(target_modules=["lin0", "lin1"], r=6, projection_prng_key=3)
+    adapter = peft_rs.PeftAdapter.create(config, base_sd, types)
+    sd = adapter.state_dict(framework="torch")
+    assert torch.equal(sd["base_model.vera_A"], vera_a)
+    assert torch.equal(sd["base_model.vera_B"], vera_b)
+
+
+def perturbed_peft_model(cls, kwargs):
+    model = make_model(cls)
+    base_sd = base_state_dict(model)
+    peft_model = get_peft_model(model, VeraConfig(init_weights=False, **kwargs)).eval()
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "vera_lambda" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return peft_model, base_sd
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_file_loads_and_matches(case, tmp_path):
+    cls, kwargs = CASES[case]
+    peft_model, base_sd = perturbed_peft_model(cls, kwargs)
+    peft_model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert ("base_model.vera_A" in saved) == kwargs.get("save_projection", True)
+
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
+    assert adapter.peft_type == "VERA"
+    expected = peft_merged_state_dict(peft_model)
+    for key, value in adapter.merge_into(base_sd).items():
+        assert_close(value, expected[key], msg=key)
+    for name in adapter.module_names():
+        layer = peft_model.base_model.model.get_submodule(name)
+        x = module_input(layer)
+        with torch.no_grad():
+            want = layer(x)
+        assert_close(adapter.forward(name, x, base_sd), want, msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_rs_file_loads_in_peft(case, tmp_path):
+    cls, kwargs = CASES[case]
+    model = make_model(cls)
+    base_sd = base_state_dict(model)
+    adapter = peft_rs.PeftAdapter.create(
+        peft_rs.VeraConfig(init_weights=False, **kwargs), base_sd, peft_rs.module_types(model), seed=1
+    )
+    adapter.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    peft_model = PeftModel.from_pretrained(make_model(cls), tmp_path).eval()
+    peft_sd = get_peft_model_state_dict(peft_model)
+    assert set(peft_sd) == set(saved)
+    for key, value in saved.items():
+        assert_close(peft_sd[key], value, msg=key)
+    x = model_input(model)
+    merged = make_model(cls)
+    merged.load_state_dict(adapter.merge_into(base_sd))
+    with torch.no_grad():
+        assert_close(merged(x), peft_model(x))
+
+
+def test_missing_shared_projection_is_named(tmp_path):
+    peft_model, _ = perturbed_peft_model(MLP, {"target_modules": ["lin0", "lin1"], "r": 6})
+    peft_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    del tensors["base_model.vera_B"]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(errors.MissingKeyError, match=r"base_model\.vera_B"):
+        peft_rs.PeftAdapter.from_pretrained(tmp_path)
+
+
+def test_identity_at_default_init():
+    w = np.random.default_rng(0).standard_normal((6, 5), dtype=np.float32)
+    x = np.random.default_rng(1).standard_normal((3, 5), dtype=np.float32)
+    layer = peft_rs.VeraLinear(w, config=peft_rs.VeraConfig(r=4))
+    np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(layer.weights()["vera_lambda_d"], np.full(4, 0.1, np.float32))
