@@ -36,6 +36,7 @@ lint: deps
 
 bench: build
 	$(PYTHON) benches/bench_lora.py
+	$(PYTHON) benches/bench_methods.py
 
 bench-rust:
 	cargo bench -p peft-rs --bench lora_forward

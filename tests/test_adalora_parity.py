@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -24,7 +26,7 @@ from conftest import (
     peft_merged_state_dict,
 )
 from peft_rs import errors
-from test_lora_parity import module_input
+from test_lora_parity import module_input, rs_layer
 
 SCHEDULE = {"init_r": 6, "target_r": 2, "total_step": 10, "tinit": 1, "tfinal": 2, "deltaT": 1}
 
@@ -67,7 +69,7 @@ def test_pruned_peft_adapter_loads_and_matches(cls, targets, tmp_path):
         x = module_input(layer)
         with torch.no_grad():
             want = layer(x)
-        assert_close(adapter.forward(name, x, base_sd), want, msg=name)
+        assert_close(rs_layer(adapter, name, layer, base_sd).forward(x), want, msg=name)
 
 
 def test_peft_rs_adapter_loads_in_peft(tmp_path):
@@ -149,5 +151,32 @@ def test_identity_at_default_init_and_merge_round_trip():
     y = layer.forward(x)
     layer.merge()
     np.testing.assert_allclose(layer.forward(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    np.testing.assert_allclose(layer.base_weight, w, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    d_in=st.integers(1, 12),
+    d_out=st.integers(1, 12),
+    init_r=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+    data=st.data(),
+)
+def test_properties(d_in, d_out, init_r, seed, data):
+    mask = data.draw(st.lists(st.booleans(), min_size=init_r, max_size=init_r))
+    g = np.random.default_rng(seed)
+    w = g.standard_normal((d_out, d_in), dtype=np.float32)
+    pattern = {"m.lora_E": mask}
+    kwargs = {"total_step": 10, "init_r": init_r, "rank_pattern": pattern}
+    identity = peft_rs.AdaLoraLinear(w, config=peft_rs.AdaLoraConfig(**kwargs), module_name="m", seed=seed)
+    x = g.standard_normal((2, 3, d_in), dtype=np.float32)
+    np.testing.assert_allclose(identity.forward(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    config = peft_rs.AdaLoraConfig(init_lora_weights=False, **kwargs)
+    layer = peft_rs.AdaLoraLinear(w, config=config, module_name="m", seed=seed)
+    assert layer.weights()["lora_E"].shape == (sum(mask), 1)
+    y = layer.forward(x)
+    layer.merge()
+    np.testing.assert_allclose(layer.forward(x), y, rtol=1e-4, atol=1e-4)
     layer.unmerge()
     np.testing.assert_allclose(layer.base_weight, w, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel, VeraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -138,3 +140,21 @@ def test_identity_at_default_init():
     layer = peft_rs.VeraLinear(w, config=peft_rs.VeraConfig(r=4))
     np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(layer.weights()["vera_lambda_d"], np.full(4, 0.1, np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(d_in=st.integers(1, 12), d_out=st.integers(1, 12), r=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_properties(d_in, d_out, r, seed):
+    g = np.random.default_rng(seed)
+    w = g.standard_normal((d_out, d_in), dtype=np.float32)
+    x = g.standard_normal((2, 3, d_in), dtype=np.float32)
+    identity = peft_rs.VeraLinear(w, config=peft_rs.VeraConfig(r=r, projection_prng_key=seed))
+    np.testing.assert_allclose(identity.forward(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    layer = peft_rs.VeraLinear(
+        w, config=peft_rs.VeraConfig(r=r, projection_prng_key=seed, init_weights=False), seed=seed
+    )
+    y = layer.forward(x)
+    layer.merge()
+    np.testing.assert_allclose(layer.forward(x), y, rtol=1e-4, atol=1e-4)
+    layer.unmerge()
+    np.testing.assert_allclose(layer.base_weight, w, rtol=1e-5, atol=1e-5)

@@ -190,7 +190,11 @@ impl PyPeftAdapter {
         groups: usize,
     ) -> PyResult<Py<PyAny>> {
         let mut kind = self.inner.module_kind(module_name).map_err(to_pyerr)?;
-        if let ModuleKind::Conv2d(_) = kind {
+        let weight_ndim = match state_dict.get_item(format!("{module_name}.weight"))? {
+            Some(w) => w.getattr("ndim")?.extract::<usize>()?,
+            None => 0,
+        };
+        if matches!(kind, ModuleKind::Conv2d(_)) || weight_ndim == 4 {
             kind = ModuleKind::Conv2d(conv2d_params_or_default(
                 py, stride, padding, dilation, groups,
             )?);
@@ -234,7 +238,15 @@ impl PyPeftAdapter {
         x: &Bound<'py, PyAny>,
         state_dict: &Bound<'py, PyDict>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        if let ModuleKind::Conv2d(_) = self.inner.module_kind(module_name).map_err(to_pyerr)? {
+        let is_conv = matches!(
+            self.inner.module_kind(module_name).map_err(to_pyerr)?,
+            ModuleKind::Conv2d(_)
+        ) || state_dict
+            .get_item(format!("{module_name}.weight"))?
+            .map(|w| w.getattr("ndim").and_then(|n| n.extract::<usize>()))
+            .transpose()?
+            == Some(4);
+        if is_conv {
             return Err(to_pyerr(PeftError::InvalidOperation(format!(
                 "`{module_name}` is a Conv2d: its stride/padding are not stored in adapter files; \
                  use layer({module_name:?}, state_dict, stride=..., padding=...).forward(x)"

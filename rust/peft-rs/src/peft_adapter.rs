@@ -298,6 +298,11 @@ impl PeftAdapter {
             .replaced
             .get(&bias_key)
             .or_else(|| state_dict.get(&bias_key));
+        // Some methods' files (AdaLoRA) look the same for Linear and Conv2d: the base decides.
+        let kind = match kind {
+            ModuleKind::Linear if weight.rank() == 4 => ModuleKind::Conv2d(Default::default()),
+            kind => kind,
+        };
         let bias = match (bias, state_dict.get(&bias_key)) {
             (Some(b), Some(orig)) => Some(b.to_dtype(orig.dtype())?),
             (b, _) => b.cloned(),

@@ -3,7 +3,8 @@
 //! with the kept/pruned masks in `rank_pattern`; `ranknum` stays `init_r`, so the scaling of a
 //! reloaded adapter is the one it was trained with.
 //!
-//! The layer math and the files are here; the training-time rank allocator is not yet.
+//! The layer math and the files are here (Linear, Conv1D, Conv2d); the training-time rank
+//! allocator is not yet.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use candle_nn::VarMap;
 use serde_json::{Map, Value};
 
 use crate::adapters::lora::{LoraConfig, LoraInit};
-use crate::base::{BaseLayer, ModuleKind, linear_rows};
+use crate::base::{BaseLayer, ModuleKind, conv2d, linear_rows};
 use crate::config::{AdapterConfig, PeftType, deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
@@ -220,7 +221,7 @@ impl AdapterConfig for AdaLoraConfig {
     }
 }
 
-/// One Linear / Conv1D module with an AdaLoRA adapter.
+/// One Linear / Conv1D / Conv2d module with an AdaLoRA adapter.
 #[derive(Debug, Clone)]
 pub struct AdaLoraLayer {
     module: String,
@@ -233,17 +234,22 @@ pub struct AdaLoraLayer {
     config: Arc<AdaLoraConfig>,
 }
 
+/// A `(r, in)` (Conv2d: `(r, in/groups · kh · kw)`), B `(out, r)`, E `(r, 1)`.
 fn expected_params(base: &BaseLayer, r: usize) -> Result<Vec<(&'static str, Vec<usize>)>> {
-    match base.kind() {
-        ModuleKind::Linear | ModuleKind::Conv1D => Ok(vec![
-            (ADALORA_A, vec![r, base.in_features()]),
-            (ADALORA_B, vec![base.out_features(), r]),
-            (ADALORA_E, vec![r, 1]),
-        ]),
-        other => Err(PeftError::InvalidOperation(format!(
-            "AdaLoRA on {other:?} layers is not implemented in peft-rs (Linear and Conv1D are)"
-        ))),
-    }
+    let a_cols = match base.kind() {
+        ModuleKind::Linear | ModuleKind::Conv1D => base.in_features(),
+        ModuleKind::Conv2d(_) => base.weight().dims()[1..].iter().product(),
+        ModuleKind::Embedding => {
+            return Err(PeftError::InvalidOperation(
+                "AdaLoRA does not support Embedding layers (as in PEFT)".into(),
+            ));
+        }
+    };
+    Ok(vec![
+        (ADALORA_A, vec![r, a_cols]),
+        (ADALORA_B, vec![base.out_features(), r]),
+        (ADALORA_E, vec![r, 1]),
+    ])
 }
 
 impl AdaLoraLayer {
@@ -344,9 +350,15 @@ impl Adapter for AdaLoraLayer {
         if self.training && p > 0.0 {
             x = candle_nn::ops::dropout(&x, p as f32)?;
         }
-        let h = linear_rows(&x, &self.scaled_a()?.t()?, None, self.base.in_features())?;
-        let lora = linear_rows(&h, &self.params.get(ADALORA_B)?.t()?, None, self.r)?
-            .affine(self.scaling, 0.0)?;
+        let lora = match self.base.kind() {
+            // PEFT's SVDConv2d convolves the input with ΔW itself.
+            ModuleKind::Conv2d(p) => conv2d(&x, &self.delta_weight()?, p, self.base.in_features())?,
+            _ => {
+                let h = linear_rows(&x, &self.scaled_a()?.t()?, None, self.base.in_features())?;
+                linear_rows(&h, &self.params.get(ADALORA_B)?.t()?, None, self.r)?
+                    .affine(self.scaling, 0.0)?
+            }
+        };
         Ok(result
             .to_dtype(dtype)?
             .add(&lora)?
@@ -383,6 +395,7 @@ impl Mergeable for AdaLoraLayer {
             .affine(self.scaling, 0.0)?;
         Ok(match self.base.kind() {
             ModuleKind::Conv1D => delta.t()?.contiguous()?,
+            ModuleKind::Conv2d(_) => delta.reshape(w.dims())?,
             _ => delta,
         })
     }
