@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import peft_rs
 from conftest import (
     MLP,
+    ConvModel,
     GPT2Like,
     assert_close,
     base_state_dict,
@@ -50,7 +51,12 @@ def train_with_peft(cls, targets, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "cls,targets", [(MLP, ["lin0", "lin1", "classifier"]), (GPT2Like, ["c_attn", "c_proj"])]
+    "cls,targets",
+    [
+        (MLP, ["lin0", "lin1", "classifier"]),
+        (GPT2Like, ["c_attn", "c_proj"]),
+        (ConvModel, ["conv", "pw", "conv_s2"]),
+    ],
 )
 def test_pruned_peft_adapter_loads_and_matches(cls, targets, tmp_path):
     peft_model, base_sd = train_with_peft(cls, targets)
