@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::base::BaseLayer;
 use crate::error::{PeftError, Result};
 
 /// The dtype PEFT keeps adapter weights in (`autocast_adapter_dtype=True`): f32 for f32, f16 and
@@ -45,4 +46,35 @@ pub(crate) fn check_finite(module: &str, t: &Tensor) -> Result<()> {
             module: module.to_string(),
         })
     }
+}
+
+/// Errors unless the layer is unmerged (for `merge`) or merged (for `unmerge`).
+pub(crate) fn check_merge_state(module: &str, merged: bool, merging: bool) -> Result<()> {
+    match (merged, merging) {
+        (true, true) => Err(PeftError::InvalidOperation(format!(
+            "`{module}` is already merged"
+        ))),
+        (false, false) => Err(PeftError::InvalidOperation(format!(
+            "`{module}` is not merged"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// PEFT's additive merge `W += ΔW` (`sign = -1`: unmerge); the bias is unchanged. With `safe` the
+/// result is checked for NaN/inf before anything is written.
+pub(crate) fn apply_delta(
+    base: &mut BaseLayer,
+    module: &str,
+    delta: &Tensor,
+    sign: f64,
+    safe: bool,
+) -> Result<()> {
+    let weight = add_to(base.weight(), delta, sign)?;
+    if safe {
+        check_finite(module, &weight)?;
+    }
+    let bias = base.bias().cloned();
+    base.set_weights(weight, bias);
+    Ok(())
 }

@@ -82,3 +82,39 @@ impl Params {
         self.frozen
     }
 }
+
+/// `Trainable` for a layer struct with fields `params: Params` and `training: bool`.
+macro_rules! impl_trainable {
+    ($layer:ty) => {
+        impl $crate::traits::Trainable for $layer {
+            fn register(
+                &mut self,
+                varmap: &candle_nn::VarMap,
+                prefix: &str,
+            ) -> $crate::error::Result<()> {
+                self.params.register(varmap, prefix)
+            }
+
+            fn freeze(&mut self) {
+                self.params.set_frozen(true);
+            }
+
+            fn unfreeze(&mut self) {
+                self.params.set_frozen(false);
+            }
+
+            fn is_frozen(&self) -> bool {
+                self.params.is_frozen()
+            }
+
+            fn set_training(&mut self, training: bool) {
+                self.training = training;
+            }
+
+            fn is_training(&self) -> bool {
+                self.training
+            }
+        }
+    };
+}
+pub(crate) use impl_trainable;

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -17,9 +16,9 @@ use crate::config::{
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
-use crate::merge::{adapter_dtype, check_finite};
+use crate::merge::{adapter_dtype, check_finite, check_merge_state};
 use crate::params::Params;
-use crate::traits::{Adapter, Mergeable, Trainable};
+use crate::traits::{Adapter, Mergeable};
 
 pub const IA3_L: &str = "ia3_l";
 pub const PARAM_NAMES: &[&str] = &[IA3_L];
@@ -286,12 +285,7 @@ impl Adapter for Ia3Layer {
 
 impl Mergeable for Ia3Layer {
     fn merge(&mut self, safe_merge: bool) -> Result<()> {
-        if self.merged {
-            return Err(PeftError::InvalidOperation(format!(
-                "`{}` is already merged",
-                self.module
-            )));
-        }
+        check_merge_state(&self.module, self.merged, true)?;
         let (weight, bias) = self.rescaled_weights(false)?;
         if safe_merge {
             check_finite(&self.module, &weight)?;
@@ -306,12 +300,7 @@ impl Mergeable for Ia3Layer {
 
     /// Divides by `ia3_l + 1e-8`, as PEFT does (inexact where `ia3_l` is near zero).
     fn unmerge(&mut self) -> Result<()> {
-        if !self.merged {
-            return Err(PeftError::InvalidOperation(format!(
-                "`{}` is not merged",
-                self.module
-            )));
-        }
+        check_merge_state(&self.module, self.merged, false)?;
         let (weight, bias) = self.rescaled_weights(true)?;
         self.base.set_weights(weight, bias);
         self.merged = false;
@@ -323,31 +312,7 @@ impl Mergeable for Ia3Layer {
     }
 }
 
-impl Trainable for Ia3Layer {
-    fn register(&mut self, varmap: &VarMap, prefix: &str) -> Result<()> {
-        self.params.register(varmap, prefix)
-    }
-
-    fn freeze(&mut self) {
-        self.params.set_frozen(true);
-    }
-
-    fn unfreeze(&mut self) {
-        self.params.set_frozen(false);
-    }
-
-    fn is_frozen(&self) -> bool {
-        self.params.is_frozen()
-    }
-
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn is_training(&self) -> bool {
-        self.training
-    }
-}
+crate::params::impl_trainable!(Ia3Layer);
 
 /// Checks a saved IA³ layer: exactly `ia3_l`, shaped for the module's feed-forward setting.
 pub fn check_saved_layer(

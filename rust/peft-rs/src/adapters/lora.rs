@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -18,9 +17,9 @@ use crate::config::{
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
-use crate::merge::{adapter_dtype, add_to, check_finite};
+use crate::merge::{adapter_dtype, add_to, check_finite, check_merge_state};
 use crate::params::Params;
-use crate::traits::{Adapter, Mergeable, Trainable};
+use crate::traits::{Adapter, Mergeable};
 
 pub const LORA_A: &str = "lora_A.weight";
 pub const LORA_B: &str = "lora_B.weight";
@@ -711,12 +710,7 @@ impl Mergeable for LoraLayer {
     }
 
     fn merge(&mut self, safe_merge: bool) -> Result<()> {
-        if self.merged {
-            return Err(PeftError::InvalidOperation(format!(
-                "`{}` is already merged",
-                self.module
-            )));
-        }
+        check_merge_state(&self.module, self.merged, true)?;
         let delta = self.delta_weight()?;
         let (weight, dora_norm) = if self.config.use_dora {
             // W' = (m / ‖W + ΔW‖) (W + ΔW); the norm is kept for unmerge.
@@ -746,12 +740,7 @@ impl Mergeable for LoraLayer {
     }
 
     fn unmerge(&mut self) -> Result<()> {
-        if !self.merged {
-            return Err(PeftError::InvalidOperation(format!(
-                "`{}` is not merged",
-                self.module
-            )));
-        }
+        check_merge_state(&self.module, self.merged, false)?;
         let delta = self.delta_weight()?;
         let weight = match self.dora_merge_norm.take() {
             Some(norm) => {
@@ -798,31 +787,7 @@ impl LoraLayer {
     }
 }
 
-impl Trainable for LoraLayer {
-    fn register(&mut self, varmap: &VarMap, prefix: &str) -> Result<()> {
-        self.params.register(varmap, prefix)
-    }
-
-    fn freeze(&mut self) {
-        self.params.set_frozen(true);
-    }
-
-    fn unfreeze(&mut self) {
-        self.params.set_frozen(false);
-    }
-
-    fn is_frozen(&self) -> bool {
-        self.params.is_frozen()
-    }
-
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn is_training(&self) -> bool {
-        self.training
-    }
-}
+crate::params::impl_trainable!(LoraLayer);
 
 /// Checks the tensors of a saved LoRA layer against the config: the pair for its module kind
 /// must be there, with the rank the config gives the module, and `lora_B.bias` exactly when

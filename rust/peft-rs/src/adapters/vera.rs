@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -22,9 +21,9 @@ use crate::config::{
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
-use crate::merge::{adapter_dtype, add_to, check_finite};
+use crate::merge::{adapter_dtype, apply_delta, check_merge_state};
 use crate::params::Params;
-use crate::traits::{Adapter, Mergeable, Trainable};
+use crate::traits::{Adapter, Mergeable};
 
 pub const VERA_LAMBDA_B: &str = "vera_lambda_b";
 pub const VERA_LAMBDA_D: &str = "vera_lambda_d";
@@ -386,32 +385,17 @@ impl Mergeable for VeraLayer {
     }
 
     fn merge(&mut self, safe_merge: bool) -> Result<()> {
-        if self.merged {
-            return Err(PeftError::InvalidOperation(format!(
-                "`{}` is already merged",
-                self.module
-            )));
-        }
-        let weight = add_to(self.base.weight(), &self.delta_weight()?, 1.0)?;
-        if safe_merge {
-            check_finite(&self.module, &weight)?;
-        }
-        let bias = self.base.bias().cloned();
-        self.base.set_weights(weight, bias);
+        check_merge_state(&self.module, self.merged, true)?;
+        let delta = self.delta_weight()?;
+        apply_delta(&mut self.base, &self.module, &delta, 1.0, safe_merge)?;
         self.merged = true;
         Ok(())
     }
 
     fn unmerge(&mut self) -> Result<()> {
-        if !self.merged {
-            return Err(PeftError::InvalidOperation(format!(
-                "`{}` is not merged",
-                self.module
-            )));
-        }
-        let weight = add_to(self.base.weight(), &self.delta_weight()?, -1.0)?;
-        let bias = self.base.bias().cloned();
-        self.base.set_weights(weight, bias);
+        check_merge_state(&self.module, self.merged, false)?;
+        let delta = self.delta_weight()?;
+        apply_delta(&mut self.base, &self.module, &delta, -1.0, false)?;
         self.merged = false;
         Ok(())
     }
@@ -421,31 +405,7 @@ impl Mergeable for VeraLayer {
     }
 }
 
-impl Trainable for VeraLayer {
-    fn register(&mut self, varmap: &VarMap, prefix: &str) -> Result<()> {
-        self.params.register(varmap, prefix)
-    }
-
-    fn freeze(&mut self) {
-        self.params.set_frozen(true);
-    }
-
-    fn unfreeze(&mut self) {
-        self.params.set_frozen(false);
-    }
-
-    fn is_frozen(&self) -> bool {
-        self.params.is_frozen()
-    }
-
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn is_training(&self) -> bool {
-        self.training
-    }
-}
+crate::params::impl_trainable!(VeraLayer);
 
 /// Checks a saved VeRA layer: `vera_lambda_b (out,)` and `vera_lambda_d (r,)`.
 pub fn check_saved_layer(
