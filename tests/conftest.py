@@ -6,6 +6,9 @@ import copy
 
 import pytest
 import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -107,6 +110,65 @@ def peft_merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
 def assert_close(actual, expected, tol=F32_TOL, msg: str = "") -> None:
     actual = torch.as_tensor(actual)
     torch.testing.assert_close(actual, expected.to(actual.dtype), msg=msg or None, **tol)
+
+
+def module_input(layer: nn.Module, seed: int = 3) -> torch.Tensor:
+    """An input for a PEFT tuner layer, shaped for its base layer."""
+    g = torch.Generator().manual_seed(seed)
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Embedding):
+        return torch.randint(0, base.num_embeddings, (2, 7), generator=g)
+    if isinstance(base, nn.Conv2d):
+        return torch.randn(2, base.in_channels, 9, 9, generator=g).to(base.weight.dtype)
+    in_features = base.weight.shape[0] if type(base).__name__ == "Conv1D" else base.in_features
+    return torch.randn(2, 3, in_features, generator=g).to(base.weight.dtype)
+
+
+def rs_layer(adapter, name, layer, base_sd):
+    """peft_rs's layer for the module PEFT wraps in `layer` (Conv2d hyper-parameters passed on)."""
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Conv2d):
+        return adapter.layer(name, base_sd, stride=base.stride, padding=base.padding, groups=base.groups)
+    return adapter.layer(name, base_sd)
+
+
+def assert_matches_peft(adapter, peft_model, base_sd, tol=F32_TOL) -> None:
+    """peft_rs's merged state dict equals PEFT's merge_and_unload (every key, array type and dtype),
+    and each adapted layer's unmerged output equals PEFT's layer."""
+    expected = peft_merged_state_dict(peft_model)
+    merged = adapter.merge_into(base_sd)
+    assert set(merged) == set(expected) == set(base_sd)
+    for key, value in expected.items():
+        assert isinstance(merged[key], torch.Tensor)
+        assert merged[key].dtype == value.dtype, key
+        assert_close(merged[key], value, tol=tol, msg=key)
+    for name in adapter.module_names():
+        layer = peft_model.base_model.model.get_submodule(name)
+        x = module_input(layer)
+        with torch.no_grad():
+            want = layer(x)
+        got = rs_layer(adapter, name, layer, base_sd).forward(x)
+        assert got.dtype == want.dtype, name
+        assert_close(got, want, tol=tol, msg=name)
+
+
+def assert_loads_in_peft(adapter, cls: type[nn.Module], base_sd, path) -> dict[str, torch.Tensor]:
+    """Saves `adapter` to `path`; PEFT loads exactly its tensors (no missing or unexpected keys, same
+    values), and the base model with peft_rs's merged weights gives PEFT's outputs. Returns the
+    saved tensors."""
+    adapter.save_pretrained(path)
+    saved = load_file(path / "adapter_model.safetensors")
+    peft_model = PeftModel.from_pretrained(make_model(cls), path).eval()
+    peft_sd = get_peft_model_state_dict(peft_model)
+    assert set(peft_sd) == set(saved)
+    for key, value in saved.items():
+        assert_close(peft_sd[key], value, msg=key)
+    merged_model = make_model(cls)
+    merged_model.load_state_dict(adapter.merge_into(base_sd))
+    x = model_input(merged_model)
+    with torch.no_grad():
+        assert_close(merged_model(x), peft_model(x))
+    return saved
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ from conftest import (
     Stack,
     base_state_dict,
     make_model,
+    module_input,
     peft_merged_state_dict,
 )
-from test_lora_parity import module_input
 
 OUT = Path(__file__).resolve().parents[1] / "rust" / "peft-rs" / "tests" / "golden"
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peft import AdaLoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict
+from peft import AdaLoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import peft_rs
@@ -20,14 +19,13 @@ from conftest import (
     MLP,
     ConvModel,
     GPT2Like,
-    assert_close,
+    assert_loads_in_peft,
+    assert_matches_peft,
     base_state_dict,
     make_model,
     model_input,
-    peft_merged_state_dict,
 )
 from peft_rs import errors
-from test_lora_parity import module_input, rs_layer
 
 SCHEDULE = {"init_r": 6, "target_r": 2, "total_step": 10, "tinit": 1, "tfinal": 2, "deltaT": 1}
 
@@ -67,15 +65,7 @@ def test_pruned_peft_adapter_loads_and_matches(cls, targets, tmp_path):
 
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
     assert adapter.peft_type == "ADALORA"
-    expected = peft_merged_state_dict(peft_model)
-    for key, value in adapter.merge_into(base_sd).items():
-        assert_close(value, expected[key], msg=key)
-    for name in adapter.module_names():
-        layer = peft_model.base_model.model.get_submodule(name)
-        x = module_input(layer)
-        with torch.no_grad():
-            want = layer(x)
-        assert_close(rs_layer(adapter, name, layer, base_sd).forward(x), want, msg=name)
+    assert_matches_peft(adapter, peft_model, base_sd)
 
 
 def test_peft_rs_adapter_loads_in_peft(tmp_path):
@@ -90,21 +80,9 @@ def test_peft_rs_adapter_loads_in_peft(tmp_path):
         **SCHEDULE,
     )
     adapter = peft_rs.PeftAdapter.create(config, base_sd, peft_rs.module_types(model), seed=4)
-    adapter.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
+    saved = assert_loads_in_peft(adapter, MLP, base_sd, tmp_path)
     assert saved["base_model.model.lin0.lora_A"].shape == (3, 10)
     assert saved["base_model.model.lin1.lora_B"].shape == (16, 0)  # rank 0: a zero-size tensor
-
-    peft_model = PeftModel.from_pretrained(make_model(MLP), tmp_path).eval()
-    peft_sd = get_peft_model_state_dict(peft_model)
-    assert set(peft_sd) == set(saved)
-    for key, value in saved.items():
-        assert_close(peft_sd[key], value, msg=key)
-    x = model_input(model)
-    merged = make_model(MLP)
-    merged.load_state_dict(adapter.merge_into(base_sd))
-    with torch.no_grad():
-        assert_close(merged(x), peft_model(x))
 
 
 def test_config_matches_peft_and_validates():

@@ -8,8 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import peft_rs
@@ -18,13 +17,11 @@ from conftest import (
     ConvModel,
     EmbedModel,
     GPT2Like,
-    assert_close,
+    assert_loads_in_peft,
+    assert_matches_peft,
     base_state_dict,
     make_model,
-    model_input,
-    peft_merged_state_dict,
 )
-from test_lora_parity import module_input, rs_layer
 
 CASES = {
     "linear": (MLP, {"target_modules": ["lin0", "lin1"]}),
@@ -54,15 +51,7 @@ def test_peft_file_loads_and_matches(case, tmp_path):
     assert any(k.endswith(".lora_magnitude_vector") for k in saved)
 
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
-    expected = peft_merged_state_dict(peft_model)
-    for key, value in adapter.merge_into(base_sd).items():
-        assert_close(value, expected[key], msg=key)
-    for name in adapter.module_names():
-        layer = peft_model.base_model.model.get_submodule(name)
-        x = module_input(layer)
-        with torch.no_grad():
-            want = layer(x)
-        assert_close(rs_layer(adapter, name, layer, base_sd).forward(x), want, msg=name)
+    assert_matches_peft(adapter, peft_model, base_sd)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -72,18 +61,7 @@ def test_peft_rs_file_loads_in_peft(case, tmp_path):
     base_sd = base_state_dict(model)
     config = peft_rs.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs)
     adapter = peft_rs.PeftAdapter.create(config, base_sd, peft_rs.module_types(model), seed=2)
-    adapter.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    peft_model = PeftModel.from_pretrained(make_model(cls), tmp_path).eval()
-    peft_sd = get_peft_model_state_dict(peft_model)
-    assert set(peft_sd) == set(saved)
-    for key, value in saved.items():
-        assert_close(peft_sd[key], value, msg=key)
-    x = model_input(model)
-    merged_model = make_model(cls)
-    merged_model.load_state_dict(adapter.merge_into(base_sd))
-    with torch.no_grad():
-        assert_close(merged_model(x), peft_model(x))
+    assert_loads_in_peft(adapter, cls, base_sd, tmp_path)
 
 
 @settings(max_examples=30, deadline=None)

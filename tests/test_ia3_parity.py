@@ -10,9 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peft import IA3Config, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import IA3Config, get_peft_model
 
 import peft_rs
 from conftest import (
@@ -20,14 +18,12 @@ from conftest import (
     ConvModel,
     GPT2Like,
     Stack,
-    assert_close,
+    assert_loads_in_peft,
+    assert_matches_peft,
     base_state_dict,
     make_model,
-    model_input,
-    peft_merged_state_dict,
 )
 from peft_rs import errors
-from test_lora_parity import module_input, rs_layer
 
 CASES = {
     "mlp": (MLP, {"target_modules": ["lin0", "lin1", "classifier"], "feedforward_modules": ["lin1"]}),
@@ -68,16 +64,7 @@ def test_peft_file_loads_and_matches(case, tmp_path):
     assert adapter.peft_type == "IA3"
     layers = ia3_layers(peft_model)
     assert adapter.module_names() == sorted(layers)
-    expected = peft_merged_state_dict(peft_model)
-    merged = adapter.merge_into(base_sd)
-    assert set(merged) == set(expected)
-    for key, value in expected.items():
-        assert_close(merged[key], value, msg=key)
-    for name, layer in layers.items():
-        x = module_input(layer)
-        with torch.no_grad():
-            want = layer(x)
-        assert_close(rs_layer(adapter, name, layer, base_sd).forward(x), want, msg=name)
+    assert_matches_peft(adapter, peft_model, base_sd)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -87,18 +74,7 @@ def test_peft_rs_file_loads_in_peft(case, tmp_path):
     base_sd = base_state_dict(model)
     config = peft_rs.IA3Config(init_ia3_weights=False, **kwargs)
     adapter = peft_rs.PeftAdapter.create(config, base_sd, peft_rs.module_types(model), seed=5)
-    adapter.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    peft_model = PeftModel.from_pretrained(make_model(cls), tmp_path).eval()
-    peft_sd = get_peft_model_state_dict(peft_model)
-    assert set(peft_sd) == set(saved)
-    for key, value in saved.items():
-        assert_close(peft_sd[key], value, msg=key)
-    x = model_input(model)
-    merged_model = make_model(cls)
-    merged_model.load_state_dict(adapter.merge_into(base_sd))
-    with torch.no_grad():
-        assert_close(merged_model(x), peft_model(x))
+    assert_loads_in_peft(adapter, cls, base_sd, tmp_path)
 
 
 def test_config_matches_peft():

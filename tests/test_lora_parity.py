@@ -9,10 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
-from torch import nn
+from peft import LoraConfig, get_peft_model
 
 import peft_rs
 from conftest import (
@@ -23,9 +20,10 @@ from conftest import (
     GPT2Like,
     Stack,
     assert_close,
+    assert_loads_in_peft,
+    assert_matches_peft,
     base_state_dict,
     make_model,
-    model_input,
     peft_merged_state_dict,
 )
 
@@ -71,24 +69,6 @@ def make_peft_model(cls, kwargs, dtype=torch.float32, adapter_name="default"):
     return peft_model, base_sd
 
 
-def module_input(layer: nn.Module, seed: int = 3) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    base = layer.get_base_layer()
-    if isinstance(base, nn.Embedding):
-        return torch.randint(0, base.num_embeddings, (2, 7), generator=g)
-    if isinstance(base, nn.Conv2d):
-        return torch.randn(2, base.in_channels, 9, 9, generator=g).to(base.weight.dtype)
-    in_features = base.weight.shape[0] if type(base).__name__ == "Conv1D" else base.in_features
-    return torch.randn(2, 3, in_features, generator=g).to(base.weight.dtype)
-
-
-def rs_layer(adapter, name, layer, base_sd):
-    base = layer.get_base_layer()
-    if isinstance(base, nn.Conv2d):
-        return adapter.layer(name, base_sd, stride=base.stride, padding=base.padding, groups=base.groups)
-    return adapter.layer(name, base_sd)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_file_loads_and_matches(case, tmp_path):
     cls, kwargs = CASES[case]
@@ -104,22 +84,7 @@ def test_peft_file_loads_and_matches(case, tmp_path):
     }
     assert adapter.module_names() == sorted(lora_layers)
 
-    # Merged weights equal PEFT's merge_and_unload, and everything else is untouched.
-    expected = peft_merged_state_dict(peft_model)
-    merged = adapter.merge_into(base_sd)
-    assert set(merged) == set(expected) == set(base_sd)
-    for key, value in expected.items():
-        assert isinstance(merged[key], torch.Tensor)
-        assert merged[key].dtype == value.dtype
-        assert_close(merged[key], value, msg=key)
-
-    # Unmerged layer outputs equal PEFT's LoRA layers.
-    for name, layer in lora_layers.items():
-        x = module_input(layer)
-        with torch.no_grad():
-            want = layer(x)
-        got = rs_layer(adapter, name, layer, base_sd).forward(x)
-        assert_close(got, want, msg=name)
+    assert_matches_peft(adapter, peft_model, base_sd)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -129,25 +94,9 @@ def test_peft_rs_file_loads_in_peft(case, tmp_path):
     base_sd = base_state_dict(model)
     config = peft_rs.LoraConfig(init_lora_weights=False, **kwargs)
     adapter = peft_rs.PeftAdapter.create(config, base_sd, peft_rs.module_types(model), seed=3)
-    adapter.save_pretrained(tmp_path)
-
-    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert_loads_in_peft(adapter, cls, base_sd, tmp_path)
     with open(tmp_path / "adapter_config.json") as f:
         assert json.load(f)["peft_type"] == "LORA"
-
-    peft_model = PeftModel.from_pretrained(make_model(cls), tmp_path).eval()
-    # PEFT sees exactly our tensors: no missing, no unexpected keys, same values.
-    peft_sd = get_peft_model_state_dict(peft_model)
-    assert set(peft_sd) == set(saved)
-    for key, value in saved.items():
-        assert_close(peft_sd[key], value, msg=key)
-
-    # The whole model agrees: PEFT's unmerged forward vs the base model with our merged weights.
-    x = model_input(model)
-    merged_model = make_model(cls)
-    merged_model.load_state_dict(adapter.merge_into(base_sd))
-    with torch.no_grad():
-        assert_close(merged_model(x), peft_model(x))
 
 
 def test_named_adapter_subfolder(tmp_path):
@@ -181,18 +130,9 @@ def test_bf16_base(cls, kwargs, tmp_path):
     peft_model, base_sd = make_peft_model(cls, kwargs, dtype=torch.bfloat16)
     peft_model.save_pretrained(tmp_path)
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
-    expected = peft_merged_state_dict(peft_model)
-    for key, value in adapter.merge_into(base_sd).items():
-        assert value.dtype == torch.bfloat16
-        assert_close(value, expected[key], tol=BF16_TOL, msg=key)
-    for name in adapter.module_names():
-        layer = peft_model.base_model.model.get_submodule(name)
-        x = module_input(layer)
-        with torch.no_grad():
-            want = layer(x)
-        got = adapter.forward(name, x, base_sd)
-        assert got.dtype == want.dtype == torch.bfloat16
-        assert_close(got, want, tol=BF16_TOL, msg=name)
+    assert all(v.dtype == torch.bfloat16 for v in base_sd.values())
+    # Same keys, dtypes (bf16 kept) and values as PEFT's merged model and bf16 layer outputs.
+    assert_matches_peft(adapter, peft_model, base_sd, tol=BF16_TOL)
 
 
 def test_config_round_trip_with_peft(tmp_path):

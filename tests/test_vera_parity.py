@@ -8,8 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peft import PeftModel, VeraConfig, get_peft_model
-from peft.utils import get_peft_model_state_dict
+from peft import VeraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_rs
@@ -17,14 +16,12 @@ from conftest import (
     MLP,
     GPT2Like,
     Stack,
-    assert_close,
+    assert_loads_in_peft,
+    assert_matches_peft,
     base_state_dict,
     make_model,
-    model_input,
-    peft_merged_state_dict,
 )
 from peft_rs import errors
-from test_lora_parity import module_input
 
 CASES = {
     "mlp": (MLP, {"target_modules": ["lin0", "lin1"], "r": 6}),
@@ -91,15 +88,7 @@ def test_peft_file_loads_and_matches(case, tmp_path):
 
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
     assert adapter.peft_type == "VERA"
-    expected = peft_merged_state_dict(peft_model)
-    for key, value in adapter.merge_into(base_sd).items():
-        assert_close(value, expected[key], msg=key)
-    for name in adapter.module_names():
-        layer = peft_model.base_model.model.get_submodule(name)
-        x = module_input(layer)
-        with torch.no_grad():
-            want = layer(x)
-        assert_close(adapter.forward(name, x, base_sd), want, msg=name)
+    assert_matches_peft(adapter, peft_model, base_sd)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -110,18 +99,7 @@ def test_peft_rs_file_loads_in_peft(case, tmp_path):
     adapter = peft_rs.PeftAdapter.create(
         peft_rs.VeraConfig(init_weights=False, **kwargs), base_sd, peft_rs.module_types(model), seed=1
     )
-    adapter.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    peft_model = PeftModel.from_pretrained(make_model(cls), tmp_path).eval()
-    peft_sd = get_peft_model_state_dict(peft_model)
-    assert set(peft_sd) == set(saved)
-    for key, value in saved.items():
-        assert_close(peft_sd[key], value, msg=key)
-    x = model_input(model)
-    merged = make_model(cls)
-    merged.load_state_dict(adapter.merge_into(base_sd))
-    with torch.no_grad():
-        assert_close(merged(x), peft_model(x))
+    assert_loads_in_peft(adapter, cls, base_sd, tmp_path)
 
 
 def test_missing_shared_projection_is_named(tmp_path):
