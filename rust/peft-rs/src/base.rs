@@ -1,6 +1,6 @@
 //! The frozen layers that adapters wrap, in PyTorch's weight layouts.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{PeftError, Result};
 
@@ -38,16 +38,74 @@ pub enum ModuleKind {
     Conv2d(Conv2dParams),
 }
 
-/// A frozen base layer: its weights and how it computes.
-#[derive(Debug, Clone)]
+/// The seam between peft-rs and a base weight's storage.
+///
+/// peft-rs reads a base weight only as a dense tensor in PyTorch's layout for its module kind,
+/// and writes one back only when merging or unmerging. A dense tensor implements it as is; a
+/// quantized weight (another crate's 4-bit format, say) dequantizes in [`BaseWeight::dense`] and
+/// re-quantizes in [`BaseWeight::replace`], and every method, merge rule and file works on it.
+pub trait BaseWeight: std::fmt::Debug + Send + Sync {
+    /// The weight as a dense tensor in PyTorch's layout (`(out, in)` for Linear...).
+    fn dense(&self) -> Result<Tensor>;
+    /// Stores a new weight of the same shape, given dense (merge and unmerge).
+    fn replace(&mut self, weight: Tensor) -> Result<()>;
+    /// Shape of the dense weight.
+    fn dims(&self) -> &[usize];
+    /// The dtype [`BaseWeight::dense`] returns and layer inputs must have.
+    fn dtype(&self) -> DType;
+    fn device(&self) -> &Device;
+}
+
+impl BaseWeight for Tensor {
+    fn dense(&self) -> Result<Tensor> {
+        Ok(self.clone())
+    }
+
+    fn replace(&mut self, weight: Tensor) -> Result<()> {
+        if weight.dims() != Tensor::dims(self) {
+            return Err(PeftError::shape(
+                "replacement base weight",
+                Tensor::dims(self),
+                weight.dims(),
+            ));
+        }
+        *self = weight.to_dtype(Tensor::dtype(self))?;
+        Ok(())
+    }
+
+    fn dims(&self) -> &[usize] {
+        Tensor::dims(self)
+    }
+
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+
+    fn device(&self) -> &Device {
+        Tensor::device(self)
+    }
+}
+
+/// A frozen base layer: its kind, its weight (behind [`BaseWeight`]) and bias.
+#[derive(Debug)]
 pub struct BaseLayer {
     kind: ModuleKind,
-    weight: Tensor,
+    weight: Box<dyn BaseWeight>,
     bias: Option<Tensor>,
 }
 
 impl BaseLayer {
+    /// A layer over a dense weight.
     pub fn new(kind: ModuleKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::with_weight(kind, Box::new(weight), bias)
+    }
+
+    /// A layer over any [`BaseWeight`] (a quantized weight from another crate, say).
+    pub fn with_weight(
+        kind: ModuleKind,
+        weight: Box<dyn BaseWeight>,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
         let rank = match kind {
             ModuleKind::Conv2d(p) => {
                 if p.groups == 0 || p.stride == 0 || p.dilation == 0 {
@@ -59,7 +117,7 @@ impl BaseLayer {
             }
             _ => 2,
         };
-        if weight.rank() != rank {
+        if weight.dims().len() != rank {
             return Err(PeftError::InvalidOperation(format!(
                 "a {kind:?} weight must have {rank} dimensions, found shape {:?}",
                 weight.dims()
@@ -94,8 +152,14 @@ impl BaseLayer {
         self.kind
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight, dense, in PyTorch's layout.
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.dense()
+    }
+
+    /// Shape of the weight in PyTorch's layout.
+    pub fn weight_dims(&self) -> &[usize] {
+        self.weight.dims()
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -106,10 +170,15 @@ impl BaseLayer {
         self.weight.dtype()
     }
 
-    /// Replaces the weights (same shapes and dtype), as merging does.
-    pub(crate) fn set_weights(&mut self, weight: Tensor, bias: Option<Tensor>) {
-        self.weight = weight;
+    pub fn device(&self) -> &Device {
+        self.weight.device()
+    }
+
+    /// Replaces the weight (through the [`BaseWeight`] seam) and the bias, as merging does.
+    pub(crate) fn set_weights(&mut self, weight: Tensor, bias: Option<Tensor>) -> Result<()> {
+        self.weight.replace(weight)?;
         self.bias = bias;
+        Ok(())
     }
 
     /// PEFT's `in_features`: input width, `num_embeddings` or input channels.
@@ -140,23 +209,55 @@ impl BaseLayer {
         }
     }
 
+    /// The weight as the linear map it is, `(out, in_flat)`: Linear as is, Conv1D transposed,
+    /// Conv2d flattened to `(out, in/groups·kh·kw)`, Embedding transposed to `(dim, num)`.
+    pub fn to_out_in(&self, weight: &Tensor) -> Result<Tensor> {
+        Ok(match self.kind {
+            ModuleKind::Linear => weight.clone(),
+            ModuleKind::Conv1D | ModuleKind::Embedding => weight.t()?,
+            ModuleKind::Conv2d(_) => weight.flatten_from(1)?,
+        })
+    }
+
+    /// The inverse of [`BaseLayer::to_out_in`]: back to PyTorch's layout (contiguous).
+    pub fn from_out_in(&self, out_in: &Tensor) -> Result<Tensor> {
+        Ok(match self.kind {
+            ModuleKind::Linear => out_in.contiguous()?,
+            ModuleKind::Conv1D | ModuleKind::Embedding => out_in.t()?.contiguous()?,
+            ModuleKind::Conv2d(_) => out_in.contiguous()?.reshape(self.weight.dims())?,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, &self.weight()?, self.bias.as_ref())
+    }
+
+    /// The layer's computation with another weight and bias of the same shapes (methods whose
+    /// forward uses a transformed weight, such as BOFT on Conv2d).
+    pub fn forward_with(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self.kind {
-            ModuleKind::Embedding => embedding(&self.weight, x),
+            ModuleKind::Embedding => embedding(weight, x),
             ModuleKind::Linear | ModuleKind::Conv1D => {
-                self.check_input_dtype(x)?;
+                check_input_dtype(x, weight)?;
                 let w = if self.kind == ModuleKind::Linear {
-                    self.weight.t()?
+                    weight.t()?
                 } else {
-                    self.weight.clone()
+                    weight.clone()
                 };
-                linear_rows(x, &w, self.bias.as_ref(), self.in_features())
+                linear_rows(x, &w, bias, self.in_features())
             }
             ModuleKind::Conv2d(p) => {
-                self.check_input_dtype(x)?;
-                let y = conv2d(x, &self.weight, p, self.in_features())?;
-                match &self.bias {
-                    Some(b) => Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?),
+                check_input_dtype(x, weight)?;
+                let y = conv2d(x, weight, p, self.in_features())?;
+                match bias {
+                    Some(b) => {
+                        let shape: &[usize] = if y.rank() == 4 {
+                            &[1, b.dim(0)?, 1, 1]
+                        } else {
+                            &[b.dim(0)?, 1, 1]
+                        };
+                        Ok(y.broadcast_add(&b.reshape(shape)?)?)
+                    }
                     None => Ok(y),
                 }
             }
@@ -165,24 +266,31 @@ impl BaseLayer {
 
     /// The layer without its bias, computed in `x`'s dtype (DoRA's recomputed base term).
     pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let unbiased = Self {
-            kind: self.kind,
-            weight: self.weight.to_dtype(x.dtype())?,
-            bias: None,
-        };
-        unbiased.forward(x)
+        self.forward_with(x, &self.weight()?.to_dtype(x.dtype())?, None)
     }
 
-    fn check_input_dtype(&self, x: &Tensor) -> Result<()> {
-        if x.dtype() != self.weight.dtype() {
-            return Err(PeftError::DType {
-                what: "layer input".into(),
-                expected: format!("{:?} (the base weight's dtype)", self.weight.dtype()),
-                found: format!("{:?}", x.dtype()),
-            });
-        }
-        Ok(())
+    /// A per-output-feature vector shaped to broadcast against this layer's output of rank
+    /// `rank` (channels-first for Conv2d).
+    pub fn per_output(&self, v: &Tensor, rank: usize) -> Result<Tensor> {
+        let n = v.elem_count();
+        Ok(match self.kind {
+            ModuleKind::Conv2d(_) if rank == 4 => v.reshape((1, n, 1, 1))?,
+            ModuleKind::Conv2d(_) => v.reshape((n, 1, 1))?,
+            _ => v.reshape(n)?,
+        })
     }
+}
+
+/// Inputs of Linear, Conv1D and Conv2d layers must have the weight's dtype.
+fn check_input_dtype(x: &Tensor, weight: &Tensor) -> Result<()> {
+    if x.dtype() != weight.dtype() {
+        return Err(PeftError::DType {
+            what: "layer input".into(),
+            expected: format!("{:?} (the base weight's dtype)", weight.dtype()),
+            found: format!("{:?}", x.dtype()),
+        });
+    }
+    Ok(())
 }
 
 /// `x @ w (+ bias)` over the last dimension of `x`, for any leading dimensions; `w` is

@@ -7,104 +7,56 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::adapters::adalora::AdaLoraConfig;
-use crate::adapters::ia3::Ia3Config;
-use crate::adapters::lora::LoraConfig;
-use crate::adapters::vera::VeraConfig;
 use crate::error::{PeftError, Result};
+use crate::method::MethodConfig;
+use crate::registry;
 
 /// File name of the config inside an adapter directory.
 pub const CONFIG_NAME: &str = "adapter_config.json";
 
-/// The adapter method, as written in `peft_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PeftType {
-    Lora,
-    AdaLora,
-    Ia3,
-    Vera,
-}
-
-impl PeftType {
-    pub const ALL: &'static [PeftType] = &[
-        PeftType::Lora,
-        PeftType::AdaLora,
-        PeftType::Ia3,
-        PeftType::Vera,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeftType::Lora => "LORA",
-            PeftType::AdaLora => "ADALORA",
-            PeftType::Ia3 => "IA3",
-            PeftType::Vera => "VERA",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| PeftError::UnsupportedPeftType {
-                found: s.to_string(),
-                supported: Self::ALL
-                    .iter()
-                    .map(|t| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-    }
-}
-
-/// What every method's config provides.
-pub trait AdapterConfig: std::fmt::Debug + Send + Sync {
-    fn peft_type(&self) -> PeftType;
-    /// Checks every field; called by the constructors, so a config in hand is valid.
-    fn validate(&self) -> Result<()>;
-    /// The JSON object PEFT writes for this config (unsorted; [`write_config`] sorts it).
-    fn to_json(&self) -> Value;
-}
-
-/// A config of any supported method: what an adapter directory holds.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PeftConfig {
-    Lora(LoraConfig),
-    AdaLora(AdaLoraConfig),
-    Ia3(Ia3Config),
-    Vera(VeraConfig),
-}
+/// A config of any registered method: what an adapter directory holds.
+#[derive(Debug, Clone)]
+pub struct PeftConfig(Arc<dyn MethodConfig>);
 
 impl PeftConfig {
+    pub fn new(config: Arc<dyn MethodConfig>) -> Self {
+        Self(config)
+    }
+
+    /// Reads PEFT's JSON form; `peft_type` picks the method from the registry.
     pub fn from_json(value: Value) -> Result<Self> {
         let peft_type = value
             .get("peft_type")
             .and_then(Value::as_str)
             .ok_or_else(|| PeftError::config("peft_type", "missing or not a string"))?;
-        match PeftType::parse(peft_type)? {
-            PeftType::Lora => Ok(Self::Lora(LoraConfig::from_json(value)?)),
-            PeftType::AdaLora => Ok(Self::AdaLora(AdaLoraConfig::from_json(value)?)),
-            PeftType::Ia3 => Ok(Self::Ia3(Ia3Config::from_json(value)?)),
-            PeftType::Vera => Ok(Self::Vera(VeraConfig::from_json(value)?)),
-        }
-    }
-
-    pub fn as_adapter_config(&self) -> &dyn AdapterConfig {
-        match self {
-            Self::Lora(c) => c,
-            Self::AdaLora(c) => c,
-            Self::Ia3(c) => c,
-            Self::Vera(c) => c,
-        }
+        Ok(Self((registry::method(peft_type)?.from_json)(value)?))
     }
 
     pub fn to_json(&self) -> Value {
-        self.as_adapter_config().to_json()
+        self.0.to_json()
+    }
+
+    pub fn arc(&self) -> &Arc<dyn MethodConfig> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for PeftConfig {
+    type Target = dyn MethodConfig;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl PartialEq for PeftConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.peft_type() == other.peft_type() && self.to_json() == other.to_json()
     }
 }
 
@@ -207,7 +159,7 @@ fn is_off(v: &Value) -> bool {
 }
 
 /// Checks that `value` is an object whose `peft_type` (if present) is `expected`, and removes it.
-pub(crate) fn take_peft_type(value: &mut Value, expected: PeftType) -> Result<()> {
+pub(crate) fn take_peft_type(value: &mut Value, expected: &str) -> Result<()> {
     let Value::Object(map) = value else {
         return Err(PeftError::config(
             "<root>",
@@ -216,10 +168,10 @@ pub(crate) fn take_peft_type(value: &mut Value, expected: PeftType) -> Result<()
     };
     match map.remove("peft_type") {
         None | Some(Value::Null) => Ok(()),
-        Some(Value::String(t)) if t == expected.as_str() => Ok(()),
+        Some(Value::String(t)) if t == expected => Ok(()),
         Some(other) => Err(PeftError::UnsupportedPeftType {
             found: other.to_string(),
-            supported: expected.as_str().into(),
+            supported: expected.into(),
         }),
     }
 }
@@ -263,7 +215,7 @@ pub fn read_config(path: &Path) -> Result<PeftConfig> {
 
 /// Serialises a config as PEFT does: keys sorted recursively, 2-space indent, `inference_mode`
 /// written as `true` (PEFT always saves it so).
-pub fn config_to_file_json(config: &dyn AdapterConfig) -> String {
+pub fn config_to_file_json(config: &dyn MethodConfig) -> String {
     let mut value = config.to_json();
     if let Value::Object(map) = &mut value {
         map.insert("inference_mode".into(), Value::Bool(true));

@@ -1,9 +1,11 @@
-//! Arithmetic shared by every method's merge and unmerge, with PEFT's dtype rules.
+//! Merge and unmerge of every [`MergeRule`], written once, with PEFT's dtype rules: the update
+//! is computed in the adapter's dtype (f32, or f64) and stored in the base weight's dtype.
 
 use candle_core::{DType, Tensor};
 
 use crate::base::BaseLayer;
 use crate::error::{PeftError, Result};
+use crate::method::{MergeRule, Side};
 
 /// The dtype PEFT keeps adapter weights in (`autocast_adapter_dtype=True`): f32 for f32, f16 and
 /// bf16 bases, f64 for an f64 base.
@@ -13,6 +15,107 @@ pub fn adapter_dtype(base: DType) -> DType {
     } else {
         DType::F32
     }
+}
+
+/// PEFT's guard against division by zero when unmerging a scaling (IA³).
+const UNSCALE_EPS: f64 = 1e-8;
+
+/// `weight`/`bias` with `rule` applied; also what unmerging needs to keep (DoRA's norm).
+pub(crate) fn apply_rule(
+    base: &BaseLayer,
+    rule: &MergeRule,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    match rule {
+        MergeRule::Add { delta, bias: db } => Ok((
+            add_to(weight, delta, 1.0)?,
+            add_bias(base, bias, db.as_ref(), 1.0)?,
+            None,
+        )),
+        MergeRule::Scale { weight: s, bias: sb } => Ok((
+            scale(weight, s, false)?,
+            scale_bias(bias, sb.as_ref(), false)?,
+            None,
+        )),
+        MergeRule::Transform {
+            matrix,
+            side,
+            out_scale,
+            ..
+        } => Ok((
+            transform(base, weight, matrix, *side, out_scale.as_ref(), false)?,
+            bias.cloned(),
+            None,
+        )),
+        MergeRule::Magnitude {
+            delta,
+            magnitude,
+            bias: db,
+        } => {
+            let norm = row_norms(base, weight, delta)?;
+            let factor = magnitude.flatten_all()?.div(&norm)?;
+            let w = base.to_out_in(&weight.to_dtype(delta.dtype())?.add(delta)?)?;
+            let merged = base.from_out_in(&w.broadcast_mul(&factor.unsqueeze(1)?)?)?;
+            Ok((
+                merged.to_dtype(weight.dtype())?,
+                add_bias(base, bias, db.as_ref(), 1.0)?,
+                Some(norm),
+            ))
+        }
+    }
+}
+
+/// The inverse of [`apply_rule`]; `cache` is what `apply_rule` returned.
+pub(crate) fn undo_rule(
+    base: &BaseLayer,
+    rule: &MergeRule,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cache: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    match rule {
+        MergeRule::Add { delta, bias: db } => Ok((
+            add_to(weight, delta, -1.0)?,
+            add_bias(base, bias, db.as_ref(), -1.0)?,
+        )),
+        MergeRule::Scale { weight: s, bias: sb } => {
+            Ok((scale(weight, s, true)?, scale_bias(bias, sb.as_ref(), true)?))
+        }
+        MergeRule::Transform {
+            inverse,
+            side,
+            out_scale,
+            ..
+        } => Ok((
+            transform(base, weight, inverse, *side, out_scale.as_ref(), true)?,
+            bias.cloned(),
+        )),
+        MergeRule::Magnitude {
+            delta,
+            magnitude,
+            bias: db,
+        } => {
+            let norm = cache.ok_or_else(|| {
+                PeftError::InvalidOperation("DoRA unmerge needs the norm kept at merge".into())
+            })?;
+            let factor = magnitude.flatten_all()?.div(norm)?;
+            let w = base.to_out_in(&weight.to_dtype(delta.dtype())?)?;
+            let unscaled = base.from_out_in(&w.broadcast_div(&factor.unsqueeze(1)?)?)?;
+            Ok((
+                unscaled.sub(delta)?.to_dtype(weight.dtype())?,
+                add_bias(base, bias, db.as_ref(), -1.0)?,
+            ))
+        }
+    }
+}
+
+/// `‖W + delta‖` per output feature (rows of the `(out, in)` view), flat, in `delta`'s dtype and
+/// detached (DoRA's norm).
+pub fn row_norms(base: &BaseLayer, weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let w = weight.to_dtype(delta.dtype())?.add(&delta.detach())?;
+    let squares = base.to_out_in(&w)?.sqr()?;
+    Ok(squares.sum(1)?.sqrt()?.detach())
 }
 
 /// `target + factor · delta`, computed in the delta's dtype and stored in the target's, as
@@ -36,45 +139,72 @@ pub(crate) fn add_to(target: &Tensor, delta: &Tensor, factor: f64) -> Result<Ten
         .to_dtype(target.dtype())?)
 }
 
-/// Errors if `t` holds NaN or infinity (`safe_merge`).
+fn add_bias(
+    base: &BaseLayer,
+    bias: Option<&Tensor>,
+    delta: Option<&Tensor>,
+    factor: f64,
+) -> Result<Option<Tensor>> {
+    match (bias, delta) {
+        (b, None) => Ok(b.cloned()),
+        (Some(b), Some(d)) => Ok(Some(add_to(b, d, factor)?)),
+        (None, Some(_)) => Err(PeftError::InvalidOperation(format!(
+            "an adapter bias cannot be merged into a {:?} layer without a bias",
+            base.kind()
+        ))),
+    }
+}
+
+fn scale(t: &Tensor, s: &Tensor, undo: bool) -> Result<Tensor> {
+    let t32 = t.to_dtype(s.dtype())?;
+    let out = if undo {
+        t32.broadcast_div(&(s + UNSCALE_EPS)?)?
+    } else {
+        t32.broadcast_mul(s)?
+    };
+    Ok(out.to_dtype(t.dtype())?)
+}
+
+fn scale_bias(bias: Option<&Tensor>, s: Option<&Tensor>, undo: bool) -> Result<Option<Tensor>> {
+    match (bias, s) {
+        (Some(b), Some(s)) => Ok(Some(scale(b, &s.reshape(b.dims())?, undo)?)),
+        (b, _) => Ok(b.cloned()),
+    }
+}
+
+fn transform(
+    base: &BaseLayer,
+    weight: &Tensor,
+    matrix: &Tensor,
+    side: Side,
+    out_scale: Option<&Tensor>,
+    undo: bool,
+) -> Result<Tensor> {
+    let dtype = matrix.dtype();
+    let mut w = base.to_out_in(&weight.to_dtype(dtype)?)?;
+    let s = out_scale.map(|s| s.flatten_all()?.unsqueeze(1)).transpose()?;
+    if undo && let Some(s) = &s {
+        w = w.broadcast_div(s)?;
+    }
+    w = match side {
+        Side::Input => w.matmul(&matrix.t()?)?,
+        Side::Output => matrix.t()?.matmul(&w)?,
+    };
+    if !undo && let Some(s) = &s {
+        w = w.broadcast_mul(s)?;
+    }
+    Ok(base.from_out_in(&w)?.to_dtype(weight.dtype())?)
+}
+
+/// Errors if `t` holds NaN or infinity (`safe_merge`). `t - t` is 0 for finite values and NaN
+/// otherwise, so one reduction on `t`'s device tells.
 pub(crate) fn check_finite(module: &str, t: &Tensor) -> Result<()> {
-    let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    if values.iter().all(|v| v.is_finite()) {
+    let probe = t.sub(t)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if probe == 0.0 {
         Ok(())
     } else {
         Err(PeftError::NonFiniteMerge {
             module: module.to_string(),
         })
     }
-}
-
-/// Errors unless the layer is unmerged (for `merge`) or merged (for `unmerge`).
-pub(crate) fn check_merge_state(module: &str, merged: bool, merging: bool) -> Result<()> {
-    match (merged, merging) {
-        (true, true) => Err(PeftError::InvalidOperation(format!(
-            "`{module}` is already merged"
-        ))),
-        (false, false) => Err(PeftError::InvalidOperation(format!(
-            "`{module}` is not merged"
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// PEFT's additive merge `W += ΔW` (`sign = -1`: unmerge); the bias is unchanged. With `safe` the
-/// result is checked for NaN/inf before anything is written.
-pub(crate) fn apply_delta(
-    base: &mut BaseLayer,
-    module: &str,
-    delta: &Tensor,
-    sign: f64,
-    safe: bool,
-) -> Result<()> {
-    let weight = add_to(base.weight(), delta, sign)?;
-    if safe {
-        check_finite(module, &weight)?;
-    }
-    let bias = base.bias().cloned();
-    base.set_weights(weight, bias);
-    Ok(())
 }

@@ -1,10 +1,74 @@
 //! Named trainable tensors of one adapted layer, shared by every method: naming, freezing and
 //! registration in a [`VarMap`] are written once here.
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::error::{PeftError, Result};
+use crate::io::MODEL_PREFIX;
+
+/// The key of a module's tensor in PEFT's files (`base_model.model.<module>.<name>`); just
+/// `name` for a standalone layer (empty module path).
+pub fn file_key(module: &str, name: &str) -> String {
+    if module.is_empty() {
+        name.to_string()
+    } else {
+        format!("{MODEL_PREFIX}{module}.{name}")
+    }
+}
+
+/// Checks given tensors against the names and shapes a method expects for one module (every
+/// expected tensor present with its exact shape and a float dtype, nothing else), and moves them
+/// to `dtype` on `device`. `what` describes the layer for messages (`"LoRA Linear r=8"`).
+pub fn take_params(
+    module: &str,
+    what: &str,
+    given: Vec<(String, Tensor)>,
+    expected: &[(&str, Vec<usize>)],
+    dtype: DType,
+    device: &Device,
+) -> Result<Params> {
+    if let Some((name, _)) = given
+        .iter()
+        .find(|(n, _)| !expected.iter().any(|(e, _)| e == n))
+    {
+        return Err(PeftError::UnexpectedKey {
+            key: file_key(module, name),
+            context: format!(
+                "a {what} layer has {:?}",
+                expected.iter().map(|e| e.0).collect::<Vec<_>>()
+            ),
+        });
+    }
+    let mut given = given;
+    let mut entries = Vec::with_capacity(expected.len());
+    for (name, shape) in expected {
+        let pos = given
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| PeftError::MissingKey {
+                key: file_key(module, name),
+                context: format!("required by a {what} layer"),
+            })?;
+        let (_, t) = given.swap_remove(pos);
+        if t.dims() != shape.as_slice() {
+            return Err(PeftError::shape(
+                format!("{} ({what})", file_key(module, name)),
+                shape,
+                t.dims(),
+            ));
+        }
+        if !t.dtype().is_float() {
+            return Err(PeftError::DType {
+                what: file_key(module, name),
+                expected: "a floating-point dtype".into(),
+                found: format!("{:?}", t.dtype()),
+            });
+        }
+        entries.push((name.to_string(), t.to_dtype(dtype)?.to_device(device)?));
+    }
+    Ok(Params::new(entries))
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Params {
@@ -83,38 +147,3 @@ impl Params {
     }
 }
 
-/// `Trainable` for a layer struct with fields `params: Params` and `training: bool`.
-macro_rules! impl_trainable {
-    ($layer:ty) => {
-        impl $crate::traits::Trainable for $layer {
-            fn register(
-                &mut self,
-                varmap: &candle_nn::VarMap,
-                prefix: &str,
-            ) -> $crate::error::Result<()> {
-                self.params.register(varmap, prefix)
-            }
-
-            fn freeze(&mut self) {
-                self.params.set_frozen(true);
-            }
-
-            fn unfreeze(&mut self) {
-                self.params.set_frozen(false);
-            }
-
-            fn is_frozen(&self) -> bool {
-                self.params.is_frozen()
-            }
-
-            fn set_training(&mut self, training: bool) {
-                self.training = training;
-            }
-
-            fn is_training(&self) -> bool {
-                self.training
-            }
-        }
-    };
-}
-pub(crate) use impl_trainable;

@@ -8,20 +8,24 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::adapters::BiasMode;
 use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CONFIG_NAME, PeftConfig, config_to_file_json, read_config};
 use crate::error::{PeftError, Result};
 use crate::io::{MODEL_PREFIX, read_adapter_weights, write_atomic, write_safetensors};
 use crate::matching::is_module_to_save;
-use crate::traits::AdapterLayer;
+use crate::method::{BiasMode, ParamSource};
+use crate::module::AdaptedModule;
+
+/// The kind of each module of a base model, by module path (what transformers' module classes
+/// tell; adapter files cannot tell a Linear from a transposed Conv1D or an Embedding).
+pub type ModuleKinds = HashMap<String, ModuleKind>;
 
 pub const DEFAULT_ADAPTER_NAME: &str = "default";
 /// Prefix of adapter-wide tensors in PEFT's files (VeRA's `base_model.vera_A`).
 const SHARED_PREFIX: &str = "base_model.";
 
 /// A base-model module offered to [`PeftAdapter::create`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BaseModule {
     pub name: String,
     pub layer: BaseLayer,
@@ -108,13 +112,10 @@ impl PeftAdapter {
                 ));
             }
         }
-        for (module, tensors) in &layers {
-            config.check_saved_layer(module, tensors)?;
-        }
         for (rel, tensor) in biases {
             let key = match rel.strip_suffix(".base_layer.bias") {
                 Some(module) if layers.contains_key(module) => format!("{module}.bias"),
-                _ if config.bias_mode() == BiasMode::LoraOnly => {
+                _ if config.bias_mode() == BiasMode::AdaptedOnly => {
                     return Err(PeftError::UnexpectedKey {
                         key: format!("{MODEL_PREFIX}{rel}"),
                         context: "bias=\"lora_only\" saves only biases of adapted modules".into(),
@@ -154,7 +155,6 @@ impl PeftAdapter {
         state_dict: &HashMap<String, Tensor>,
         seed: u64,
     ) -> Result<Self> {
-        let mut config = config;
         let mut targets = Vec::new();
         for (i, module) in modules.into_iter().enumerate() {
             if config.selection().is_target(&module.name)? {
@@ -162,7 +162,7 @@ impl PeftAdapter {
             }
         }
         let kinds: Vec<ModuleKind> = targets.iter().map(|(_, m)| m.layer.kind()).collect();
-        config.adapt_to_targets(&kinds)?;
+        let config = PeftConfig::new(config.for_targets(&kinds)?);
         let shared = config.generate_shared(
             targets
                 .iter()
@@ -177,13 +177,11 @@ impl PeftAdapter {
         )?;
         let mut layers = BTreeMap::new();
         for (i, module) in targets {
-            let layer = config.init_layer(
-                &module.name,
-                module.layer,
-                seed.wrapping_add(i as u64),
-                &shared,
-            )?;
-            layers.insert(module.name, layer.weights());
+            let source = ParamSource::Init {
+                seed: seed.wrapping_add(i as u64),
+            };
+            let adapter = config.build(&module.name, &module.layer, source, &shared)?;
+            layers.insert(module.name, adapter.params().entries().to_vec());
         }
         if layers.is_empty() {
             return Err(PeftError::config(
@@ -196,7 +194,7 @@ impl PeftAdapter {
             let keep = module_to_save_prefix(config.modules_to_save(), key)
                 || match (config.bias_mode(), key.strip_suffix(".bias")) {
                     (BiasMode::All, Some(_)) => true,
-                    (BiasMode::LoraOnly, Some(module)) => layers.contains_key(module),
+                    (BiasMode::AdaptedOnly, Some(module)) => layers.contains_key(module),
                     _ => key == "bias" && config.bias_mode() == BiasMode::All,
                 };
             if keep {
@@ -225,12 +223,6 @@ impl PeftAdapter {
         self.layers.keys().map(String::as_str).collect()
     }
 
-    /// The module kind the adapter was saved for (Conv2d with default hyper-parameters).
-    pub fn module_kind(&self, module: &str) -> Result<ModuleKind> {
-        self.config
-            .check_saved_layer(module, self.layer_tensors(module)?)
-    }
-
     fn layer_tensors(&self, module: &str) -> Result<&Vec<(String, Tensor)>> {
         self.layers
             .get(module)
@@ -240,15 +232,20 @@ impl PeftAdapter {
             })
     }
 
-    /// The adapted layer for `module` on the given base layer. For a VeRA file saved without
-    /// its projections, use [`PeftAdapter::with_shared_from`] first.
-    pub fn layer(&self, module: &str, base: BaseLayer) -> Result<Box<dyn AdapterLayer>> {
-        self.config.build_layer(
-            module,
-            base,
-            self.layer_tensors(module)?.clone(),
+    /// The adapted module for `module` on its base layer, holding this adapter (active) under
+    /// the adapter's name. For a VeRA file saved without its projections, call
+    /// [`PeftAdapter::with_shared_from`] first.
+    pub fn layer(&self, module: &str, base: BaseLayer) -> Result<AdaptedModule> {
+        let mut layer = AdaptedModule::new(module, base);
+        let tensors = self.layer_tensors(module)?.clone();
+        layer.add(
+            &self.adapter_name,
+            &*self.config,
+            ParamSource::Given(tensors),
             &self.shared,
-        )
+        )?;
+        layer.set_active(&[&self.adapter_name])?;
+        Ok(layer)
     }
 
     /// Whether the adapter-wide tensors must be regenerated from the base model's shapes
@@ -259,13 +256,17 @@ impl PeftAdapter {
 
     /// Regenerates missing adapter-wide tensors from the shapes of every adapted module's weight
     /// in `state_dict` (PEFT sizes them to the largest targeted layer).
-    pub fn with_shared_from(&mut self, state_dict: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn with_shared_from(
+        &mut self,
+        state_dict: &HashMap<String, Tensor>,
+        kinds: &ModuleKinds,
+    ) -> Result<()> {
         if !self.needs_model_shapes() {
             return Ok(());
         }
         let (mut out_max, mut in_max) = (0, 0);
         for module in self.layers.keys() {
-            let base = self.base_layer_from(module, self.module_kind(module)?, state_dict)?;
+            let base = self.base_layer_from(module, kinds, state_dict)?;
             out_max = out_max.max(base.out_features());
             in_max = in_max.max(base.in_features());
         }
@@ -283,9 +284,13 @@ impl PeftAdapter {
     pub fn base_layer_from(
         &self,
         module: &str,
-        kind: ModuleKind,
+        kinds: &ModuleKinds,
         state_dict: &HashMap<String, Tensor>,
     ) -> Result<BaseLayer> {
+        let kind = *kinds.get(module).ok_or_else(|| PeftError::MissingKey {
+            key: module.to_string(),
+            context: "the adapter targets this module, but the model's module types lack it".into(),
+        })?;
         let weight_key = format!("{module}.weight");
         let bias_key = format!("{module}.bias");
         let weight = state_dict
@@ -298,11 +303,6 @@ impl PeftAdapter {
             .replaced
             .get(&bias_key)
             .or_else(|| state_dict.get(&bias_key));
-        // Some methods' files (AdaLoRA) look the same for Linear and Conv2d: the base decides.
-        let kind = match kind {
-            ModuleKind::Linear if weight.rank() == 4 => ModuleKind::Conv2d(Default::default()),
-            kind => kind,
-        };
         let bias = match (bias, state_dict.get(&bias_key)) {
             (Some(b), Some(orig)) => Some(b.to_dtype(orig.dtype())?),
             (b, _) => b.cloned(),
@@ -315,12 +315,13 @@ impl PeftAdapter {
     pub fn merge_into(
         &self,
         state_dict: &HashMap<String, Tensor>,
+        kinds: &ModuleKinds,
         safe_merge: bool,
     ) -> Result<BTreeMap<String, Tensor>> {
         if self.needs_model_shapes() {
             let mut resolved = self.clone();
-            resolved.with_shared_from(state_dict)?;
-            return resolved.merge_into(state_dict, safe_merge);
+            resolved.with_shared_from(state_dict, kinds)?;
+            return resolved.merge_into(state_dict, kinds, safe_merge);
         }
         let mut out = BTreeMap::new();
         for (key, tensor) in &self.replaced {
@@ -338,10 +339,10 @@ impl PeftAdapter {
             out.insert(key.clone(), tensor.to_dtype(original.dtype())?);
         }
         for module in self.layers.keys() {
-            let base = self.base_layer_from(module, self.module_kind(module)?, state_dict)?;
+            let base = self.base_layer_from(module, kinds, state_dict)?;
             let mut layer = self.layer(module, base)?;
-            layer.merge(safe_merge)?;
-            out.insert(format!("{module}.weight"), layer.base().weight().clone());
+            layer.merge(None, safe_merge)?;
+            out.insert(format!("{module}.weight"), layer.base().weight()?);
             if let Some(bias) = layer.base().bias() {
                 out.insert(format!("{module}.bias"), bias.clone());
             }
@@ -391,7 +392,7 @@ impl PeftAdapter {
         };
         std::fs::create_dir_all(&dir).map_err(|e| PeftError::io(&dir, e))?;
         write_safetensors(&dir.join(crate::io::WEIGHTS_NAME), &self.to_state_dict())?;
-        let json = config_to_file_json(self.config.as_adapter_config());
+        let json = config_to_file_json(&*self.config);
         write_atomic(&dir.join(CONFIG_NAME), json.as_bytes())?;
         Ok(dir)
     }

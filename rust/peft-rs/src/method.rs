@@ -1,0 +1,164 @@
+//! What a PEFT method is to the rest of the crate: a config ([`MethodConfig`]) that builds, for
+//! one module, the method's adapter ([`LayerAdapter`]): its named tensors, its part of the
+//! forward and its [`MergeRule`]. Everything else (several named adapters per module, activation,
+//! merge/unmerge/safe-merge, files, target matching) is written once, in [`crate::module`],
+//! [`crate::merge`] and [`crate::peft_adapter`].
+//!
+//! Adding a method is one file that implements these two traits plus one line in
+//! [`crate::registry`].
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::base::{BaseLayer, ModuleKind};
+use crate::error::Result;
+use crate::matching::Selection;
+use crate::module::Below;
+use crate::params::Params;
+
+/// Which base-model biases are trained and saved with the adapter (PEFT's `bias`: `"none"`,
+/// `"all"`, or the method's own `"lora_only"` / `"oft_only"` / `"boft_only"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BiasMode {
+    #[default]
+    None,
+    All,
+    /// Only the biases of adapted modules.
+    AdaptedOnly,
+}
+
+/// Where a new adapter's tensors come from.
+#[derive(Debug, Clone)]
+pub enum ParamSource {
+    /// Initialised as the config says (PEFT's `init_*` options), from this seed.
+    Init { seed: u64 },
+    /// Given tensors (a file, or the user), named as in [`MethodConfig::param_names`]. Every
+    /// expected tensor must be there with its exact shape, and nothing else.
+    Given(Vec<(String, Tensor)>),
+}
+
+/// A method's config: PEFT's fields, defaults and JSON form, plus what the shared machinery
+/// asks of a method. Valid by construction: every constructor validates.
+pub trait MethodConfig: std::fmt::Debug + Send + Sync + Any {
+    /// PEFT's `peft_type` (`"LORA"`).
+    fn peft_type(&self) -> &'static str;
+
+    /// The JSON object PEFT's `to_dict()` gives (unsorted; files are written sorted).
+    fn to_json(&self) -> Value;
+
+    /// Which modules get an adapter.
+    fn selection(&self) -> Selection<'_>;
+
+    fn modules_to_save(&self) -> &[String] {
+        self.selection().modules_to_save.unwrap_or_default()
+    }
+
+    fn bias_mode(&self) -> BiasMode {
+        BiasMode::None
+    }
+
+    /// Every tensor name a module's adapter can have (file key `<module>.<name>`).
+    fn param_names(&self) -> &'static [&'static str];
+
+    /// The method's adapter for `module`, whose base layer is `base`. Errors name the tensor and
+    /// say what was expected and found; a module kind the method does not support is an error.
+    fn build(
+        &self,
+        module: &str,
+        base: &BaseLayer,
+        source: ParamSource,
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Box<dyn LayerAdapter>>;
+
+    /// The config PEFT saves after creating an adapter on modules of these kinds (PEFT rewrites
+    /// `fan_in_fan_out` from the targeted layer types, for example).
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>>;
+
+    /// Names of adapter-wide tensors, saved as `base_model.<name>` (VeRA's projections).
+    fn shared_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Whether the adapter-wide tensors are written to the file.
+    fn saves_shared(&self) -> bool {
+        false
+    }
+
+    /// The adapter-wide tensors for targeted layers of at most `out_max` outputs and `in_max`
+    /// inputs.
+    fn generate_shared(&self, _out_max: usize, _in_max: usize) -> Result<BTreeMap<String, Tensor>> {
+        Ok(BTreeMap::new())
+    }
+
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One method's adapter on one module: its tensors and its math. It never owns the base layer:
+/// the [`crate::module::AdaptedModule`] that holds it does.
+pub trait LayerAdapter: std::fmt::Debug + Send + Sync {
+    fn config(&self) -> &dyn MethodConfig;
+
+    /// The trainable tensors, named as in PEFT's files relative to the module.
+    fn params(&self) -> &Params;
+    fn params_mut(&mut self) -> &mut Params;
+
+    /// This adapter's layer function: `below` is the layer without it (the base layer with
+    /// the active adapters beneath this one applied). LoRA returns `below(x) + s·BA x`, IA³
+    /// scales `below`'s input or output, OFT rotates `below`'s input.
+    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor>;
+
+    /// How merging folds this adapter into a weight of `base`'s shape and kind.
+    fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule>;
+}
+
+/// How an adapter folds into the base weight, in the base weight's own layout unless said
+/// otherwise. [`crate::merge`] applies and undoes every rule, with PEFT's dtype handling and the
+/// NaN/inf check of `safe_merge`.
+#[derive(Debug, Clone)]
+pub enum MergeRule {
+    /// `W += delta`, `b += bias` (LoRA, AdaLoRA, VeRA, LoHa, LoKr); undone by subtracting.
+    Add { delta: Tensor, bias: Option<Tensor> },
+    /// `W *= weight` (broadcast: rows or columns), `b *= bias` (IA³); undone by dividing by
+    /// `scale + 1e-8`, as PEFT does.
+    Scale { weight: Tensor, bias: Option<Tensor> },
+    /// A linear transform of the layer's input (`x → x·R`) or output (`y → y·R`) features,
+    /// then output rows scaled by `out_scale` (OFT, BOFT). In the `(out, in)` view of the
+    /// weight ([`BaseLayer::to_out_in`]): input `W ← (W·Rᵀ)·diag(s)`, output `W ← Rᵀ·W`;
+    /// undone with `inverse` in place of `R`. The bias is unchanged.
+    Transform {
+        matrix: Tensor,
+        inverse: Tensor,
+        side: Side,
+        out_scale: Option<Tensor>,
+    },
+    /// DoRA: `W ← (m / ‖W + delta‖) (W + delta)` per output feature; undone with the norm taken
+    /// at merge time. `bias` as in [`MergeRule::Add`].
+    Magnitude {
+        delta: Tensor,
+        magnitude: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+/// Which features a [`MergeRule::Transform`] acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Input,
+    Output,
+}
+
+/// One method in the registry ([`crate::registry::METHODS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MethodEntry {
+    /// PEFT's `peft_type`.
+    pub peft_type: &'static str,
+    /// PEFT's config class name, also the Python class name (`"LoraConfig"`).
+    pub config_class: &'static str,
+    /// Parses PEFT's JSON form (with or without `peft_type`) and validates it.
+    pub from_json: fn(Value) -> Result<Arc<dyn MethodConfig>>,
+}

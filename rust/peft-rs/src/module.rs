@@ -1,0 +1,357 @@
+//! [`AdaptedModule`]: one targeted module of a model. It owns the base layer once and holds any
+//! number of named adapters (of any methods), the ordered list of active adapters and the stack
+//! of merged ones, as PEFT's `BaseTunerLayer` does.
+//!
+//! Semantics follow PEFT's layers (`tuners_utils.py`), with two defects of PEFT fixed:
+//! - The forward is the composition of the active adapters in order: the last active adapter
+//!   wraps the ones before it, each wrapping the base layer ([`LayerAdapter::forward`]). For
+//!   additive methods this is PEFT's sum, for IA³ its product, for BOFT its combined rotation.
+//!   For OFT with several active adapters PEFT rotates the input by the first adapter first,
+//!   which disagrees with PEFT's own merge of the same adapters; here the forward equals the
+//!   merge in every case.
+//! - With some adapters merged, PEFT's forward is the base layer alone and drops the active
+//!   adapters that are not merged; here they are still applied on top of the merged weight.
+//!
+//! Disabling unmerges eagerly (PEFT does it lazily, at the first forward while disabled, with
+//! the same end state).
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+use crate::base::BaseLayer;
+use crate::error::{PeftError, Result};
+use crate::merge::{apply_rule, check_finite, undo_rule};
+use crate::method::{LayerAdapter, MethodConfig, ParamSource};
+
+/// An adapter merged into the base weight, with what its unmerge needs besides its tensors.
+#[derive(Debug)]
+struct MergedAdapter {
+    name: String,
+    /// DoRA's weight norm at merge time.
+    cache: Option<Tensor>,
+}
+
+/// What [`AdaptedModule::merge`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// Adapters merged by this call, in order.
+    pub merged: Vec<String>,
+    /// Requested adapters that were merged already (PEFT warns and skips them).
+    pub already_merged: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct AdaptedModule {
+    name: String,
+    base: BaseLayer,
+    /// In insertion order.
+    adapters: Vec<(String, Box<dyn LayerAdapter>)>,
+    active: Vec<String>,
+    merged: Vec<MergedAdapter>,
+    disabled: bool,
+    training: bool,
+}
+
+impl AdaptedModule {
+    /// `name` is the module's path in its model (`"encoder.layer.0.attention.self.query"`); it
+    /// selects per-module settings (`rank_pattern`, IA³'s `feedforward_modules`).
+    pub fn new(name: &str, base: BaseLayer) -> Self {
+        Self {
+            name: name.to_string(),
+            base,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            merged: Vec::new(),
+            disabled: false,
+            training: false,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn base(&self) -> &BaseLayer {
+        &self.base
+    }
+
+    /// Builds an adapter of `config`'s method for this module and adds it (inactive, as PEFT
+    /// adds adapters).
+    pub fn add(
+        &mut self,
+        adapter_name: &str,
+        config: &dyn MethodConfig,
+        source: ParamSource,
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        self.check_new_name(adapter_name)?;
+        let adapter = config.build(&self.name, &self.base, source, shared)?;
+        self.insert(adapter_name, adapter)
+    }
+
+    /// Adds an adapter built elsewhere (inactive).
+    pub fn insert(&mut self, adapter_name: &str, adapter: Box<dyn LayerAdapter>) -> Result<()> {
+        self.check_new_name(adapter_name)?;
+        self.adapters.push((adapter_name.to_string(), adapter));
+        Ok(())
+    }
+
+    fn check_new_name(&self, adapter_name: &str) -> Result<()> {
+        if self.get(adapter_name).is_some() {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}`: an adapter named {adapter_name:?} already exists",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Names of every adapter, in insertion order.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    pub fn get(&self, adapter_name: &str) -> Option<&dyn LayerAdapter> {
+        self.adapters
+            .iter()
+            .find(|(n, _)| n == adapter_name)
+            .map(|(_, a)| a.as_ref())
+    }
+
+    pub fn get_mut(&mut self, adapter_name: &str) -> Option<&mut Box<dyn LayerAdapter>> {
+        self.adapters
+            .iter_mut()
+            .find(|(n, _)| n == adapter_name)
+            .map(|(_, a)| a)
+    }
+
+    /// The adapter named `adapter_name`, or an error listing the known names.
+    pub fn adapter(&self, adapter_name: &str) -> Result<&dyn LayerAdapter> {
+        self.get(adapter_name)
+            .ok_or_else(|| self.unknown(adapter_name))
+    }
+
+    fn unknown(&self, adapter_name: &str) -> PeftError {
+        PeftError::MissingKey {
+            key: adapter_name.to_string(),
+            context: format!(
+                "no adapter of that name on `{}`; its adapters are {:?}",
+                self.name,
+                self.adapter_names()
+            ),
+        }
+    }
+
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Activates these adapters, in this order (several combine, see the module docs). Unknown
+    /// names are an error listing the known ones. As in PEFT, merged adapters are unmerged first.
+    pub fn set_active(&mut self, names: &[&str]) -> Result<Vec<String>> {
+        for name in names {
+            self.adapter(name)?;
+        }
+        let unmerged = self.unmerge()?;
+        self.active = names.iter().map(|n| n.to_string()).collect();
+        Ok(unmerged)
+    }
+
+    /// Names of the merged adapters, in merge order.
+    pub fn merged_adapters(&self) -> Vec<&str> {
+        self.merged.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    pub fn is_merged(&self) -> bool {
+        !self.merged.is_empty()
+    }
+
+    /// Removes an adapter. A merged adapter must be unmerged first. If it was active, the other
+    /// active adapters stay active; if none is left, the alphabetically first remaining adapter
+    /// becomes active (PEFT's rule).
+    pub fn delete(&mut self, adapter_name: &str) -> Result<()> {
+        self.adapter(adapter_name)?;
+        if self.merged.iter().any(|m| m.name == adapter_name) {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}`: cannot delete adapter {adapter_name:?} while it is merged; unmerge first",
+                self.name
+            )));
+        }
+        self.adapters.retain(|(n, _)| n != adapter_name);
+        if self.active.iter().any(|n| n == adapter_name) {
+            self.active.retain(|n| n != adapter_name);
+            if self.active.is_empty() {
+                let mut remaining = self.adapter_names();
+                remaining.sort();
+                self.active = remaining.first().map(|n| n.to_string()).into_iter().collect();
+            }
+        }
+        Ok(())
+    }
+
+    /// Disabling makes the forward the base layer's alone; merged adapters are unmerged (PEFT
+    /// does so at the first forward while disabled). Returns the adapters unmerged.
+    pub fn enable_adapters(&mut self, enabled: bool) -> Result<Vec<String>> {
+        let unmerged = if enabled { Vec::new() } else { self.unmerge()? };
+        self.disabled = !enabled;
+        Ok(unmerged)
+    }
+
+    pub fn adapters_enabled(&self) -> bool {
+        !self.disabled
+    }
+
+    /// Training mode turns on dropout and the methods' other training-only behaviour.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The layer's output: the base layer with every active adapter that is not merged applied.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.disabled {
+            return self.base.forward(x);
+        }
+        let stack: Vec<&dyn LayerAdapter> = self
+            .active
+            .iter()
+            .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
+            .filter_map(|n| self.get(n))
+            .collect();
+        self.below(&stack).forward(x)
+    }
+
+    fn below<'a>(&'a self, adapters: &'a [&'a dyn LayerAdapter]) -> Below<'a> {
+        Below {
+            base: &self.base,
+            adapters,
+            training: self.training,
+        }
+    }
+
+    /// Folds adapters into the base weight: `names`, or the active adapters when `None`, in
+    /// order. Adapters merged already are skipped (reported in the outcome, as PEFT warns);
+    /// names that are not on this module are skipped too, since a model merges by name across
+    /// modules that hold different adapters. With `safe_merge` each new weight is checked for
+    /// NaN/inf before it is written, so a failing merge leaves the weights as they were.
+    pub fn merge(&mut self, names: Option<&[&str]>, safe_merge: bool) -> Result<MergeOutcome> {
+        let names: Vec<String> = match names {
+            Some(n) => n.iter().map(|s| s.to_string()).collect(),
+            None => self.active.clone(),
+        };
+        let mut outcome = MergeOutcome::default();
+        for name in names {
+            if self.merged.iter().any(|m| m.name == name) {
+                outcome.already_merged.push(name);
+                continue;
+            }
+            let Some(adapter) = self.get(&name) else {
+                continue;
+            };
+            let rule = adapter.merge_rule(&self.base)?;
+            let weight = self.base.weight()?;
+            let (weight, bias, cache) = apply_rule(&self.base, &rule, &weight, self.base.bias())?;
+            if safe_merge {
+                let what = format!("{} (adapter {name:?})", self.name);
+                check_finite(&what, &weight)?;
+                if let Some(b) = &bias {
+                    check_finite(&what, b)?;
+                }
+            }
+            self.base.set_weights(weight, bias)?;
+            self.merged.push(MergedAdapter {
+                name: name.clone(),
+                cache,
+            });
+            outcome.merged.push(name);
+        }
+        Ok(outcome)
+    }
+
+    /// Undoes every merge, last merged first, with the adapters' current tensors (as PEFT).
+    /// Returns the adapters unmerged, in that order (empty: nothing was merged).
+    pub fn unmerge(&mut self) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        while let Some(top) = self.merged.last() {
+            let adapter = self.adapter(&top.name)?;
+            let rule = adapter.merge_rule(&self.base)?;
+            let weight = self.base.weight()?;
+            let (weight, bias) = undo_rule(
+                &self.base,
+                &rule,
+                &weight,
+                self.base.bias(),
+                top.cache.as_ref(),
+            )?;
+            self.base.set_weights(weight, bias)?;
+            let top = self.merged.pop().expect("checked above");
+            done.push(top.name);
+        }
+        Ok(done)
+    }
+
+    /// The weight and bias this module would have with these adapters merged, in order, on top
+    /// of its current weight; nothing is written.
+    pub fn merged_weights(&self, names: &[&str]) -> Result<(Tensor, Option<Tensor>)> {
+        let adapters = names
+            .iter()
+            .map(|n| self.adapter(n))
+            .collect::<Result<Vec<_>>>()?;
+        self.below(&adapters).weights()
+    }
+}
+
+/// The layer beneath an adapter: the base layer with the adapters below it in the active order.
+/// A method's forward calls [`Below::forward`] where PEFT calls the base layer; the few methods
+/// whose forward needs a weight (DoRA's norm, BOFT on Conv2d) ask [`Below::weights`].
+pub struct Below<'a> {
+    base: &'a BaseLayer,
+    adapters: &'a [&'a dyn LayerAdapter],
+    training: bool,
+}
+
+impl Below<'_> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.adapters.split_last() {
+            None => self.base.forward(x),
+            Some((top, rest)) => top.forward(
+                x,
+                &Below {
+                    base: self.base,
+                    adapters: rest,
+                    training: self.training,
+                },
+            ),
+        }
+    }
+
+    /// The weight and bias equal to this layer (base with these adapters merged in order).
+    pub fn weights(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let mut weight = self.base.weight()?;
+        let mut bias = self.base.bias().cloned();
+        for adapter in self.adapters {
+            let rule = adapter.merge_rule(self.base)?;
+            let (w, b, _) = apply_rule(self.base, &rule, &weight, bias.as_ref())?;
+            (weight, bias) = (w, b);
+        }
+        Ok((weight, bias))
+    }
+
+    /// The module's base layer (its kind, shapes and hyper-parameters).
+    pub fn base(&self) -> &BaseLayer {
+        self.base
+    }
+
+    /// Whether nothing lies between this adapter and the base layer.
+    pub fn is_base(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    pub fn training(&self) -> bool {
+        self.training
+    }
+}
