@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: deps build example test test-rust test-python lint bench bench-rust golden
+.PHONY: deps build example test test-rust test-python lint bench bench-rust golden stubs
 
 deps:
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
@@ -31,16 +31,20 @@ test-python:
 lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	ruff check python tests benches examples
-	ruff format --check python tests benches examples
+	ruff check python tests benches examples tools
+	ruff format --check python tests benches examples tools
 
 bench: build
 	$(PYTHON) benches/bench_lora.py
 	$(PYTHON) benches/bench_methods.py
 
 bench-rust:
-	cargo bench -p peft-rs --bench lora_forward
+	cargo bench -p peft-rs --bench methods
 
 # Regenerate the PEFT-made golden files the Rust tests read.
 golden: deps
 	$(PYTHON) tests/generate_golden.py
+
+# Rewrite the registry-made part of python/peft_rs/_core.pyi (after adding a method).
+stubs: build
+	$(PYTHON) tools/gen_stubs.py

@@ -5,28 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors
-from ._core import (
-    CUDA_ENABLED,
-    AdaLoraConfig,
-    AdaLoraLinear,
-    IA3Config,
-    IA3Conv2d,
-    IA3Linear,
-    LoraConfig,
-    LoraConv2d,
-    LoraEmbedding,
-    LoraLinear,
-    PeftAdapter,
-    VeraConfig,
-    VeraLinear,
-    __version__,
-)
+from ._core import *  # noqa: F403  (PeftConfig, one config class per registered method, AdaptedLayer...)
+from ._core import CONFIG_CLASSES, __version__
 from .errors import PeftError
 from .protocols import Adapter, Mergeable
 
 
 def module_types(model: Any) -> dict[str, str]:
-    """Module paths of a torch model mapped to the types ``PeftAdapter.create`` understands.
+    """Module paths of a torch model mapped to the module types peft_rs needs (``PeftAdapter``).
 
     ``nn.Linear`` → ``"linear"``, transformers ``Conv1D`` → ``"conv1d"``, ``nn.Embedding`` →
     ``"embedding"``, ``nn.Conv2d`` → ``"conv2d"``; other modules are left out.
@@ -49,23 +35,15 @@ def module_types(model: Any) -> dict[str, str]:
 
 
 __all__ = [
-    "CUDA_ENABLED",
-    "AdaLoraConfig",
-    "AdaLoraLinear",
     "Adapter",
-    "IA3Config",
-    "IA3Conv2d",
-    "IA3Linear",
-    "LoraConfig",
-    "LoraConv2d",
-    "LoraEmbedding",
-    "LoraLinear",
+    "AdaptedLayer",
+    "CUDA_ENABLED",
     "Mergeable",
     "PeftAdapter",
+    "PeftConfig",
     "PeftError",
-    "VeraConfig",
-    "VeraLinear",
     "__version__",
     "errors",
     "module_types",
+    *CONFIG_CLASSES,
 ]

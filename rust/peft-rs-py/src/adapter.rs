@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
-use peft_rs::base::{BaseLayer, ModuleKind};
+use peft_rs::base::{BaseLayer, Conv2dParams};
+use peft_rs::peft_adapter::ModuleKinds;
 use peft_rs::{BaseModule, PeftAdapter, PeftError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -12,7 +13,7 @@ use pyo3::types::PyDict;
 use crate::config::{config_from_py, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
 use crate::errors::{run, to_pyerr};
-use crate::layers::{conv2d_params_or_default, wrap_layer};
+use crate::layer::{PyAdaptedLayer, conv2d_params, parse_kind};
 
 #[pyclass(name = "PeftAdapter", module = "peft_rs._core", frozen)]
 pub struct PyPeftAdapter {
@@ -33,18 +34,16 @@ fn pick(
     Ok(out)
 }
 
-fn parse_kind(name: &str, kind: &str) -> PyResult<ModuleKind> {
-    Ok(match kind {
-        "linear" => ModuleKind::Linear,
-        "conv1d" => ModuleKind::Conv1D,
-        "embedding" => ModuleKind::Embedding,
-        "conv2d" => ModuleKind::Conv2d(Default::default()),
-        other => {
-            return Err(crate::errors::value_error(format!(
-                "module {name:?}: unknown module type {other:?}; expected linear, conv1d, embedding or conv2d"
-            )));
-        }
-    })
+/// `module_types` (`{"lin0": "linear", ...}`, as `peft_rs.module_types` gives) as module kinds;
+/// Conv2d modules get `conv` (their stride and padding do not matter to merging).
+fn module_kinds(
+    module_types: &HashMap<String, String>,
+    conv: Conv2dParams,
+) -> PyResult<ModuleKinds> {
+    module_types
+        .iter()
+        .map(|(name, kind)| Ok((name.clone(), parse_kind(name, kind, conv)?)))
+        .collect()
 }
 
 #[pymethods]
@@ -82,7 +81,7 @@ impl PyPeftAdapter {
         names.sort();
         let mut modules = Vec::new();
         for name in names {
-            let kind = parse_kind(&name, &module_types[&name])?;
+            let kind = parse_kind(&name, &module_types[&name], Conv2dParams::default())?;
             let weight = state_dict
                 .get_item(format!("{name}.weight"))?
                 .ok_or_else(|| {
@@ -100,17 +99,11 @@ impl PyPeftAdapter {
             .map_err(to_pyerr)?;
             modules.push(BaseModule { name, layer });
         }
-        // Only modules_to_save and biases are copied from the rest of the state dict.
+        // Only the entries the adapter may keep are converted.
         let mut extra = HashMap::new();
         for (k, v) in state_dict.iter() {
             let key: String = k.extract()?;
-            if key.ends_with(".bias")
-                || key == "bias"
-                || peft_config
-                    .modules_to_save()
-                    .iter()
-                    .any(|m| key.contains(m.as_str()))
-            {
+            if PeftAdapter::may_keep(&peft_config, &key) {
                 extra.insert(key, tensor_from_py(&v)?);
             }
         }
@@ -123,7 +116,7 @@ impl PyPeftAdapter {
     /// `"LORA"`, ...
     #[getter]
     fn peft_type(&self) -> &'static str {
-        self.inner.config().as_adapter_config().peft_type().as_str()
+        self.inner.config().peft_type()
     }
 
     #[getter]
@@ -147,21 +140,24 @@ impl PyPeftAdapter {
 
     /// A new dict: `state_dict` with every adapted weight (and bias) merged and
     /// `modules_to_save` entries replaced; values keep their array type and dtype, and
-    /// `state_dict` itself is not modified.
-    #[pyo3(signature = (state_dict, *, safe_merge=false))]
+    /// `state_dict` itself is not modified. `module_types` is `peft_rs.module_types(model)`: the
+    /// module kinds come from the model, never from the adapter's tensor shapes.
+    #[pyo3(signature = (state_dict, module_types, *, safe_merge=false))]
     fn merge_into<'py>(
         &self,
         py: Python<'py>,
         state_dict: &Bound<'py, PyDict>,
+        module_types: HashMap<String, String>,
         safe_merge: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let kinds = module_kinds(&module_types, Conv2dParams::default())?;
         let mut keys: Vec<String> = self.inner.replaced_tensors().keys().cloned().collect();
         for m in self.inner.module_names() {
             keys.push(format!("{m}.weight"));
             keys.push(format!("{m}.bias"));
         }
         let base = pick(state_dict, keys)?;
-        let merged = run(py, || self.inner.merge_into(&base, safe_merge))?;
+        let merged = run(py, || self.inner.merge_into(&base, &kinds, safe_merge))?;
         let out = state_dict.copy()?;
         for (key, tensor) in merged {
             let kind = ArrayKind::of(
@@ -174,31 +170,26 @@ impl PyPeftAdapter {
         Ok(out)
     }
 
-    /// The adapted layer of `module_name`, with base weights taken from `state_dict`
-    /// (`<module>.weight`, `<module>.bias`). Conv2d hyper-parameters are not in adapter files:
-    /// pass them for Conv2d modules.
-    #[pyo3(signature = (module_name, state_dict, *, stride=None, padding=None, dilation=None, groups=1))]
+    /// The `AdaptedLayer` of `module_name` holding this adapter (active), with base weights
+    /// from `state_dict` (`<module>.weight`, `<module>.bias`) and the module's kind from
+    /// `module_types`. Conv2d hyper-parameters are not in adapter files: pass them for Conv2d.
+    #[pyo3(signature = (module_name, state_dict, module_types, *, stride=None, padding=None, dilation=None, groups=1))]
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         py: Python<'_>,
         module_name: &str,
         state_dict: &Bound<'_, PyDict>,
+        module_types: HashMap<String, String>,
         stride: Option<&Bound<'_, PyAny>>,
         padding: Option<&Bound<'_, PyAny>>,
         dilation: Option<&Bound<'_, PyAny>>,
         groups: usize,
-    ) -> PyResult<Py<PyAny>> {
-        let mut kind = self.inner.module_kind(module_name).map_err(to_pyerr)?;
-        let weight_ndim = match state_dict.get_item(format!("{module_name}.weight"))? {
-            Some(w) => w.getattr("ndim")?.extract::<usize>()?,
-            None => 0,
-        };
-        if matches!(kind, ModuleKind::Conv2d(_)) || weight_ndim == 4 {
-            kind = ModuleKind::Conv2d(conv2d_params_or_default(
-                py, stride, padding, dilation, groups,
-            )?);
-        }
+    ) -> PyResult<PyAdaptedLayer> {
+        let kinds = module_kinds(
+            &module_types,
+            conv2d_params(stride, padding, dilation, groups)?,
+        )?;
         let weight_key = format!("{module_name}.weight");
         let array_kind = match state_dict.get_item(&weight_key)? {
             Some(w) => ArrayKind::of(&w)?,
@@ -216,44 +207,46 @@ impl PyPeftAdapter {
             );
         }
         let base = pick(state_dict, keys)?;
-        let layer = run(py, || {
-            let base_layer = self.inner.base_layer_from(module_name, kind, &base)?;
+        let inner = run(py, || {
+            let base_layer = self.inner.base_layer_from(module_name, &kinds, &base)?;
             if needs_shapes {
                 let mut resolved = self.inner.clone();
-                resolved.with_shared_from(&base)?;
+                resolved.with_shared_from(&base, &kinds)?;
                 resolved.layer(module_name, base_layer)
             } else {
                 self.inner.layer(module_name, base_layer)
             }
         })?;
-        wrap_layer(py, layer, array_kind)
+        Ok(PyAdaptedLayer { inner, array_kind })
     }
 
-    /// One-shot `layer(module_name, state_dict).forward(x)` for Linear, Conv1D and Embedding
-    /// modules (a Conv2d's stride and padding are not in adapter files: use `layer`).
+    /// One-shot `layer(module_name, state_dict, module_types).forward(x)` for Linear, Conv1D and
+    /// Embedding modules (a Conv2d's stride and padding are not in adapter files: use `layer`).
     fn forward<'py>(
         &self,
         py: Python<'py>,
         module_name: &str,
         x: &Bound<'py, PyAny>,
         state_dict: &Bound<'py, PyDict>,
+        module_types: HashMap<String, String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let is_conv = matches!(
-            self.inner.module_kind(module_name).map_err(to_pyerr)?,
-            ModuleKind::Conv2d(_)
-        ) || state_dict
-            .get_item(format!("{module_name}.weight"))?
-            .map(|w| w.getattr("ndim").and_then(|n| n.extract::<usize>()))
-            .transpose()?
-            == Some(4);
-        if is_conv {
+        if module_types.get(module_name).map(String::as_str) == Some("conv2d") {
             return Err(to_pyerr(PeftError::InvalidOperation(format!(
                 "`{module_name}` is a Conv2d: its stride/padding are not stored in adapter files; \
-                 use layer({module_name:?}, state_dict, stride=..., padding=...).forward(x)"
+                 use layer({module_name:?}, state_dict, module_types, stride=..., padding=...).forward(x)"
             ))));
         }
-        let layer = self.layer(py, module_name, state_dict, None, None, None, 1)?;
-        layer.bind(py).call_method1("forward", (x,))
+        let layer = self.layer(
+            py,
+            module_name,
+            state_dict,
+            module_types,
+            None,
+            None,
+            None,
+            1,
+        )?;
+        layer.forward(py, x)
     }
 
     /// The tensors under PEFT's file keys (`base_model.model.<module>.lora_A.weight`...), as

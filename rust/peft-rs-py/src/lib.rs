@@ -6,7 +6,7 @@ mod config;
 mod dlpack;
 mod errors;
 mod json;
-mod layers;
+mod layer;
 
 use pyo3::prelude::*;
 
@@ -14,17 +14,16 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CUDA_ENABLED", cfg!(feature = "cuda"))?;
-    m.add_class::<config::PyLoraConfig>()?;
-    m.add_class::<config::PyIa3Config>()?;
-    m.add_class::<config::PyAdaLoraConfig>()?;
-    m.add_class::<config::PyVeraConfig>()?;
-    m.add_class::<layers::LoraLinear>()?;
-    m.add_class::<layers::LoraEmbedding>()?;
-    m.add_class::<layers::LoraConv2d>()?;
-    m.add_class::<layers::IA3Linear>()?;
-    m.add_class::<layers::IA3Conv2d>()?;
-    m.add_class::<layers::AdaLoraLinear>()?;
-    m.add_class::<layers::VeraLinear>()?;
+    config::add_config_classes(m)?;
+    let classes: Vec<&str> = peft_rs::registry::METHODS
+        .iter()
+        .map(|m| m.config_class)
+        .collect();
+    m.add(
+        "CONFIG_CLASSES",
+        pyo3::types::PyTuple::new(m.py(), classes)?,
+    )?;
+    m.add_class::<layer::PyAdaptedLayer>()?;
     m.add_class::<adapter::PyPeftAdapter>()?;
     m.add_class::<dlpack::DLPackExport>()?;
     Ok(())

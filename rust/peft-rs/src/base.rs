@@ -234,7 +234,12 @@ impl BaseLayer {
 
     /// The layer's computation with another weight and bias of the same shapes (methods whose
     /// forward uses a transformed weight, such as BOFT on Conv2d).
-    pub fn forward_with(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         match self.kind {
             ModuleKind::Embedding => embedding(weight, x),
             ModuleKind::Linear | ModuleKind::Conv1D => {

@@ -24,8 +24,10 @@ pub const CONFIG_NAME: &str = "adapter_config.json";
 pub struct PeftConfig(Arc<dyn MethodConfig>);
 
 impl PeftConfig {
-    pub fn new(config: Arc<dyn MethodConfig>) -> Self {
-        Self(config)
+    /// Wraps a method's config after validating it.
+    pub fn new(config: Arc<dyn MethodConfig>) -> Result<Self> {
+        config.validate()?;
+        Ok(Self(config))
     }
 
     /// Reads PEFT's JSON form; `peft_type` picks the method from the registry.
@@ -34,7 +36,7 @@ impl PeftConfig {
             .get("peft_type")
             .and_then(Value::as_str)
             .ok_or_else(|| PeftError::config("peft_type", "missing or not a string"))?;
-        Ok(Self((registry::method(peft_type)?.from_json)(value)?))
+        Self::new((registry::method(peft_type)?.from_json)(value)?)
     }
 
     pub fn to_json(&self) -> Value {

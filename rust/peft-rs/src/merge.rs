@@ -33,7 +33,10 @@ pub(crate) fn apply_rule(
             add_bias(base, bias, db.as_ref(), 1.0)?,
             None,
         )),
-        MergeRule::Scale { weight: s, bias: sb } => Ok((
+        MergeRule::Scale {
+            weight: s,
+            bias: sb,
+        } => Ok((
             scale(weight, s, false)?,
             scale_bias(bias, sb.as_ref(), false)?,
             None,
@@ -79,9 +82,13 @@ pub(crate) fn undo_rule(
             add_to(weight, delta, -1.0)?,
             add_bias(base, bias, db.as_ref(), -1.0)?,
         )),
-        MergeRule::Scale { weight: s, bias: sb } => {
-            Ok((scale(weight, s, true)?, scale_bias(bias, sb.as_ref(), true)?))
-        }
+        MergeRule::Scale {
+            weight: s,
+            bias: sb,
+        } => Ok((
+            scale(weight, s, true)?,
+            scale_bias(bias, sb.as_ref(), true)?,
+        )),
         MergeRule::Transform {
             inverse,
             side,
@@ -182,7 +189,9 @@ fn transform(
 ) -> Result<Tensor> {
     let dtype = matrix.dtype();
     let mut w = base.to_out_in(&weight.to_dtype(dtype)?)?;
-    let s = out_scale.map(|s| s.flatten_all()?.unsqueeze(1)).transpose()?;
+    let s = out_scale
+        .map(|s| s.flatten_all()?.unsqueeze(1))
+        .transpose()?;
     if undo && let Some(s) = &s {
         w = w.broadcast_div(s)?;
     }
@@ -199,7 +208,11 @@ fn transform(
 /// Errors if `t` holds NaN or infinity (`safe_merge`). `t - t` is 0 for finite values and NaN
 /// otherwise, so one reduction on `t`'s device tells.
 pub(crate) fn check_finite(module: &str, t: &Tensor) -> Result<()> {
-    let probe = t.sub(t)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let probe = t
+        .sub(t)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
     if probe == 0.0 {
         Ok(())
     } else {

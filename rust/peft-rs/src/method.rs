@@ -48,6 +48,12 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync + Any {
     /// PEFT's `peft_type` (`"LORA"`).
     fn peft_type(&self) -> &'static str;
 
+    /// Checks every field, naming the offending one ([`crate::PeftError::InvalidConfig`]).
+    /// Parsing validates, and so does every path that builds adapters from a config
+    /// ([`crate::AdaptedModule::add`], [`crate::PeftAdapter::create`]), so a struct literal with
+    /// invalid fields cannot reach the math.
+    fn validate(&self) -> Result<()>;
+
     /// The JSON object PEFT's `to_dict()` gives (unsorted; files are written sorted).
     fn to_json(&self) -> Value;
 
@@ -125,7 +131,10 @@ pub enum MergeRule {
     Add { delta: Tensor, bias: Option<Tensor> },
     /// `W *= weight` (broadcast: rows or columns), `b *= bias` (IA³); undone by dividing by
     /// `scale + 1e-8`, as PEFT does.
-    Scale { weight: Tensor, bias: Option<Tensor> },
+    Scale {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
     /// A linear transform of the layer's input (`x → x·R`) or output (`y → y·R`) features,
     /// then output rows scaled by `out_scale` (OFT, BOFT). In the `(out, in)` view of the
     /// weight ([`BaseLayer::to_out_in`]): input `W ← (W·Rᵀ)·diag(s)`, output `W ← Rᵀ·W`;

@@ -76,8 +76,8 @@ impl AdaptedModule {
         &self.base
     }
 
-    /// Builds an adapter of `config`'s method for this module and adds it (inactive, as PEFT
-    /// adds adapters).
+    /// Builds an adapter of `config`'s method for this module and adds it (see
+    /// [`AdaptedModule::insert`]).
     pub fn add(
         &mut self,
         adapter_name: &str,
@@ -86,13 +86,18 @@ impl AdaptedModule {
         shared: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
         self.check_new_name(adapter_name)?;
+        config.validate()?;
         let adapter = config.build(&self.name, &self.base, source, shared)?;
         self.insert(adapter_name, adapter)
     }
 
-    /// Adds an adapter built elsewhere (inactive).
+    /// Adds an adapter built elsewhere. As in PEFT, a module's first adapter is active and later
+    /// ones are added inactive.
     pub fn insert(&mut self, adapter_name: &str, adapter: Box<dyn LayerAdapter>) -> Result<()> {
         self.check_new_name(adapter_name)?;
+        if self.adapters.is_empty() {
+            self.active = vec![adapter_name.to_string()];
+        }
         self.adapters.push((adapter_name.to_string(), adapter));
         Ok(())
     }
@@ -184,7 +189,11 @@ impl AdaptedModule {
             if self.active.is_empty() {
                 let mut remaining = self.adapter_names();
                 remaining.sort();
-                self.active = remaining.first().map(|n| n.to_string()).into_iter().collect();
+                self.active = remaining
+                    .first()
+                    .map(|n| n.to_string())
+                    .into_iter()
+                    .collect();
             }
         }
         Ok(())

@@ -43,13 +43,14 @@ pub fn take_params(
     let mut given = given;
     let mut entries = Vec::with_capacity(expected.len());
     for (name, shape) in expected {
-        let pos = given
-            .iter()
-            .position(|(n, _)| n == name)
-            .ok_or_else(|| PeftError::MissingKey {
-                key: file_key(module, name),
-                context: format!("required by a {what} layer"),
-            })?;
+        let pos =
+            given
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| PeftError::MissingKey {
+                    key: file_key(module, name),
+                    context: format!("required by a {what} layer"),
+                })?;
         let (_, t) = given.swap_remove(pos);
         if t.dims() != shape.as_slice() {
             return Err(PeftError::shape(
@@ -111,6 +112,11 @@ impl Params {
         self.entries.push((name.to_string(), tensor));
     }
 
+    /// Number of scalars over every tensor.
+    pub fn num_elements(&self) -> usize {
+        self.entries.iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
     pub fn entries(&self) -> &[(String, Tensor)] {
         &self.entries
     }
@@ -146,4 +152,3 @@ impl Params {
         self.frozen
     }
 }
-

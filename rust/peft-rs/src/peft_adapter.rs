@@ -162,7 +162,7 @@ impl PeftAdapter {
             }
         }
         let kinds: Vec<ModuleKind> = targets.iter().map(|(_, m)| m.layer.kind()).collect();
-        let config = PeftConfig::new(config.for_targets(&kinds)?);
+        let config = PeftConfig::new(config.for_targets(&kinds)?)?;
         let shared = config.generate_shared(
             targets
                 .iter()
@@ -208,6 +208,14 @@ impl PeftAdapter {
             replaced,
             shared,
         })
+    }
+
+    /// Whether a base `state_dict()` entry can be kept by an adapter of `config` (a
+    /// `modules_to_save` tensor, or a bias the config trains): what [`PeftAdapter::create`]
+    /// needs of the state dict.
+    pub fn may_keep(config: &PeftConfig, key: &str) -> bool {
+        module_to_save_prefix(config.modules_to_save(), key)
+            || (config.bias_mode() != BiasMode::None && (key == "bias" || key.ends_with(".bias")))
     }
 
     pub fn adapter_name(&self) -> &str {

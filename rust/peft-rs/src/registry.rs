@@ -2,9 +2,18 @@
 
 use crate::error::{PeftError, Result};
 use crate::method::MethodEntry;
-use crate::methods::lora;
+use crate::methods::{adalora, boft, ia3, loha, lokr, lora, oft, vera};
 
-pub const METHODS: &[MethodEntry] = &[lora::ENTRY];
+pub const METHODS: &[MethodEntry] = &[
+    lora::ENTRY,
+    adalora::ENTRY,
+    ia3::ENTRY,
+    vera::ENTRY,
+    boft::ENTRY,
+    loha::ENTRY,
+    lokr::ENTRY,
+    oft::ENTRY,
+];
 
 /// The method registered for `peft_type`.
 pub fn method(peft_type: &str) -> Result<&'static MethodEntry> {

@@ -1,16 +1,45 @@
 //! Training hooks: VarMap registration, gradients, freezing and dropout.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD, VarMap};
 use peft_rs::base::{BaseLayer, ModuleKind};
-use peft_rs::{Adapter, LoraConfig, LoraLayer, Trainable};
+use peft_rs::methods::lora::{LORA_B, LoraInit};
+use peft_rs::{AdaptedModule, LoraConfig, ParamSource};
 
-fn layer(config: LoraConfig) -> LoraLayer {
+const ADAPTER: &str = "default";
+
+fn layer(config: LoraConfig) -> AdaptedModule {
     let w = Tensor::randn(0f32, 1., (6, 5), &Device::Cpu).unwrap();
     let base = BaseLayer::new(ModuleKind::Linear, w, None).unwrap();
-    LoraLayer::new("lin", base, Arc::new(config), 0).unwrap()
+    let mut layer = AdaptedModule::new("lin", base);
+    layer
+        .add(
+            ADAPTER,
+            &config,
+            ParamSource::Init { seed: 0 },
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    layer.set_active(&[ADAPTER]).unwrap();
+    layer
+}
+
+fn register(layer: &mut AdaptedModule, varmap: &VarMap, prefix: &str) -> peft_rs::Result<()> {
+    layer
+        .get_mut(ADAPTER)
+        .unwrap()
+        .params_mut()
+        .register(varmap, prefix)
+}
+
+fn set_frozen(layer: &mut AdaptedModule, frozen: bool) {
+    layer
+        .get_mut(ADAPTER)
+        .unwrap()
+        .params_mut()
+        .set_frozen(frozen);
 }
 
 #[test]
@@ -20,7 +49,7 @@ fn registered_parameters_receive_gradients_and_train() {
         ..Default::default()
     });
     let varmap = VarMap::new();
-    layer.register(&varmap, "model.lin").unwrap();
+    register(&mut layer, &varmap, "model.lin").unwrap();
     let names: Vec<_> = varmap
         .data()
         .lock()
@@ -37,7 +66,7 @@ fn registered_parameters_receive_gradients_and_train() {
 
     let x = Tensor::randn(0f32, 1., (8, 5), &Device::Cpu).unwrap();
     let target = Tensor::randn(0f32, 1., (8, 6), &Device::Cpu).unwrap();
-    let loss = |l: &LoraLayer| {
+    let loss = |l: &AdaptedModule| {
         (l.forward(&x).unwrap() - &target)
             .unwrap()
             .sqr()
@@ -53,7 +82,12 @@ fn registered_parameters_receive_gradients_and_train() {
     let after = loss(&layer).to_scalar::<f32>().unwrap();
     assert!(after < before, "loss did not decrease: {before} -> {after}");
     // B started at zero and was trained through the registered variable.
-    let b = &layer.weights()[1].1;
+    let b = layer
+        .adapter(ADAPTER)
+        .unwrap()
+        .params()
+        .get(LORA_B)
+        .unwrap();
     assert!(
         b.abs()
             .unwrap()
@@ -72,9 +106,9 @@ fn frozen_parameters_get_no_gradient() {
         ..Default::default()
     });
     let varmap = VarMap::new();
-    layer.register(&varmap, "lin").unwrap();
-    layer.freeze();
-    assert!(layer.is_frozen());
+    register(&mut layer, &varmap, "lin").unwrap();
+    set_frozen(&mut layer, true);
+    assert!(layer.adapter(ADAPTER).unwrap().params().is_frozen());
     let x = Tensor::ones((3, 5), DType::F32, &Device::Cpu).unwrap();
     let grads = layer
         .forward(&x)
@@ -86,7 +120,7 @@ fn frozen_parameters_get_no_gradient() {
     for var in varmap.all_vars() {
         assert!(grads.get(&var).is_none());
     }
-    layer.unfreeze();
+    set_frozen(&mut layer, false);
     let grads = layer
         .forward(&x)
         .unwrap()
@@ -100,14 +134,8 @@ fn frozen_parameters_get_no_gradient() {
 #[test]
 fn registering_twice_under_one_prefix_is_refused() {
     let varmap = VarMap::new();
-    layer(LoraConfig::default())
-        .register(&varmap, "lin")
-        .unwrap();
-    assert!(
-        layer(LoraConfig::default())
-            .register(&varmap, "lin")
-            .is_err()
-    );
+    register(&mut layer(LoraConfig::default()), &varmap, "lin").unwrap();
+    assert!(register(&mut layer(LoraConfig::default()), &varmap, "lin").is_err());
 }
 
 #[test]
@@ -115,7 +143,7 @@ fn dropout_only_in_training() {
     let config = LoraConfig {
         r: 4,
         lora_dropout: 0.5,
-        init_lora_weights: peft_rs::adapters::lora::LoraInit::Flag(false),
+        init_lora_weights: LoraInit::Flag(false),
         ..Default::default()
     };
     let mut layer = layer(config);

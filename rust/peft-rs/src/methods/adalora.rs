@@ -6,20 +6,30 @@
 //! The layer math and the files are here (Linear, Conv1D, Conv2d); the training-time rank
 //! allocator is not yet.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
-use crate::adapters::lora::{LoraConfig, LoraInit};
 use crate::base::{BaseLayer, ModuleKind, conv2d, linear_rows};
-use crate::config::{AdapterConfig, PeftType, deserialize_fields, number, take_peft_type};
+use crate::config::{deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
-use crate::merge::{adapter_dtype, apply_delta, check_merge_state};
-use crate::params::Params;
-use crate::traits::{Adapter, Mergeable};
+use crate::merge::adapter_dtype;
+use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::methods::lora::{LoraConfig, LoraInit};
+use crate::module::Below;
+use crate::params::{Params, take_params};
+
+pub const PEFT_TYPE: &str = "ADALORA";
+
+pub const ENTRY: MethodEntry = MethodEntry {
+    peft_type: PEFT_TYPE,
+    config_class: "AdaLoraConfig",
+    from_json: |v| Ok(Arc::new(AdaLoraConfig::from_json(v)?)),
+};
 
 pub const ADALORA_A: &str = "lora_A";
 pub const ADALORA_B: &str = "lora_B";
@@ -85,9 +95,12 @@ pub struct AdaLoraConfig {
 impl AdaLoraConfig {
     pub fn from_json(value: Value) -> Result<Self> {
         let mut value = value;
-        take_peft_type(&mut value, PeftType::AdaLora)?;
+        take_peft_type(&mut value, PEFT_TYPE)?;
         let Value::Object(map) = value else {
-            unreachable!("take_peft_type checked for an object")
+            return Err(PeftError::config(
+                "<root>",
+                "a config must be a JSON object",
+            ));
         };
         let (own, lora): (Map<String, Value>, Map<String, Value>) = map
             .into_iter()
@@ -145,12 +158,10 @@ impl AdaLoraConfig {
     }
 }
 
-impl AdapterConfig for AdaLoraConfig {
-    fn peft_type(&self) -> PeftType {
-        PeftType::AdaLora
-    }
-
-    fn validate(&self) -> Result<()> {
+impl AdaLoraConfig {
+    /// Checks every field; every constructor calls it, so a config in hand is valid.
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
         let a = &self.adalora;
         match a.total_step {
             None | Some(0) => {
@@ -203,13 +214,23 @@ impl AdapterConfig for AdaLoraConfig {
         }
         Ok(())
     }
+}
+
+impl MethodConfig for AdaLoraConfig {
+    fn peft_type(&self) -> &'static str {
+        PEFT_TYPE
+    }
+
+    fn validate(&self) -> Result<()> {
+        AdaLoraConfig::validate(self)
+    }
 
     fn to_json(&self) -> Value {
-        let mut value = self.lora.to_json();
+        let mut value = MethodConfig::to_json(&self.lora);
         let own = serde_json::to_value(&self.adalora).expect("AdaLoraFields serialise");
         if let (Value::Object(map), Value::Object(own)) = (&mut value, own) {
             map.extend(own);
-            map.insert("peft_type".into(), Value::from(PeftType::AdaLora.as_str()));
+            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
             for key in ["beta1", "beta2", "orth_reg_weight"] {
                 if let Some(v) = map.get(key).and_then(Value::as_f64) {
                     map.insert(key.into(), number(v));
@@ -218,30 +239,54 @@ impl AdapterConfig for AdaLoraConfig {
         }
         value
     }
-}
 
-/// One Linear / Conv1D / Conv2d module with an AdaLoRA adapter.
-#[derive(Debug, Clone)]
-pub struct AdaLoraLayer {
-    module: String,
-    base: BaseLayer,
-    params: Params,
-    r: usize,
-    scaling: f64,
-    merged: bool,
-    training: bool,
-    config: Arc<AdaLoraConfig>,
+    fn selection(&self) -> Selection<'_> {
+        self.lora.selection()
+    }
+
+    fn bias_mode(&self) -> BiasMode {
+        self.lora.bias.into()
+    }
+
+    fn param_names(&self) -> &'static [&'static str] {
+        PARAM_NAMES
+    }
+
+    fn build(
+        &self,
+        module: &str,
+        base: &BaseLayer,
+        source: ParamSource,
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Box<dyn LayerAdapter>> {
+        Ok(Box::new(AdaLoraAdapter::new(
+            module,
+            base,
+            self.clone(),
+            source,
+        )?))
+    }
+
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+        let mut config = self.clone();
+        crate::methods::adapt_fan_in_fan_out(&mut config.lora.fan_in_fan_out, kinds)?;
+        Ok(Arc::new(config))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// A `(r, in)` (Conv2d: `(r, in/groups · kh · kw)`), B `(out, r)`, E `(r, 1)`.
 fn expected_params(base: &BaseLayer, r: usize) -> Result<Vec<(&'static str, Vec<usize>)>> {
     let a_cols = match base.kind() {
         ModuleKind::Linear | ModuleKind::Conv1D => base.in_features(),
-        ModuleKind::Conv2d(_) => base.weight().dims()[1..].iter().product(),
-        ModuleKind::Embedding => {
-            return Err(PeftError::InvalidOperation(
-                "AdaLoRA does not support Embedding layers (as in PEFT)".into(),
-            ));
+        ModuleKind::Conv2d(_) => base.weight_dims()[1..].iter().product(),
+        kind @ ModuleKind::Embedding => {
+            return Err(PeftError::InvalidOperation(format!(
+                "AdaLoRA does not support {kind:?} layers (as in PEFT)"
+            )));
         }
     };
     Ok(vec![
@@ -251,81 +296,60 @@ fn expected_params(base: &BaseLayer, r: usize) -> Result<Vec<(&'static str, Vec<
     ])
 }
 
-impl AdaLoraLayer {
-    /// A fresh adapter at the module's rank: A, B ~ N(0, 0.02²) and E = 0 (the identity), or all
-    /// N(0, 1) with `init_lora_weights=false`.
+/// An AdaLoRA adapter on one Linear / Conv1D / Conv2d module.
+#[derive(Debug)]
+pub struct AdaLoraAdapter {
+    config: Arc<AdaLoraConfig>,
+    params: Params,
+    kind: ModuleKind,
+    r: usize,
+    scaling: f64,
+}
+
+impl AdaLoraAdapter {
+    /// The adapter for `module` on `base` at the module's kept rank: given (already
+    /// rank-truncated) tensors, or fresh ones: A, B ~ N(0, 0.02²) and E = 0 (the identity), or
+    /// all N(0, 1) with `init_lora_weights=false`.
     pub fn new(
         module: &str,
-        base: BaseLayer,
-        config: Arc<AdaLoraConfig>,
-        seed: u64,
+        base: &BaseLayer,
+        config: AdaLoraConfig,
+        source: ParamSource,
     ) -> Result<Self> {
         let r = config.rank(module)?;
+        let expected = expected_params(base, r)?;
         let dtype = adapter_dtype(base.dtype());
-        let mut init = Initializer::new(seed);
-        let identity = matches!(config.lora.init_lora_weights, LoraInit::Flag(true));
-        let mut weights = Vec::new();
-        for (name, shape) in expected_params(&base, r)? {
-            let t = match (identity, name) {
-                (true, ADALORA_E) => Tensor::zeros(shape, dtype, base.weight().device())?,
-                (true, _) => init.normal(&shape, 0.02, dtype)?,
-                (false, _) => init.normal(&shape, 1.0, dtype)?,
-            };
-            weights.push((name.to_string(), t));
-        }
-        Self::from_weights(module, base, config, weights)
+        let given = match source {
+            ParamSource::Given(tensors) => tensors,
+            ParamSource::Init { seed } => {
+                let mut init = Initializer::new(seed);
+                let identity = matches!(config.lora.init_lora_weights, LoraInit::Flag(true));
+                let mut weights = Vec::new();
+                for (name, shape) in &expected {
+                    let t = match (identity, *name) {
+                        (true, ADALORA_E) => Tensor::zeros(shape.as_slice(), dtype, base.device())?,
+                        (true, _) => init.normal(shape, 0.02, dtype)?,
+                        (false, _) => init.normal(shape, 1.0, dtype)?,
+                    };
+                    weights.push((name.to_string(), t));
+                }
+                weights
+            }
+        };
+        let what = format!("AdaLoRA {:?} rank {r}", base.kind());
+        let params = take_params(module, &what, given, &expected, dtype, base.device())?;
+        Ok(Self {
+            scaling: config.scaling(),
+            config: Arc::new(config),
+            params,
+            kind: base.kind(),
+            r,
+        })
     }
 
-    /// An adapter with the given (already rank-truncated) tensors.
-    pub fn from_weights(
-        module: &str,
-        base: BaseLayer,
-        config: Arc<AdaLoraConfig>,
-        weights: Vec<(String, Tensor)>,
-    ) -> Result<Self> {
-        let r = config.rank(module)?;
-        let dtype = adapter_dtype(base.dtype());
-        let mut params = Vec::new();
-        for (name, shape) in expected_params(&base, r)? {
-            let t = weights
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| PeftError::MissingKey {
-                    key: format!("{module}.{name}"),
-                    context: format!("AdaLoRA layer with rank {r}"),
-                })?;
-            if t.dims() != shape.as_slice() {
-                return Err(PeftError::shape(
-                    format!("{module}.{name} (rank {r})"),
-                    &shape,
-                    t.dims(),
-                ));
-            }
-            params.push((
-                name.to_string(),
-                t.to_dtype(dtype)?.to_device(base.weight().device())?,
-            ));
-        }
-        if let Some((name, _)) = weights
-            .iter()
-            .find(|(n, _)| !PARAM_NAMES.contains(&n.as_str()))
-        {
-            return Err(PeftError::UnexpectedKey {
-                key: format!("{module}.{name}"),
-                context: "an AdaLoRA layer has lora_A, lora_B and lora_E".into(),
-            });
-        }
-        Ok(Self {
-            module: module.to_string(),
-            scaling: config.scaling(),
-            base,
-            params: Params::new(params),
-            r,
-            merged: false,
-            training: false,
-            config,
-        })
+    /// The rank kept after pruning (`rank_pattern`).
+    pub fn r(&self) -> usize {
+        self.r
     }
 
     /// `A ⊙ E`, shape `(r, in)`.
@@ -335,25 +359,62 @@ impl AdaLoraLayer {
             .get(ADALORA_A)?
             .broadcast_mul(&self.params.get(ADALORA_E)?)?)
     }
+
+    /// `B (A ⊙ E) · scaling` in the base weight's layout (zero at rank 0).
+    fn delta_weight(&self, base: &BaseLayer) -> Result<Tensor> {
+        let dims = base.weight_dims();
+        if self.r == 0 {
+            return Ok(Tensor::zeros(
+                dims,
+                adapter_dtype(base.dtype()),
+                base.device(),
+            )?);
+        }
+        let delta = self
+            .params
+            .get(ADALORA_B)?
+            .matmul(&self.scaled_a()?)?
+            .affine(self.scaling, 0.0)?;
+        Ok(match self.kind {
+            ModuleKind::Conv1D => delta.t()?.contiguous()?,
+            ModuleKind::Conv2d(_) => delta.reshape(dims)?,
+            _ => delta,
+        })
+    }
 }
 
-impl Adapter for AdaLoraLayer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let result = self.base.forward(x)?;
-        if self.merged || self.r == 0 {
+impl LayerAdapter for AdaLoraAdapter {
+    fn config(&self) -> &dyn MethodConfig {
+        &*self.config
+    }
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    /// PEFT's forward: the adapter path runs in the adapter dtype on the dropped-out input, is
+    /// added to the output below and the sum cast back to that output's dtype.
+    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        let result = below.forward(x)?;
+        if self.r == 0 {
             return Ok(result);
         }
-        let dtype = adapter_dtype(self.base.dtype());
+        let base = below.base();
+        let dtype = adapter_dtype(base.dtype());
         let mut x = x.to_dtype(dtype)?;
         let p = self.config.lora.lora_dropout;
-        if self.training && p > 0.0 {
+        if below.training() && p > 0.0 {
             x = candle_nn::ops::dropout(&x, p as f32)?;
         }
-        let lora = match self.base.kind() {
+        let lora = match self.kind {
             // PEFT's SVDConv2d convolves the input with ΔW itself.
-            ModuleKind::Conv2d(p) => conv2d(&x, &self.delta_weight()?, p, self.base.in_features())?,
+            ModuleKind::Conv2d(p) => conv2d(&x, &self.delta_weight(base)?, p, base.in_features())?,
             _ => {
-                let h = linear_rows(&x, &self.scaled_a()?.t()?, None, self.base.in_features())?;
+                let h = linear_rows(&x, &self.scaled_a()?.t()?, None, base.in_features())?;
                 linear_rows(&h, &self.params.get(ADALORA_B)?.t()?, None, self.r)?
                     .affine(self.scaling, 0.0)?
             }
@@ -364,95 +425,10 @@ impl Adapter for AdaLoraLayer {
             .to_dtype(result.dtype())?)
     }
 
-    fn weights(&self) -> Vec<(String, Tensor)> {
-        self.params.entries().to_vec()
-    }
-
-    fn config(&self) -> &dyn AdapterConfig {
-        &*self.config
-    }
-
-    fn base(&self) -> &BaseLayer {
-        &self.base
-    }
-}
-
-impl Mergeable for AdaLoraLayer {
-    fn delta_weight(&self) -> Result<Tensor> {
-        let w = self.base.weight();
-        if self.r == 0 {
-            return Ok(Tensor::zeros(
-                w.dims(),
-                adapter_dtype(w.dtype()),
-                w.device(),
-            )?);
-        }
-        let delta = self
-            .params
-            .get(ADALORA_B)?
-            .matmul(&self.scaled_a()?)?
-            .affine(self.scaling, 0.0)?;
-        Ok(match self.base.kind() {
-            ModuleKind::Conv1D => delta.t()?.contiguous()?,
-            ModuleKind::Conv2d(_) => delta.reshape(w.dims())?,
-            _ => delta,
+    fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
+        Ok(MergeRule::Add {
+            delta: self.delta_weight(base)?,
+            bias: None,
         })
     }
-
-    fn merge(&mut self, safe_merge: bool) -> Result<()> {
-        check_merge_state(&self.module, self.merged, true)?;
-        let delta = self.delta_weight()?;
-        apply_delta(&mut self.base, &self.module, &delta, 1.0, safe_merge)?;
-        self.merged = true;
-        Ok(())
-    }
-
-    fn unmerge(&mut self) -> Result<()> {
-        check_merge_state(&self.module, self.merged, false)?;
-        let delta = self.delta_weight()?;
-        apply_delta(&mut self.base, &self.module, &delta, -1.0, false)?;
-        self.merged = false;
-        Ok(())
-    }
-
-    fn is_merged(&self) -> bool {
-        self.merged
-    }
-}
-
-crate::params::impl_trainable!(AdaLoraLayer);
-
-/// Checks a saved AdaLoRA layer: A `(r, in)`, B `(out, r)`, E `(r, 1)` with `r` the rank kept by
-/// `rank_pattern` (zero-size tensors for a fully pruned layer).
-pub fn check_saved_layer(
-    config: &AdaLoraConfig,
-    module: &str,
-    tensors: &[(String, Tensor)],
-) -> Result<ModuleKind> {
-    let key = |name: &str| format!("{}{module}.{name}", crate::io::MODEL_PREFIX);
-    let r = config.rank(module)?;
-    for name in PARAM_NAMES {
-        let t = tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| PeftError::MissingKey {
-                key: key(name),
-                context: format!("AdaLoRA layer with rank {r}"),
-            })?;
-        let rank_dim = if *name == ADALORA_B { 1 } else { 0 };
-        if t.rank() != 2 || t.dims()[rank_dim] != r {
-            let mut expected = t.dims().to_vec();
-            if expected.len() == 2 {
-                expected[rank_dim] = r;
-            }
-            let what = format!("{} (rank {r} from rank_pattern / init_r)", key(name));
-            return Err(PeftError::shape(what, &expected, t.dims()));
-        }
-    }
-    Ok(if config.lora.fan_in_fan_out {
-        ModuleKind::Conv1D
-    } else {
-        ModuleKind::Linear
-    })
 }

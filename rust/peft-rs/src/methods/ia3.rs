@@ -2,23 +2,32 @@
 //! or its output (all others, bias included). Merging multiplies the weight; there is no
 //! additive delta.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{
-    AdapterConfig, CommonFields, ModuleSelector, PeftType, check_extra_fields, deserialize_fields,
-    take_peft_type,
+    CommonFields, ModuleSelector, check_extra_fields, deserialize_fields, take_peft_type,
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
-use crate::merge::{adapter_dtype, check_finite, check_merge_state};
-use crate::params::Params;
-use crate::traits::{Adapter, Mergeable};
+use crate::merge::adapter_dtype;
+use crate::method::{LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::module::Below;
+use crate::params::{Params, take_params};
+
+pub const PEFT_TYPE: &str = "IA3";
+
+pub const ENTRY: MethodEntry = MethodEntry {
+    peft_type: PEFT_TYPE,
+    config_class: "IA3Config",
+    from_json: |v| Ok(Arc::new(Ia3Config::from_json(v)?)),
+};
 
 pub const IA3_L: &str = "ia3_l";
 pub const PARAM_NAMES: &[&str] = &[IA3_L];
@@ -57,9 +66,10 @@ impl Default for Ia3Config {
 }
 
 impl Ia3Config {
+    /// Reads a config from PEFT's JSON form (`adapter_config.json` or `IA3Config.to_dict()`).
     pub fn from_json(value: Value) -> Result<Self> {
         let mut value = value;
-        take_peft_type(&mut value, PeftType::Ia3)?;
+        take_peft_type(&mut value, PEFT_TYPE)?;
         let config: Self = deserialize_fields(value)?;
         config.validate()?;
         Ok(config)
@@ -85,17 +95,13 @@ impl Ia3Config {
             Some(ModuleSelector::Names(names)) => names.iter().any(|n| key.ends_with(n.as_str())),
         })
     }
-}
 
-impl AdapterConfig for Ia3Config {
-    fn peft_type(&self) -> PeftType {
-        PeftType::Ia3
-    }
-
-    fn validate(&self) -> Result<()> {
+    /// Checks every field; every constructor calls it, so a config in hand is valid.
+    pub fn validate(&self) -> Result<()> {
         self.common.validate()?;
         check_extra_fields(&self.unsupported, &[])?;
         self.selection().check_patterns()?;
+        // Compiles a regex `feedforward_modules` now rather than at the first layer.
         self.is_feedforward("")?;
         if let (Some(ModuleSelector::Names(targets)), Some(ModuleSelector::Names(ff))) =
             (&self.target_modules, &self.feedforward_modules)
@@ -108,13 +114,56 @@ impl AdapterConfig for Ia3Config {
         }
         Ok(())
     }
+}
+
+impl MethodConfig for Ia3Config {
+    fn peft_type(&self) -> &'static str {
+        PEFT_TYPE
+    }
+
+    fn validate(&self) -> Result<()> {
+        Ia3Config::validate(self)
+    }
 
     fn to_json(&self) -> Value {
         let mut value = serde_json::to_value(self).expect("Ia3Config serialises");
         if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PeftType::Ia3.as_str()));
+            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
         }
         value
+    }
+
+    fn selection(&self) -> Selection<'_> {
+        Ia3Config::selection(self)
+    }
+
+    fn param_names(&self) -> &'static [&'static str] {
+        PARAM_NAMES
+    }
+
+    fn build(
+        &self,
+        module: &str,
+        base: &BaseLayer,
+        source: ParamSource,
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Box<dyn LayerAdapter>> {
+        Ok(Box::new(Ia3Adapter::new(
+            module,
+            base,
+            self.clone(),
+            source,
+        )?))
+    }
+
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+        let mut config = self.clone();
+        crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
+        Ok(Arc::new(config))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
@@ -130,76 +179,52 @@ fn expected_shape(base: &BaseLayer, feedforward: bool) -> Result<Vec<usize>> {
         ModuleKind::Linear | ModuleKind::Conv1D if feedforward => Ok(vec![1, n]),
         ModuleKind::Linear | ModuleKind::Conv1D => Ok(vec![n, 1]),
         ModuleKind::Conv2d(_) => Ok(vec![1, n, 1, 1]),
-        ModuleKind::Embedding => Err(PeftError::InvalidOperation(
-            "IA³ does not support Embedding layers (as in PEFT)".into(),
-        )),
+        kind @ ModuleKind::Embedding => Err(PeftError::InvalidOperation(format!(
+            "IA³ does not support {kind:?} layers (as in PEFT)"
+        ))),
     }
 }
 
-/// One module with an IA³ adapter.
-#[derive(Debug, Clone)]
-pub struct Ia3Layer {
-    module: String,
-    base: BaseLayer,
-    params: Params,
-    feedforward: bool,
-    merged: bool,
-    training: bool,
+/// An IA³ adapter on one module.
+#[derive(Debug)]
+pub struct Ia3Adapter {
     config: Arc<Ia3Config>,
+    params: Params,
+    kind: ModuleKind,
+    feedforward: bool,
 }
 
-impl Ia3Layer {
-    /// A fresh adapter: ones (the identity) with `init_ia3_weights`, N(0, 1) otherwise.
-    pub fn new(module: &str, base: BaseLayer, config: Arc<Ia3Config>, seed: u64) -> Result<Self> {
-        let feedforward = config.is_feedforward(module)?;
-        let shape = expected_shape(&base, feedforward)?;
-        let dtype = adapter_dtype(base.dtype());
-        let l = if config.init_ia3_weights {
-            Tensor::ones(shape, dtype, base.weight().device())?
-        } else {
-            Initializer::new(seed).normal(&shape, 1.0, dtype)?
-        };
-        Self::from_weights(module, base, config, vec![(IA3_L.to_string(), l)])
-    }
-
-    /// An adapter with the given `ia3_l` (cast to f32, or f64 for an f64 base).
-    pub fn from_weights(
+impl Ia3Adapter {
+    /// The adapter for `module` on `base`: the given `ia3_l`, or a fresh one: ones (the
+    /// identity) with `init_ia3_weights`, N(0, 1) otherwise.
+    pub fn new(
         module: &str,
-        base: BaseLayer,
-        config: Arc<Ia3Config>,
-        weights: Vec<(String, Tensor)>,
+        base: &BaseLayer,
+        config: Ia3Config,
+        source: ParamSource,
     ) -> Result<Self> {
         let feedforward = config.is_feedforward(module)?;
-        let shape = expected_shape(&base, feedforward)?;
-        let mut l = None;
-        for (name, t) in weights {
-            if name != IA3_L {
-                return Err(PeftError::UnexpectedKey {
-                    key: format!("{module}.{name}"),
-                    context: "an IA³ layer has only ia3_l".into(),
-                });
+        let shape = expected_shape(base, feedforward)?;
+        let dtype = adapter_dtype(base.dtype());
+        let given = match source {
+            ParamSource::Given(tensors) => tensors,
+            ParamSource::Init { seed } => {
+                let l = if config.init_ia3_weights {
+                    Tensor::ones(shape.as_slice(), dtype, base.device())?
+                } else {
+                    Initializer::new(seed).normal(&shape, 1.0, dtype)?
+                };
+                vec![(IA3_L.to_string(), l)]
             }
-            l = Some(t);
-        }
-        let l = l.ok_or_else(|| PeftError::MissingKey {
-            key: format!("{module}.{IA3_L}"),
-            context: "IA³ layer".into(),
-        })?;
-        if l.dims() != shape.as_slice() {
-            let what = format!("{module}.{IA3_L} (feedforward={feedforward})");
-            return Err(PeftError::shape(what, &shape, l.dims()));
-        }
-        let l = l
-            .to_dtype(adapter_dtype(base.dtype()))?
-            .to_device(base.weight().device())?;
+        };
+        let what = format!("IA³ {:?} feedforward={feedforward}", base.kind());
+        let expected = [(IA3_L, shape)];
+        let params = take_params(module, &what, given, &expected, dtype, base.device())?;
         Ok(Self {
-            module: module.to_string(),
-            base,
-            params: Params::new(vec![(IA3_L.to_string(), l)]),
+            config: Arc::new(config),
+            params,
+            kind: base.kind(),
             feedforward,
-            merged: false,
-            training: false,
-            config,
         })
     }
 
@@ -207,156 +232,171 @@ impl Ia3Layer {
         self.feedforward
     }
 
-    /// `ia3_l` shaped to broadcast against the layer's input (feed-forward) or output.
+    /// `ia3_l` shaped to broadcast against the layer's input (feed-forward) or output of this
+    /// rank.
     fn scale_for_activations(&self, rank: usize) -> Result<Tensor> {
         let l = self.params.get(IA3_L)?;
-        Ok(match self.base.kind() {
+        Ok(match self.kind {
             ModuleKind::Conv2d(_) if rank == 3 => l.squeeze(0)?,
             ModuleKind::Conv2d(_) => l,
             _ => l.flatten_all()?,
         })
     }
 
-    /// `ia3_l` shaped to multiply the base weight (in its own layout).
+    /// `ia3_l` shaped to multiply the base weight in its own layout.
     fn scale_for_weight(&self) -> Result<Tensor> {
         let l = self.params.get(IA3_L)?;
-        Ok(match self.base.kind() {
+        Ok(match self.kind {
             // Linear `(out, in)` takes `(out, 1)` / `(1, in)` as is; Conv1D stores `(in, out)`.
             ModuleKind::Linear => l,
             ModuleKind::Conv1D => l.t()?,
             ModuleKind::Conv2d(_) if self.feedforward => l,
             ModuleKind::Conv2d(_) => l.transpose(0, 1)?,
-            ModuleKind::Embedding => unreachable!("rejected when the layer is built"),
-        })
-    }
-
-    /// The weight and bias with the scaling applied (`divide` for unmerge).
-    fn rescaled_weights(&self, divide: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let apply = |t: &Tensor, l: &Tensor| -> Result<Tensor> {
-            let t32 = t.to_dtype(l.dtype())?;
-            let out = if divide {
-                t32.broadcast_div(&(l + 1e-8)?)?
-            } else {
-                t32.broadcast_mul(l)?
-            };
-            Ok(out.to_dtype(t.dtype())?)
-        };
-        let weight = apply(self.base.weight(), &self.scale_for_weight()?)?;
-        let bias = match self.base.bias() {
-            Some(b) if !self.feedforward => {
-                let l = self.params.get(IA3_L)?.reshape(b.dims())?;
-                Some(apply(b, &l)?)
+            kind @ ModuleKind::Embedding => {
+                return Err(PeftError::InvalidOperation(format!(
+                    "IA³ does not support {kind:?} layers (as in PEFT)"
+                )));
             }
-            b => b.cloned(),
-        };
-        Ok((weight, bias))
+        })
     }
 }
 
-impl Adapter for Ia3Layer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.merged {
-            return self.base.forward(x);
-        }
-        let dtype: DType = adapter_dtype(self.base.dtype());
-        if self.feedforward {
-            let l = self.scale_for_activations(x.rank())?;
-            let scaled = x.to_dtype(dtype)?.broadcast_mul(&l)?.to_dtype(x.dtype())?;
-            self.base.forward(&scaled)
-        } else {
-            let y = self.base.forward(x)?;
-            let l = self.scale_for_activations(y.rank())?;
-            Ok(y.to_dtype(dtype)?.broadcast_mul(&l)?.to_dtype(y.dtype())?)
-        }
-    }
-
-    fn weights(&self) -> Vec<(String, Tensor)> {
-        self.params.entries().to_vec()
-    }
-
-    fn config(&self) -> &dyn AdapterConfig {
+impl LayerAdapter for Ia3Adapter {
+    fn config(&self) -> &dyn MethodConfig {
         &*self.config
     }
 
-    fn base(&self) -> &BaseLayer {
-        &self.base
+    fn params(&self) -> &Params {
+        &self.params
     }
-}
 
-impl Mergeable for Ia3Layer {
-    fn merge(&mut self, safe_merge: bool) -> Result<()> {
-        check_merge_state(&self.module, self.merged, true)?;
-        let (weight, bias) = self.rescaled_weights(false)?;
-        if safe_merge {
-            check_finite(&self.module, &weight)?;
-            if let Some(b) = &bias {
-                check_finite(&self.module, b)?;
-            }
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    /// PEFT's forward: the scaling is computed in `ia3_l`'s dtype and the result cast back to
+    /// the dtype of the tensor it scaled.
+    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        if self.feedforward {
+            let l = self.scale_for_activations(x.rank())?;
+            let scaled = x
+                .to_dtype(l.dtype())?
+                .broadcast_mul(&l)?
+                .to_dtype(x.dtype())?;
+            below.forward(&scaled)
+        } else {
+            let y = below.forward(x)?;
+            let l = self.scale_for_activations(y.rank())?;
+            Ok(y.to_dtype(l.dtype())?
+                .broadcast_mul(&l)?
+                .to_dtype(y.dtype())?)
         }
-        self.base.set_weights(weight, bias);
-        self.merged = true;
-        Ok(())
     }
 
-    /// Divides by `ia3_l + 1e-8`, as PEFT does (inexact where `ia3_l` is near zero).
-    fn unmerge(&mut self) -> Result<()> {
-        check_merge_state(&self.module, self.merged, false)?;
-        let (weight, bias) = self.rescaled_weights(true)?;
-        self.base.set_weights(weight, bias);
-        self.merged = false;
-        Ok(())
-    }
-
-    fn is_merged(&self) -> bool {
-        self.merged
+    /// The weight is scaled along its inputs (feed-forward) or outputs; the bias along with the
+    /// outputs only.
+    fn merge_rule(&self, _base: &BaseLayer) -> Result<MergeRule> {
+        Ok(MergeRule::Scale {
+            weight: self.scale_for_weight()?,
+            bias: if self.feedforward {
+                None
+            } else {
+                Some(self.params.get(IA3_L)?)
+            },
+        })
     }
 }
 
-crate::params::impl_trainable!(Ia3Layer);
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
 
-/// Checks a saved IA³ layer: exactly `ia3_l`, shaped for the module's feed-forward setting.
-pub fn check_saved_layer(
-    config: &Ia3Config,
-    module: &str,
-    tensors: &[(String, Tensor)],
-) -> Result<ModuleKind> {
-    let key = |name: &str| format!("{}{module}.{name}", crate::io::MODEL_PREFIX);
-    if let Some((name, _)) = tensors.iter().find(|(n, _)| n != IA3_L) {
-        return Err(PeftError::UnexpectedKey {
-            key: key(name),
-            context: "an IA³ layer has only ia3_l".into(),
-        });
+    use super::*;
+    use crate::module::AdaptedModule;
+
+    fn max_diff(a: &Tensor, b: &[f32]) -> f32 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
-    let l = tensors
-        .first()
-        .map(|(_, t)| t)
-        .ok_or_else(|| PeftError::MissingKey {
-            key: key(IA3_L),
-            context: "IA³ layer".into(),
-        })?;
-    let feedforward = config.is_feedforward(module)?;
-    let d = l.dims();
-    let ok = match d {
-        [1, _, 1, 1] => true,
-        [1, _] => feedforward,
-        [_, 1] => !feedforward,
-        _ => false,
-    };
-    if !ok {
-        let n = d.iter().copied().max().unwrap_or(0);
-        let expected = match (d.len(), feedforward) {
-            (4, _) => vec![1, n, 1, 1],
-            (_, true) => vec![1, n],
-            (_, false) => vec![n, 1],
-        };
-        let what = format!("{} (feedforward={feedforward})", key(IA3_L));
-        return Err(PeftError::shape(what, &expected, d));
+
+    /// A transformers `Conv1D(nf=1, nx=5)` (weight `(5, 1)`): its shapes alone cannot tell it
+    /// from a Linear; the kind comes from the base. Expected numbers from PEFT 0.21.2:
+    /// ```python
+    /// m = nn.Module(); m.c = Conv1D(1, 5)
+    /// m.c.weight.data = torch.tensor([[0.5], [-1.0], [0.25], [2.0], [-0.75]]); m.c.bias.data = torch.tensor([0.3])
+    /// x = torch.tensor([[1.0, 2.0, -1.0, 0.5, 3.0], [-2.0, 0.0, 1.5, 1.0, -0.5]])
+    /// # non-feedforward: ia3_l = [[1.5]]
+    /// p = get_peft_model(m, IA3Config(target_modules=["c"], feedforward_modules=[]))
+    /// p.base_model.model.c.ia3_l["default"].data = torch.tensor([[1.5]])
+    /// p.base_model.model.c(x); p.merge_and_unload().c.weight, .bias
+    /// # feedforward: ia3_l = [[0.5, 2.0, -1.0, 1.5, 0.25]], feedforward_modules=["c"]
+    /// ```
+    #[test]
+    fn conv1d_with_one_output_feature() {
+        let dev = Device::Cpu;
+        let weight = Tensor::new(&[[0.5f32], [-1.0], [0.25], [2.0], [-0.75]], &dev).unwrap();
+        let bias = Tensor::new(&[0.3f32], &dev).unwrap();
+        let x = Tensor::new(
+            &[[1.0f32, 2.0, -1.0, 0.5, 3.0], [-2.0, 0.0, 1.5, 1.0, -0.5]],
+            &dev,
+        )
+        .unwrap();
+        let cases = [
+            Case {
+                feedforward: false,
+                l: Tensor::new(&[[1.5f32]], &dev).unwrap(),
+                output: [-4.05, 3.075],
+                merged_weight: [0.75, -1.5, 0.375, 3.0, -1.125],
+                merged_bias: 0.45,
+            },
+            Case {
+                feedforward: true,
+                l: Tensor::new(&[[0.5f32, 2.0, -1.0, 1.5, 0.25]], &dev).unwrap(),
+                output: [-2.2625, 2.51875],
+                merged_weight: [0.25, -2.0, -0.25, 3.0, -0.1875],
+                merged_bias: 0.3,
+            },
+        ];
+        for case in cases {
+            let ff = case.feedforward;
+            let config = Ia3Config {
+                target_modules: Some(ModuleSelector::Names(vec!["c".into()])),
+                feedforward_modules: Some(ModuleSelector::Names(if ff {
+                    vec!["c".into()]
+                } else {
+                    vec![]
+                })),
+                fan_in_fan_out: true,
+                ..Default::default()
+            };
+            let base =
+                BaseLayer::new(ModuleKind::Conv1D, weight.clone(), Some(bias.clone())).unwrap();
+            let mut layer = AdaptedModule::new("c", base);
+            let given = ParamSource::Given(vec![(IA3_L.to_string(), case.l)]);
+            layer.add("a", &config, given, &BTreeMap::new()).unwrap();
+            layer.set_active(&["a"]).unwrap();
+            let y = layer.forward(&x).unwrap();
+            assert!(max_diff(&y, &case.output) < 1e-5, "forward ff={ff}: {y}");
+            layer.merge(None, true).unwrap();
+            let w = layer.base().weight().unwrap();
+            assert_eq!(w.dtype(), DType::F32);
+            assert!(max_diff(&w, &case.merged_weight) < 1e-6, "weight ff={ff}");
+            let b = layer.base().bias().unwrap();
+            assert!(max_diff(b, &[case.merged_bias]) < 1e-6, "bias ff={ff}");
+            let merged_y = layer.forward(&x).unwrap();
+            assert!(max_diff(&merged_y, &case.output) < 1e-5, "merged ff={ff}");
+        }
     }
-    Ok(if d.len() == 4 {
-        ModuleKind::Conv2d(Default::default())
-    } else if config.fan_in_fan_out {
-        ModuleKind::Conv1D
-    } else {
-        ModuleKind::Linear
-    })
+
+    struct Case {
+        feedforward: bool,
+        l: Tensor,
+        output: [f32; 2],
+        merged_weight: [f32; 5],
+        merged_bias: f32,
+    }
 }

@@ -18,9 +18,7 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::merge::{adapter_dtype, row_norms};
-use crate::method::{
-    BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource,
-};
+use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
 use crate::module::Below;
 use crate::params::{Params, take_params};
 
@@ -379,10 +377,13 @@ fn expected_params(
     Ok(params)
 }
 
-
 impl MethodConfig for LoraConfig {
     fn peft_type(&self) -> &'static str {
         PEFT_TYPE
+    }
+
+    fn validate(&self) -> Result<()> {
+        LoraConfig::validate(self)
     }
 
     fn to_json(&self) -> Value {
@@ -415,7 +416,12 @@ impl MethodConfig for LoraConfig {
         source: ParamSource,
         _shared: &BTreeMap<String, Tensor>,
     ) -> Result<Box<dyn LayerAdapter>> {
-        Ok(Box::new(LoraAdapter::new(module, base, self.clone(), source)?))
+        Ok(Box::new(LoraAdapter::new(
+            module,
+            base,
+            self.clone(),
+            source,
+        )?))
     }
 
     fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
@@ -659,9 +665,8 @@ impl LayerAdapter for LoraAdapter {
                 base.forward_with(&x_d, &weight.to_dtype(dtype)?, None)?
             } else {
                 match bias {
-                    Some(b) => base_out.broadcast_sub(
-                        &base.per_output(&b.to_dtype(dtype)?, base_out.rank())?,
-                    )?,
+                    Some(b) => base_out
+                        .broadcast_sub(&base.per_output(&b.to_dtype(dtype)?, base_out.rank())?)?,
                     None => base_out.clone(),
                 }
             };

@@ -1,10 +1,15 @@
 //! One file per method: its config and its [`crate::method::LayerAdapter`]. Each is listed once
 //! in [`crate::registry`].
 
-// pub mod adalora;
-// pub mod ia3;
+pub mod adalora;
+pub mod boft;
+pub mod ia3;
+pub mod loha;
+pub mod lokr;
 pub mod lora;
-// pub mod vera;
+pub mod lycoris;
+pub mod oft;
+pub mod vera;
 
 use crate::base::ModuleKind;
 use crate::error::{PeftError, Result};

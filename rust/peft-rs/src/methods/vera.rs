@@ -12,18 +12,26 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::adapters::lora::BiasMode;
 use crate::base::{BaseLayer, ModuleKind, linear_rows};
 use crate::config::{
-    AdapterConfig, CommonFields, ModuleSelector, OneOrMany, PeftType, check_extra_fields,
-    deserialize_fields, number, take_peft_type,
+    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, deserialize_fields, number,
+    take_peft_type,
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
-use crate::merge::{adapter_dtype, apply_delta, check_merge_state};
-use crate::params::Params;
-use crate::traits::{Adapter, Mergeable};
+use crate::merge::adapter_dtype;
+use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::module::Below;
+use crate::params::{Params, take_params};
+
+pub const PEFT_TYPE: &str = "VERA";
+
+pub const ENTRY: MethodEntry = MethodEntry {
+    peft_type: PEFT_TYPE,
+    config_class: "VeraConfig",
+    from_json: |v| Ok(Arc::new(VeraConfig::from_json(v)?)),
+};
 
 pub const VERA_LAMBDA_B: &str = "vera_lambda_b";
 pub const VERA_LAMBDA_D: &str = "vera_lambda_d";
@@ -32,6 +40,26 @@ pub const VERA_A: &str = "vera_A";
 pub const VERA_B: &str = "vera_B";
 /// Adapter-wide tensors, saved as `base_model.<name>`.
 pub const SHARED_NAMES: &[&str] = &[VERA_A, VERA_B];
+
+/// VeRA's `bias`: which base-model biases are trained and saved with the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VeraBias {
+    #[default]
+    None,
+    All,
+    VeraOnly,
+}
+
+impl From<VeraBias> for BiasMode {
+    fn from(b: VeraBias) -> Self {
+        match b {
+            VeraBias::None => BiasMode::None,
+            VeraBias::All => BiasMode::All,
+            VeraBias::VeraOnly => BiasMode::AdaptedOnly,
+        }
+    }
+}
 
 /// PEFT's `VeraConfig`, with PEFT's field names and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,7 +75,7 @@ pub struct VeraConfig {
     #[serde(serialize_with = "serialize_number")]
     pub d_initial: f64,
     pub fan_in_fan_out: bool,
-    pub bias: BiasMode,
+    pub bias: VeraBias,
     pub modules_to_save: Option<Vec<String>>,
     pub init_weights: bool,
     pub layers_to_transform: Option<OneOrMany<i64>>,
@@ -71,7 +99,7 @@ impl Default for VeraConfig {
             vera_dropout: 0.0,
             d_initial: 0.1,
             fan_in_fan_out: false,
-            bias: BiasMode::None,
+            bias: VeraBias::None,
             modules_to_save: None,
             init_weights: true,
             layers_to_transform: None,
@@ -84,7 +112,7 @@ impl Default for VeraConfig {
 impl VeraConfig {
     pub fn from_json(value: Value) -> Result<Self> {
         let mut value = value;
-        take_peft_type(&mut value, PeftType::Vera)?;
+        take_peft_type(&mut value, PEFT_TYPE)?;
         let config: Self = deserialize_fields(value)?;
         config.validate()?;
         Ok(config)
@@ -119,12 +147,9 @@ impl VeraConfig {
     }
 }
 
-impl AdapterConfig for VeraConfig {
-    fn peft_type(&self) -> PeftType {
-        PeftType::Vera
-    }
-
-    fn validate(&self) -> Result<()> {
+impl VeraConfig {
+    /// Checks every field; every constructor calls it, so a config in hand is valid.
+    pub fn validate(&self) -> Result<()> {
         self.common.validate()?;
         check_extra_fields(&self.unsupported, &[])?;
         self.selection().check_patterns()?;
@@ -140,6 +165,9 @@ impl AdapterConfig for VeraConfig {
                 format!("must be in [0, 1), found {}", self.vera_dropout),
             ));
         }
+        if !self.d_initial.is_finite() {
+            return Err(PeftError::config("d_initial", "must be finite"));
+        }
         if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
             return Err(PeftError::config(
                 "layers_pattern",
@@ -148,13 +176,73 @@ impl AdapterConfig for VeraConfig {
         }
         Ok(())
     }
+}
+
+impl MethodConfig for VeraConfig {
+    fn peft_type(&self) -> &'static str {
+        PEFT_TYPE
+    }
+
+    fn validate(&self) -> Result<()> {
+        VeraConfig::validate(self)
+    }
 
     fn to_json(&self) -> Value {
         let mut value = serde_json::to_value(self).expect("VeraConfig serialises");
         if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PeftType::Vera.as_str()));
+            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
         }
         value
+    }
+
+    fn selection(&self) -> Selection<'_> {
+        VeraConfig::selection(self)
+    }
+
+    fn bias_mode(&self) -> BiasMode {
+        self.bias.into()
+    }
+
+    fn param_names(&self) -> &'static [&'static str] {
+        PARAM_NAMES
+    }
+
+    fn build(
+        &self,
+        module: &str,
+        base: &BaseLayer,
+        source: ParamSource,
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Box<dyn LayerAdapter>> {
+        Ok(Box::new(VeraAdapter::new(
+            module,
+            base,
+            self.clone(),
+            source,
+            shared,
+        )?))
+    }
+
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+        let mut config = self.clone();
+        crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
+        Ok(Arc::new(config))
+    }
+
+    fn shared_names(&self) -> &'static [&'static str] {
+        SHARED_NAMES
+    }
+
+    fn saves_shared(&self) -> bool {
+        self.save_projection
+    }
+
+    fn generate_shared(&self, out_max: usize, in_max: usize) -> Result<BTreeMap<String, Tensor>> {
+        self.generate_projections(out_max, in_max)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
@@ -214,56 +302,26 @@ fn kaiming_uniform(mt: &mut Mt19937, rows: usize, cols: usize) -> Result<Tensor>
     Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?)
 }
 
-/// One Linear / Conv1D module with a VeRA adapter.
-#[derive(Debug, Clone)]
-pub struct VeraLayer {
-    module: String,
-    base: BaseLayer,
+/// A VeRA adapter on one Linear / Conv1D module.
+#[derive(Debug)]
+pub struct VeraAdapter {
+    config: Arc<VeraConfig>,
     params: Params,
+    kind: ModuleKind,
     /// `vera_A[:, :in]` and `vera_B[:out, :]` (frozen).
     a: Tensor,
     b: Tensor,
-    merged: bool,
-    training: bool,
-    config: Arc<VeraConfig>,
 }
 
-impl VeraLayer {
-    /// A fresh adapter: `λ_b = 0`, `λ_d = d_initial` (the identity), or with
-    /// `init_weights=false` `λ_b = 1`, `λ_d ~ N(0, 1)`.
+impl VeraAdapter {
+    /// The adapter for `module` on `base`, slicing the shared projections (`vera_A`, `vera_B`
+    /// in `shared`). Given `λ_b`, `λ_d`, or fresh ones: `λ_b = 0`, `λ_d = d_initial` (the
+    /// identity), or with `init_weights=false` `λ_b = 1`, `λ_d ~ N(0, 1)`.
     pub fn new(
         module: &str,
-        base: BaseLayer,
-        config: Arc<VeraConfig>,
-        shared: &BTreeMap<String, Tensor>,
-        seed: u64,
-    ) -> Result<Self> {
-        let dtype = adapter_dtype(base.dtype());
-        let dev = base.weight().device().clone();
-        let (out, r) = (base.out_features(), config.r as usize);
-        let (lambda_b, lambda_d) = if config.init_weights {
-            (
-                Tensor::zeros(out, dtype, &dev)?,
-                Tensor::full(config.d_initial, r, &dev)?.to_dtype(dtype)?,
-            )
-        } else {
-            (
-                Tensor::ones(out, dtype, &dev)?,
-                Initializer::new(seed).normal(&[r], 1.0, dtype)?,
-            )
-        };
-        let weights = vec![
-            (VERA_LAMBDA_B.to_string(), lambda_b),
-            (VERA_LAMBDA_D.to_string(), lambda_d),
-        ];
-        Self::from_weights(module, base, config, weights, shared)
-    }
-
-    pub fn from_weights(
-        module: &str,
-        base: BaseLayer,
-        config: Arc<VeraConfig>,
-        weights: Vec<(String, Tensor)>,
+        base: &BaseLayer,
+        config: VeraConfig,
+        source: ParamSource,
         shared: &BTreeMap<String, Tensor>,
     ) -> Result<Self> {
         if !matches!(base.kind(), ModuleKind::Linear | ModuleKind::Conv1D) {
@@ -273,36 +331,31 @@ impl VeraLayer {
             )));
         }
         let dtype = adapter_dtype(base.dtype());
-        let dev = base.weight().device().clone();
+        let dev = base.device();
         let (inp, out, r) = (base.in_features(), base.out_features(), config.r as usize);
-        if let Some((name, _)) = weights
-            .iter()
-            .find(|(n, _)| !PARAM_NAMES.contains(&n.as_str()))
-        {
-            return Err(PeftError::UnexpectedKey {
-                key: format!("{module}.{name}"),
-                context: "a VeRA layer has vera_lambda_b and vera_lambda_d".into(),
-            });
-        }
-        let mut params = Vec::new();
-        for (name, shape) in [(VERA_LAMBDA_B, out), (VERA_LAMBDA_D, r)] {
-            let t = weights
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| PeftError::MissingKey {
-                    key: format!("{module}.{name}"),
-                    context: "VeRA layer".into(),
-                })?;
-            if t.dims() != [shape] {
-                return Err(PeftError::shape(
-                    format!("{module}.{name}"),
-                    &[shape],
-                    t.dims(),
-                ));
+        let given = match source {
+            ParamSource::Given(tensors) => tensors,
+            ParamSource::Init { seed } => {
+                let (lambda_b, lambda_d) = if config.init_weights {
+                    (
+                        Tensor::zeros(out, dtype, dev)?,
+                        Tensor::full(config.d_initial, r, dev)?.to_dtype(dtype)?,
+                    )
+                } else {
+                    (
+                        Tensor::ones(out, dtype, dev)?,
+                        Initializer::new(seed).normal(&[r], 1.0, dtype)?,
+                    )
+                };
+                vec![
+                    (VERA_LAMBDA_B.to_string(), lambda_b),
+                    (VERA_LAMBDA_D.to_string(), lambda_d),
+                ]
             }
-            params.push((name.to_string(), t.to_dtype(dtype)?.to_device(&dev)?));
-        }
+        };
+        let what = format!("VeRA {:?} r={r}", base.kind());
+        let expected = [(VERA_LAMBDA_B, vec![out]), (VERA_LAMBDA_D, vec![r])];
+        let params = take_params(module, &what, given, &expected, dtype, dev)?;
         let projection = |name: &str| {
             shared.get(name).ok_or_else(|| PeftError::MissingKey {
                 key: format!("base_model.{name}"),
@@ -325,51 +378,14 @@ impl VeraLayer {
             ));
         }
         Ok(Self {
-            module: module.to_string(),
-            a: a.narrow(1, 0, inp)?.to_dtype(dtype)?.to_device(&dev)?,
-            b: b.narrow(0, 0, out)?.to_dtype(dtype)?.to_device(&dev)?,
-            base,
-            params: Params::new(params),
-            merged: false,
-            training: false,
-            config,
+            a: a.narrow(1, 0, inp)?.to_dtype(dtype)?.to_device(dev)?,
+            b: b.narrow(0, 0, out)?.to_dtype(dtype)?.to_device(dev)?,
+            config: Arc::new(config),
+            params,
+            kind: base.kind(),
         })
     }
-}
 
-impl Adapter for VeraLayer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let result = self.base.forward(x)?;
-        if self.merged {
-            return Ok(result);
-        }
-        let dtype = adapter_dtype(self.base.dtype());
-        let mut x = x.to_dtype(dtype)?;
-        let p = self.config.vera_dropout;
-        if self.training && p > 0.0 {
-            x = candle_nn::ops::dropout(&x, p as f32)?;
-        }
-        let h = linear_rows(&x, &self.a.t()?, None, self.base.in_features())?;
-        let h = h.broadcast_mul(&self.params.get(VERA_LAMBDA_D)?)?;
-        let y = linear_rows(&h, &self.b.t()?, None, self.config.r as usize)?;
-        let y = y.broadcast_mul(&self.params.get(VERA_LAMBDA_B)?)?;
-        Ok(result.to_dtype(dtype)?.add(&y)?.to_dtype(result.dtype())?)
-    }
-
-    fn weights(&self) -> Vec<(String, Tensor)> {
-        self.params.entries().to_vec()
-    }
-
-    fn config(&self) -> &dyn AdapterConfig {
-        &*self.config
-    }
-
-    fn base(&self) -> &BaseLayer {
-        &self.base
-    }
-}
-
-impl Mergeable for VeraLayer {
     /// `(λ_b ⊙ B_s) (λ_d ⊙ A_s)`, transposed for Conv1D.
     fn delta_weight(&self) -> Result<Tensor> {
         let lambda_b = self.params.get(VERA_LAMBDA_B)?.unsqueeze(1)?;
@@ -378,65 +394,49 @@ impl Mergeable for VeraLayer {
             .b
             .broadcast_mul(&lambda_b)?
             .matmul(&self.a.broadcast_mul(&lambda_d)?)?;
-        Ok(match self.base.kind() {
+        Ok(match self.kind {
             ModuleKind::Conv1D => delta.t()?.contiguous()?,
             _ => delta,
         })
     }
-
-    fn merge(&mut self, safe_merge: bool) -> Result<()> {
-        check_merge_state(&self.module, self.merged, true)?;
-        let delta = self.delta_weight()?;
-        apply_delta(&mut self.base, &self.module, &delta, 1.0, safe_merge)?;
-        self.merged = true;
-        Ok(())
-    }
-
-    fn unmerge(&mut self) -> Result<()> {
-        check_merge_state(&self.module, self.merged, false)?;
-        let delta = self.delta_weight()?;
-        apply_delta(&mut self.base, &self.module, &delta, -1.0, false)?;
-        self.merged = false;
-        Ok(())
-    }
-
-    fn is_merged(&self) -> bool {
-        self.merged
-    }
 }
 
-crate::params::impl_trainable!(VeraLayer);
-
-/// Checks a saved VeRA layer: `vera_lambda_b (out,)` and `vera_lambda_d (r,)`.
-pub fn check_saved_layer(
-    config: &VeraConfig,
-    module: &str,
-    tensors: &[(String, Tensor)],
-) -> Result<ModuleKind> {
-    let key = |name: &str| format!("{}{module}.{name}", crate::io::MODEL_PREFIX);
-    for name in PARAM_NAMES {
-        let t = tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| PeftError::MissingKey {
-                key: key(name),
-                context: "VeRA layer".into(),
-            })?;
-        if t.rank() != 1 || (*name == VERA_LAMBDA_D && t.dim(0)? != config.r as usize) {
-            let expected = if *name == VERA_LAMBDA_D {
-                vec![config.r as usize]
-            } else {
-                vec![t.elem_count()]
-            };
-            return Err(PeftError::shape(key(name), &expected, t.dims()));
-        }
+impl LayerAdapter for VeraAdapter {
+    fn config(&self) -> &dyn MethodConfig {
+        &*self.config
     }
-    Ok(if config.fan_in_fan_out {
-        ModuleKind::Conv1D
-    } else {
-        ModuleKind::Linear
-    })
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    /// PEFT's forward: `λ_b ⊙ B_s (λ_d ⊙ A_s dropout(x))` in the adapter dtype, added to the
+    /// output below and cast back to that output's dtype.
+    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        let result = below.forward(x)?;
+        let dtype = self.a.dtype();
+        let mut x = x.to_dtype(dtype)?;
+        let p = self.config.vera_dropout;
+        if below.training() && p > 0.0 {
+            x = candle_nn::ops::dropout(&x, p as f32)?;
+        }
+        let h = linear_rows(&x, &self.a.t()?, None, self.a.dim(1)?)?;
+        let h = h.broadcast_mul(&self.params.get(VERA_LAMBDA_D)?)?;
+        let y = linear_rows(&h, &self.b.t()?, None, self.config.r as usize)?;
+        let y = y.broadcast_mul(&self.params.get(VERA_LAMBDA_B)?)?;
+        Ok(result.to_dtype(dtype)?.add(&y)?.to_dtype(result.dtype())?)
+    }
+
+    fn merge_rule(&self, _base: &BaseLayer) -> Result<MergeRule> {
+        Ok(MergeRule::Add {
+            delta: self.delta_weight()?,
+            bias: None,
+        })
+    }
 }
 
 #[cfg(test)]
