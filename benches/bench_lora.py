@@ -46,12 +46,14 @@ def bench(tokens: int, width: int, r: int) -> dict[str, float]:
     ).eval()
     layer = peft_model.base_model.model.lin
     base = layer.get_base_layer()
-    ours = peft_rs.LoraLinear(
-        base.weight.detach(),
-        base.bias.detach(),
-        lora_A=layer.lora_A["default"].weight.detach(),
-        lora_B=layer.lora_B["default"].weight.detach(),
-        config=peft_rs.LoraConfig(r=r, lora_alpha=2 * r),
+    ours = peft_rs.AdaptedLayer(base.weight.detach(), base.bias.detach())
+    ours.add_adapter(
+        "default",
+        peft_rs.LoraConfig(r=r, lora_alpha=2 * r),
+        weights={
+            "lora_A.weight": layer.lora_A["default"].weight.detach(),
+            "lora_B.weight": layer.lora_B["default"].weight.detach(),
+        },
     )
     x = torch.randn(tokens, width)
     with torch.no_grad():

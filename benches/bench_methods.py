@@ -46,11 +46,12 @@ def main() -> None:
         torch.manual_seed(0)
         model = One(args.width)
         state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        types = peft_rs.module_types(model)
         peft_model = get_peft_model(model, config).eval()
         layer = peft_model.base_model.model.lin
         with tempfile.TemporaryDirectory() as tmp:
             peft_model.save_pretrained(tmp)
-            ours = peft_rs.PeftAdapter.from_pretrained(tmp).layer("lin", state_dict)
+            ours = peft_rs.PeftAdapter.from_pretrained(tmp).layer("lin", state_dict, types)
         with torch.no_grad():
             torch.testing.assert_close(ours.forward(x), layer(x), rtol=1e-4, atol=1e-3)
 

@@ -54,15 +54,17 @@ def main() -> int:
     config = peft_rs.LoraConfig(
         r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False
     )
-    adapter = peft_rs.PeftAdapter.create(config, state_dict, peft_rs.module_types(model), seed=0)
+    # The module kinds (Linear, Conv1D, Embedding, Conv2d) come from the model, not from tensor shapes.
+    types = peft_rs.module_types(model)
+    adapter = peft_rs.PeftAdapter.create(config, state_dict, types, seed=0)
     print(f"peft_rs adapter on {len(adapter.module_names())} modules, e.g. {adapter.module_names()[0]}")
 
     # 2. Apply it to torch tensors: one layer unmerged, then the whole model merged.
     query = "encoder.layer.0.attention.self.query"
     hidden = torch.randn(2, 7, 384, generator=torch.Generator().manual_seed(0))
-    layer_out = adapter.forward(query, hidden, state_dict)
+    layer_out = adapter.forward(query, hidden, state_dict, types)
     merged_model = load_model()
-    merged_model.load_state_dict(adapter.merge_into(state_dict))
+    merged_model.load_state_dict(adapter.merge_into(state_dict, types))
     ours = embed(merged_model, batch)
     base = embed(model, batch)
 

@@ -59,6 +59,19 @@ class GPT2Like(nn.Module):
         return self.c_proj(torch.relu(self.c_attn(x)))
 
 
+class EmbConv1D(nn.Module):
+    """PEFT's test model of the same name: a transformers Conv1D with a single output feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = Conv1D(1, 5)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin0(torch.relu(self.conv1d(self.emb(ids))).flatten(1))
+
+
 class EmbedModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -84,6 +97,8 @@ def model_input(model: nn.Module, batch: tuple[int, ...] = (2, 5), seed: int = 0
     g = torch.Generator().manual_seed(seed)
     if isinstance(model, EmbedModel):
         return torch.randint(0, 50, batch, generator=g)
+    if isinstance(model, EmbConv1D):
+        return torch.randint(0, 100, (batch[0], 10), generator=g)
     if isinstance(model, ConvModel):
         return torch.randn(batch[0], 3, 9, 9, generator=g)
     if isinstance(model, GPT2Like):
@@ -124,19 +139,42 @@ def module_input(layer: nn.Module, seed: int = 3) -> torch.Tensor:
     return torch.randn(2, 3, in_features, generator=g).to(base.weight.dtype)
 
 
-def rs_layer(adapter, name, layer, base_sd):
-    """peft_rs's layer for the module PEFT wraps in `layer` (Conv2d hyper-parameters passed on)."""
+def peft_module_types(peft_model) -> dict[str, str]:
+    """`peft_rs.module_types` of the model `peft_model` wraps (its tuner layers unwrapped by PEFT)."""
+    import peft_rs  # here, not at the top: generate_golden.py uses this file without peft_rs
+
+    return peft_rs.module_types(copy.deepcopy(peft_model).unload())
+
+
+def rs_layer(adapter, name, layer, base_sd, module_types=None):
+    """peft_rs's layer for the module PEFT wraps in `layer` (Conv2d hyper-parameters passed on).
+    `module_types` defaults to the type of this one module."""
+    import peft_rs
+
     base = layer.get_base_layer()
+    if module_types is None:
+        module_types = {name: peft_rs.module_types(nn.ModuleDict({"m": base}))["m"]}
     if isinstance(base, nn.Conv2d):
-        return adapter.layer(name, base_sd, stride=base.stride, padding=base.padding, groups=base.groups)
-    return adapter.layer(name, base_sd)
+        return adapter.layer(
+            name,
+            base_sd,
+            module_types,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=base.groups,
+        )
+    return adapter.layer(name, base_sd, module_types)
 
 
-def assert_matches_peft(adapter, peft_model, base_sd, tol=F32_TOL) -> None:
+def assert_matches_peft(adapter, peft_model, base_sd, tol=F32_TOL, module_types=None) -> None:
     """peft_rs's merged state dict equals PEFT's merge_and_unload (every key, array type and dtype),
-    and each adapted layer's unmerged output equals PEFT's layer."""
+    and each adapted layer's unmerged output equals PEFT's layer. `module_types` defaults to those
+    of the model `peft_model` wraps."""
+    if module_types is None:
+        module_types = peft_module_types(peft_model)
     expected = peft_merged_state_dict(peft_model)
-    merged = adapter.merge_into(base_sd)
+    merged = adapter.merge_into(base_sd, module_types)
     assert set(merged) == set(expected) == set(base_sd)
     for key, value in expected.items():
         assert isinstance(merged[key], torch.Tensor)
@@ -147,7 +185,7 @@ def assert_matches_peft(adapter, peft_model, base_sd, tol=F32_TOL) -> None:
         x = module_input(layer)
         with torch.no_grad():
             want = layer(x)
-        got = rs_layer(adapter, name, layer, base_sd).forward(x)
+        got = rs_layer(adapter, name, layer, base_sd, module_types).forward(x)
         assert got.dtype == want.dtype, name
         assert_close(got, want, tol=tol, msg=name)
 
@@ -156,6 +194,8 @@ def assert_loads_in_peft(adapter, cls: type[nn.Module], base_sd, path) -> dict[s
     """Saves `adapter` to `path`; PEFT loads exactly its tensors (no missing or unexpected keys, same
     values), and the base model with peft_rs's merged weights gives PEFT's outputs. Returns the
     saved tensors."""
+    import peft_rs
+
     adapter.save_pretrained(path)
     saved = load_file(path / "adapter_model.safetensors")
     peft_model = PeftModel.from_pretrained(make_model(cls), path).eval()
@@ -164,7 +204,7 @@ def assert_loads_in_peft(adapter, cls: type[nn.Module], base_sd, path) -> dict[s
     for key, value in saved.items():
         assert_close(peft_sd[key], value, msg=key)
     merged_model = make_model(cls)
-    merged_model.load_state_dict(adapter.merge_into(base_sd))
+    merged_model.load_state_dict(adapter.merge_into(base_sd, peft_rs.module_types(merged_model)))
     x = model_input(merged_model)
     with torch.no_grad():
         assert_close(merged_model(x), peft_model(x))

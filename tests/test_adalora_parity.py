@@ -118,20 +118,25 @@ def test_inconsistent_rank_pattern_in_file(tmp_path):
     cfg = json.loads(path.read_text())
     cfg["rank_pattern"] = {k: [True] * SCHEDULE["init_r"] for k in cfg["rank_pattern"]}
     path.write_text(json.dumps(cfg))
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)  # the tensors are checked per layer
+    model = make_model(MLP)
     with pytest.raises(errors.ShapeError, match=r"lora_[ABE].*rank 6"):
-        peft_rs.PeftAdapter.from_pretrained(tmp_path)
+        adapter.merge_into(base_state_dict(model), peft_rs.module_types(model))
+
+
+def adalora_layer(w, config, seed=0):
+    layer = peft_rs.AdaptedLayer(w, module_name="m")  # "m": the module rank_pattern names
+    layer.add_adapter("default", config, seed=seed)
+    return layer
 
 
 def test_identity_at_default_init_and_merge_round_trip():
     g = np.random.default_rng(0)
     w = g.standard_normal((7, 5), dtype=np.float32)
     x = g.standard_normal((3, 5), dtype=np.float32)
-    config = peft_rs.AdaLoraConfig(total_step=10, init_r=4)
-    layer = peft_rs.AdaLoraLinear(w, config=config)
+    layer = adalora_layer(w, peft_rs.AdaLoraConfig(total_step=10, init_r=4))
     np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-5, atol=1e-6)
-    layer = peft_rs.AdaLoraLinear(
-        w, config=peft_rs.AdaLoraConfig(total_step=10, init_r=4, init_lora_weights=False)
-    )
+    layer = adalora_layer(w, peft_rs.AdaLoraConfig(total_step=10, init_r=4, init_lora_weights=False))
     y = layer.forward(x)
     layer.merge()
     np.testing.assert_allclose(layer.forward(x), y, rtol=1e-5, atol=1e-5)
@@ -153,11 +158,10 @@ def test_properties(d_in, d_out, init_r, seed, data):
     w = g.standard_normal((d_out, d_in), dtype=np.float32)
     pattern = {"m.lora_E": mask}
     kwargs = {"total_step": 10, "init_r": init_r, "rank_pattern": pattern}
-    identity = peft_rs.AdaLoraLinear(w, config=peft_rs.AdaLoraConfig(**kwargs), module_name="m", seed=seed)
+    identity = adalora_layer(w, peft_rs.AdaLoraConfig(**kwargs), seed=seed)
     x = g.standard_normal((2, 3, d_in), dtype=np.float32)
     np.testing.assert_allclose(identity.forward(x), x @ w.T, rtol=1e-5, atol=1e-5)
-    config = peft_rs.AdaLoraConfig(init_lora_weights=False, **kwargs)
-    layer = peft_rs.AdaLoraLinear(w, config=config, module_name="m", seed=seed)
+    layer = adalora_layer(w, peft_rs.AdaLoraConfig(init_lora_weights=False, **kwargs), seed=seed)
     assert layer.weights()["lora_E"].shape == (sum(mask), 1)
     y = layer.forward(x)
     layer.merge()

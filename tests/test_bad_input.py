@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import peft_rs
-from conftest import MLP, ConvModel, make_model
+from conftest import MLP, ConvModel, base_state_dict, make_model
 from peft_rs import errors
 
 
@@ -36,6 +37,18 @@ def rewrite_weights(path, fn):
     tensors = load_file(path / "adapter_model.safetensors")
     fn(tensors)
     save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def merge_into_mlp(adapter):
+    """Merges `adapter` into the MLP it was made for: errors in its tensors surface here."""
+    model = make_model(MLP)
+    return adapter.merge_into(base_state_dict(model), peft_rs.module_types(model))
+
+
+def lora_layer(weights=None):
+    layer = peft_rs.AdaptedLayer(np.ones((4, 6), np.float32))
+    layer.add_adapter("default", peft_rs.LoraConfig(r=2, init_lora_weights=False), weights=weights)
+    return layer
 
 
 def test_missing_directory(tmp_path):
@@ -107,8 +120,9 @@ def test_corrupted_header(adapter_dir):
 
 def test_missing_tensor_names_the_key(adapter_dir):
     rewrite_weights(adapter_dir, lambda t: t.pop("base_model.model.lin1.lora_B.weight"))
+    adapter = peft_rs.PeftAdapter.from_pretrained(adapter_dir)
     with pytest.raises(errors.MissingKeyError, match=r"base_model\.model\.lin1\.lora_B\.weight") as e:
-        peft_rs.PeftAdapter.from_pretrained(adapter_dir)
+        merge_into_mlp(adapter)
     assert isinstance(e.value, KeyError)
 
 
@@ -130,28 +144,36 @@ def test_tensor_for_untargeted_module(adapter_dir):
 
 def test_rank_disagreeing_with_config(adapter_dir):
     rewrite_config(adapter_dir, r=4)
+    adapter = peft_rs.PeftAdapter.from_pretrained(adapter_dir)
     with pytest.raises(errors.ShapeError, match=r"lin0\.lora_A\.weight.*r=4"):
-        peft_rs.PeftAdapter.from_pretrained(adapter_dir)
+        merge_into_mlp(adapter)
 
 
 def test_inconsistent_rank_pattern(adapter_dir):
     rewrite_config(adapter_dir, rank_pattern={"lin1": 2})
+    adapter = peft_rs.PeftAdapter.from_pretrained(adapter_dir)
+    model = make_model(MLP)
     with pytest.raises(errors.ShapeError, match=r"lin1\.lora_A"):
-        peft_rs.PeftAdapter.from_pretrained(adapter_dir)
+        adapter.layer("lin1", base_state_dict(model), peft_rs.module_types(model))
 
 
 def test_base_shape_disagreeing_with_adapter(adapter_dir):
     adapter = peft_rs.PeftAdapter.from_pretrained(adapter_dir)
-    sd = {k: v.detach() for k, v in make_model(MLP).state_dict().items()}
+    model = make_model(MLP)
+    sd, types = base_state_dict(model), peft_rs.module_types(model)
     with pytest.raises(errors.MissingKeyError, match=r"lin1\.weight"):
-        adapter.merge_into({k: v for k, v in sd.items() if k != "lin1.weight"})
+        adapter.merge_into({k: v for k, v in sd.items() if k != "lin1.weight"}, types)
+    with pytest.raises(errors.MissingKeyError, match="lin0"):
+        adapter.merge_into(sd, {k: v for k, v in types.items() if k != "lin0"})
+    with pytest.raises(errors.InvalidArgumentError, match="conv3d"):
+        adapter.merge_into(sd, {**types, "lin0": "conv3d"})
     sd["lin0.weight"] = torch.zeros(20, 11)
     with pytest.raises(errors.ShapeError, match=r"lin0\.lora_A\.weight"):
-        adapter.merge_into(sd)
+        adapter.merge_into(sd, types)
 
 
 def test_layer_input_errors():
-    layer = peft_rs.LoraLinear(np.zeros((4, 6), np.float32), config=peft_rs.LoraConfig(r=2))
+    layer = lora_layer()
     with pytest.raises(errors.ShapeError, match=r"expected \[3, 6\], found \[3, 5\]"):
         layer.forward(np.zeros((3, 5), np.float32))
     with pytest.raises(errors.DTypeError):
@@ -160,41 +182,86 @@ def test_layer_input_errors():
         layer.forward([[0.0] * 6])
     assert isinstance(e.value, TypeError)
     with pytest.raises(errors.InvalidArgumentError, match="stride"):
-        peft_rs.LoraConv2d(np.zeros((2, 3, 3, 3), np.float32), stride=(1, 2))
+        peft_rs.AdaptedLayer(np.zeros((2, 3, 3, 3), np.float32), kind="conv2d", stride=(1, 2))
+    with pytest.raises(errors.InvalidArgumentError, match="conv3d"):
+        peft_rs.AdaptedLayer(np.zeros((2, 3), np.float32), kind="conv3d")
     with pytest.raises(errors.ShapeError, match="lora_A"):
-        peft_rs.LoraLinear(
-            np.zeros((4, 6), np.float32),
-            lora_A=np.zeros((2, 5), np.float32),
-            lora_B=np.zeros((4, 2), np.float32),
-            config=peft_rs.LoraConfig(r=2),
+        lora_layer(
+            {"lora_A.weight": np.zeros((2, 5), np.float32), "lora_B.weight": np.zeros((4, 2), np.float32)}
         )
     with pytest.raises(errors.MissingKeyError, match="lora_B"):
-        peft_rs.LoraLinear(
-            np.zeros((4, 6), np.float32), lora_A=np.zeros((2, 6), np.float32), config=peft_rs.LoraConfig(r=2)
+        lora_layer({"lora_A.weight": np.zeros((2, 6), np.float32)})
+    with pytest.raises(errors.UnexpectedKeyError, match="lora_C"):
+        lora_layer(
+            {
+                "lora_A.weight": np.zeros((2, 6), np.float32),
+                "lora_B.weight": np.zeros((4, 2), np.float32),
+                "lora_C.weight": np.zeros((4, 2), np.float32),
+            }
         )
-    emb = peft_rs.LoraEmbedding(np.zeros((5, 3), np.float32))
+    emb = peft_rs.AdaptedLayer(np.zeros((5, 3), np.float32), kind="embedding")
+    emb.add_adapter("default", peft_rs.LoraConfig())
     with pytest.raises(errors.PeftError):
         emb.forward(np.array([[1, 7]], dtype=np.int64))  # id out of range
 
 
-def test_merge_state_errors():
-    layer = peft_rs.LoraLinear(np.zeros((4, 6), np.float32), config=peft_rs.LoraConfig(r=2))
-    with pytest.raises(errors.InvalidOperationError, match="not merged"):
-        layer.unmerge()
-    layer.merge()
-    with pytest.raises(errors.InvalidOperationError, match="already merged"):
-        layer.merge()
+def test_adapter_name_errors():
+    layer = lora_layer()
+    with pytest.raises(errors.PeftError, match="default"):
+        layer.add_adapter("default", peft_rs.LoraConfig(r=2))
+    with pytest.raises(errors.PeftError, match="nope"):
+        layer.set_adapter("nope")
+    with pytest.raises(errors.PeftError, match="nope"):
+        layer.delete_adapter("nope")
+    with pytest.raises(TypeError, match="adapter_names should be a list of strings"):
+        layer.merge("default")  # a str, as PEFT refuses it
+
+
+def peft_lora_layer():
+    model = get_peft_model(make_model(MLP), LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    return model.base_model.model.lin0
+
+
+def warning_texts(calls):
+    """The warnings each call emits, one list per call."""
+    texts = []
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        texts.append([str(w.message) for w in caught])
+    return texts
+
+
+def test_merge_state_warnings_match_peft():
+    """Unmerging an unmerged layer and merging a merged one warn with PEFT's words, and change nothing."""
+    ours, theirs = lora_layer(), peft_lora_layer()
+    steps = ["unmerge", "merge", "merge", "unmerge", "unmerge"]
+    got = warning_texts([getattr(ours, step) for step in steps])
+    want = warning_texts([getattr(theirs, step) for step in steps])
+    assert got == want
+    assert got[0] == ["Already unmerged. Nothing to do."]
+    assert got[2] == ["All adapters are already merged, nothing to do."]
+    assert got[1] == got[3] == []
+    assert not ours.merged
+    np.testing.assert_allclose(ours.base_weight, np.ones((4, 6), np.float32), rtol=1e-6, atol=1e-6)
 
 
 def test_safe_merge_refuses_non_finite():
     w = np.ones((4, 6), np.float32)
-    a = np.full((2, 6), np.inf, np.float32)
-    layer = peft_rs.LoraLinear(
-        w, lora_A=a, lora_B=np.ones((4, 2), np.float32), config=peft_rs.LoraConfig(r=2)
+    layer = peft_rs.AdaptedLayer(w)
+    layer.add_adapter(
+        "default",
+        peft_rs.LoraConfig(r=2),
+        weights={
+            "lora_A.weight": np.full((2, 6), np.inf, np.float32),
+            "lora_B.weight": np.ones((4, 2), np.float32),
+        },
     )
     with pytest.raises(errors.NonFiniteMergeError):
         layer.merge(safe_merge=True)
     assert not layer.merged
+    assert layer.merged_adapters == []
     np.testing.assert_array_equal(layer.base_weight, w)
 
 
@@ -207,12 +274,15 @@ def test_config_validation():
         peft_rs.LoraConfig(lora_dropout=1.5)
     with pytest.raises(errors.ConfigError, match="megatron_config"):
         peft_rs.LoraConfig(megatron_config={"x": 1})
+    # A regex the Rust engine cannot compile (look-behind) is refused where the config is made.
     with pytest.raises(errors.ConfigError, match="target_modules"):
-        peft_rs.LoraConfig(target_modules="(?<=x)y").to_dict() and peft_rs.PeftAdapter.create(
-            peft_rs.LoraConfig(target_modules="(?<=x)y"),
-            {"y.weight": np.zeros((2, 2), np.float32)},
-            {"y": "linear"},
-        )
+        peft_rs.LoraConfig(target_modules="(?<=x)y")
+
+
+def test_unsupported_regex_in_file_is_refused_at_load(adapter_dir):
+    rewrite_config(adapter_dir, target_modules="(?<=x)y")
+    with pytest.raises(errors.ConfigError, match=r"(?s)`target_modules`.*look-behind"):
+        peft_rs.PeftAdapter.from_pretrained(adapter_dir)
 
 
 def test_failed_save_leaves_no_partial_files(tmp_path, adapter_dir):
@@ -230,9 +300,9 @@ def test_failed_save_leaves_no_partial_files(tmp_path, adapter_dir):
 
 
 def test_conv2d_forward_shorthand_asks_for_hyper_parameters(tmp_path):
-    model = make_model(ConvModel)
-    get_peft_model(model, LoraConfig(target_modules=["conv"])).save_pretrained(tmp_path)
+    get_peft_model(make_model(ConvModel), LoraConfig(target_modules=["conv"])).save_pretrained(tmp_path)
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
-    sd = {k: v.detach() for k, v in make_model(ConvModel).state_dict().items()}
+    model = make_model(ConvModel)
+    sd, types = base_state_dict(model), peft_rs.module_types(model)
     with pytest.raises(errors.InvalidOperationError, match="stride"):
-        adapter.forward("conv", torch.zeros(1, 3, 5, 5), sd)
+        adapter.forward("conv", torch.zeros(1, 3, 5, 5), sd, types)

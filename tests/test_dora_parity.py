@@ -74,15 +74,14 @@ def test_peft_rs_file_loads_in_peft(case, tmp_path):
 )
 def test_merge_unmerge_round_trip_and_merged_forward(kind, d_in, d_out, r, seed):
     g = np.random.default_rng(seed)
-    config = peft_rs.LoraConfig(r=r, use_dora=True, init_lora_weights=False)
     if kind == "embedding":
         w = g.standard_normal((d_in, d_out), dtype=np.float32)
-        layer = peft_rs.LoraEmbedding(w, config=config, seed=seed)
         x = g.integers(0, d_in, size=(2, 3))
     else:
         w = g.standard_normal((d_in, d_out) if kind == "conv1d" else (d_out, d_in), dtype=np.float32)
-        layer = peft_rs.LoraLinear(w, config=config, fan_in_fan_out=kind == "conv1d", seed=seed)
         x = g.standard_normal((2, 3, d_in), dtype=np.float32)
+    layer = peft_rs.AdaptedLayer(w, kind=kind)
+    layer.add_adapter("default", peft_rs.LoraConfig(r=r, use_dora=True, init_lora_weights=False), seed=seed)
     m = layer.weights()["lora_magnitude_vector"]
     m *= g.uniform(0.5, 1.5, m.shape).astype(np.float32)  # shared with the layer: no copy
     unmerged = layer.forward(x)
@@ -95,6 +94,7 @@ def test_merge_unmerge_round_trip_and_merged_forward(kind, d_in, d_out, r, seed)
 def test_identity_at_default_init():
     w = np.random.default_rng(0).standard_normal((6, 5), dtype=np.float32)
     x = np.random.default_rng(1).standard_normal((4, 5), dtype=np.float32)
-    layer = peft_rs.LoraLinear(w, config=peft_rs.LoraConfig(r=2, use_dora=True))
+    layer = peft_rs.AdaptedLayer(w)
+    layer.add_adapter("default", peft_rs.LoraConfig(r=2, use_dora=True))
     np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(layer.weights()["lora_magnitude_vector"], np.linalg.norm(w, axis=1), rtol=1e-6)

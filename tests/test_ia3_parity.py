@@ -16,6 +16,7 @@ import peft_rs
 from conftest import (
     MLP,
     ConvModel,
+    EmbConv1D,
     GPT2Like,
     Stack,
     assert_loads_in_peft,
@@ -39,6 +40,10 @@ CASES = {
     "regex-targets": (Stack, {"target_modules": r".*\.(q|v)", "feedforward_modules": r".*\.v"}),
     "conv1d": (GPT2Like, {"target_modules": ["c_attn", "c_proj"], "feedforward_modules": ["c_proj"]}),
     "conv2d": (ConvModel, {"target_modules": ["conv", "pw", "conv_s2"], "feedforward_modules": ["pw"]}),
+    # One output feature: the scaling vector is (1, 1) either way (this once failed with
+    # "expected [1, 1], found [1, 1]").
+    "conv1d-one-output": (EmbConv1D, {"target_modules": ["conv1d"], "feedforward_modules": []}),
+    "conv1d-one-output-ff": (EmbConv1D, {"target_modules": ["conv1d"], "feedforward_modules": ["conv1d"]}),
 }
 
 
@@ -91,9 +96,8 @@ def test_config_matches_peft():
 
 
 def test_wrong_shape_in_file_names_the_key(tmp_path):
-    model = make_model(MLP)
     config = IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])
-    get_peft_model(model, config).save_pretrained(tmp_path)
+    get_peft_model(make_model(MLP), config).save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     # Declaring lin0 feed-forward instead of lin1 makes the saved vectors the wrong orientation.
     path.write_text(
@@ -102,8 +106,18 @@ def test_wrong_shape_in_file_names_the_key(tmp_path):
         )
     )
     assert json.loads(path.read_text())["feedforward_modules"] == ["lin0"]
+    adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)  # the tensors are checked per layer
+    model = make_model(MLP)
     with pytest.raises(errors.ShapeError, match=r"lin[01]\.ia3_l"):
-        peft_rs.PeftAdapter.from_pretrained(tmp_path)
+        adapter.merge_into(base_state_dict(model), peft_rs.module_types(model))
+
+
+def ia3_layer(w, b=None, ff=False, weights=None, seed=0):
+    """An IA³ adapter on a Linear named "m"; feed-forward is decided by the config, as in PEFT."""
+    layer = peft_rs.AdaptedLayer(w, b, module_name="m")
+    config = peft_rs.IA3Config(target_modules=["m"], feedforward_modules=["m"] if ff else [])
+    layer.add_adapter("default", config, weights=weights, seed=seed)
+    return layer
 
 
 @settings(max_examples=30, deadline=None)
@@ -114,7 +128,7 @@ def test_merge_unmerge_and_merged_forward(d_in, d_out, ff, seed):
     b = g.standard_normal(d_out, dtype=np.float32)
     l_shape = (1, d_in) if ff else (d_out, 1)
     ia3_l = (g.uniform(0.5, 1.5, l_shape) * g.choice([-1, 1], l_shape)).astype(np.float32)
-    layer = peft_rs.IA3Linear(w, b, ia3_l=ia3_l, feedforward=ff)
+    layer = ia3_layer(w, b, ff=ff, weights={"ia3_l": ia3_l})
     x = g.standard_normal((3, d_in), dtype=np.float32)
     unmerged = layer.forward(x)
     layer.merge()
@@ -128,7 +142,7 @@ def test_default_init_is_identity():
     w = np.random.default_rng(0).standard_normal((5, 4), dtype=np.float32)
     x = np.random.default_rng(1).standard_normal((2, 4), dtype=np.float32)
     for ff in (True, False):
-        layer = peft_rs.IA3Linear(w, feedforward=ff)
+        layer = ia3_layer(w, ff=ff)
+        assert layer.weights()["ia3_l"].shape == ((1, 4) if ff else (5, 1))
         np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-6)
-        with pytest.raises(errors.InvalidOperationError, match="no additive delta"):
-            layer.delta_weight()
+        np.testing.assert_array_equal(layer.merged_weight(), w)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
+import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,13 +14,19 @@ import pytest
 import torch
 
 import peft_rs
-from peft_rs import _core
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lora_layer(w, seed=0):
+    layer = peft_rs.AdaptedLayer(w)
+    layer.add_adapter("default", peft_rs.LoraConfig(r=4, init_lora_weights=False), seed=seed)
+    return layer
 
 
 def linear(dtype=np.float32, seed=0):
     g = np.random.default_rng(seed)
-    w = g.standard_normal((16, 12)).astype(dtype)
-    return peft_rs.LoraLinear(w, config=peft_rs.LoraConfig(r=4, init_lora_weights=False), seed=seed)
+    return lora_layer(g.standard_normal((16, 12)).astype(dtype), seed=seed)
 
 
 def test_export_is_zero_copy():
@@ -40,7 +48,7 @@ def test_torch_output_owns_its_buffer_after_layer_is_gone():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes_follow_the_base(dtype):
     w = torch.randn(16, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
-    layer = peft_rs.LoraLinear(w, config=peft_rs.LoraConfig(r=4, init_lora_weights=False))
+    layer = lora_layer(w)
     x = torch.randn(2, 3, 12).to(dtype)
     y = layer.forward(x)
     assert y.dtype == dtype
@@ -61,47 +69,75 @@ def test_requires_grad_input_is_accepted():
 
 
 def test_protocols():
-    for layer in [linear(), peft_rs.LoraEmbedding(np.zeros((5, 3), np.float32))]:
+    embedding = peft_rs.AdaptedLayer(np.zeros((5, 3), np.float32), kind="embedding")
+    embedding.add_adapter("default", peft_rs.LoraConfig())
+    for layer in [linear(), embedding]:
         assert isinstance(layer, peft_rs.Adapter)
         assert isinstance(layer, peft_rs.Mergeable)
 
 
-LAYER_CLASSES = {
-    "LoraLinear",
-    "LoraEmbedding",
-    "LoraConv2d",
-    "AdaLoraLinear",
-    "IA3Linear",
-    "IA3Conv2d",
-    "VeraLinear",
-}
+def run_tool(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_stub_lists_every_public_class_and_method():
-    stub = ast.parse((Path(peft_rs.__file__).parent / "_core.pyi").read_text())
-    stubbed = {
-        node.name: {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
-        for node in stub.body
-        if isinstance(node, ast.ClassDef)
-    }
-    inherited = stubbed.pop("_AdapterLayer")
-    for name, cls in inspect.getmembers(_core, inspect.isclass):
-        if issubclass(cls, BaseException):
-            continue
-        methods = {m for m in vars(cls) if not m.startswith("_") or m in ("__dlpack__", "__dlpack_device__")}
-        declared = stubbed[name] | (
-            inherited if not name.endswith("Config") and name in LAYER_CLASSES else set()
-        )
-        assert methods <= declared, f"{name}: {methods - declared} missing from _core.pyi"
+def test_stub_matches_the_compiled_module():
+    """mypy's stubtest: every class, method, argument and default of `_core` is in `_core.pyi`,
+    and nothing the module lacks is stubbed."""
+    result = run_tool("-m", "mypy.stubtest", "peft_rs._core")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_forward_runs_in_parallel_threads():
-    # Heavy work releases the GIL; results from threads equal the sequential ones.
-    layer = peft_rs.LoraLinear(
-        np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32),
-        config=peft_rs.LoraConfig(r=8, init_lora_weights=False),
+def test_generated_stub_part_is_up_to_date():
+    result = run_tool("tools/gen_stubs.py", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def big_layer_and_input(seconds=0.3):
+    """A wide Linear layer with a LoRA adapter and an input whose forward takes about `seconds`
+    (wide, so that converting the input and output is a small part of the call)."""
+    g = np.random.default_rng(0)
+    layer = lora_layer(g.standard_normal((2048, 2048), dtype=np.float32))
+    rows = 16
+    while True:
+        x = g.standard_normal((rows, 2048), dtype=np.float32)
+        start = time.perf_counter()
+        layer.forward(x)
+        if time.perf_counter() - start >= seconds or rows >= 1 << 16:
+            return layer, x
+        rows *= 2
+
+
+def test_forward_releases_the_gil():
+    """While a thread is inside a forward, Python keeps running in the main thread. Were the GIL
+    held, the main thread's loop would stall for the whole forward (timestamps in two threads
+    would not tell: both can be taken before either call starts)."""
+    layer, x = big_layer_and_input()
+    window = {}
+
+    def work():
+        window["start"] = time.perf_counter()
+        window["y"] = layer.forward(x)
+        window["end"] = time.perf_counter()
+
+    worker = threading.Thread(target=work)
+    ticks = []
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    duration = window["end"] - window["start"]
+    assert duration >= 0.1, f"a forward of {duration:.3f} s is too quick to tell"
+    inside = [window["start"], *(t for t in ticks if window["start"] < t < window["end"]), window["end"]]
+    longest_stall = max(np.diff(inside))
+    assert longest_stall < duration / 4, (
+        f"main thread stalled {longest_stall:.3f} s of a {duration:.3f} s forward"
     )
-    xs = [np.random.default_rng(i).standard_normal((64, 256)).astype(np.float32) for i in range(8)]
+    np.testing.assert_array_equal(window["y"], layer.forward(x))
+
+
+def test_concurrent_forwards_equal_sequential_ones():
+    layer = linear()
+    xs = [np.random.default_rng(i).standard_normal((64, 12)).astype(np.float32) for i in range(16)]
     sequential = [layer.forward(x) for x in xs]
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(layer.forward, xs))

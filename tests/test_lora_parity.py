@@ -5,11 +5,13 @@ computes; peft_rs writes → PEFT reads and computes. Adapters are initialised a
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
 
 import peft_rs
 from conftest import (
@@ -25,6 +27,7 @@ from conftest import (
     base_state_dict,
     make_model,
     peft_merged_state_dict,
+    peft_module_types,
 )
 
 CASES = {
@@ -106,11 +109,20 @@ def test_named_adapter_subfolder(tmp_path):
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path, adapter_name="other")
     assert adapter.adapter_name == "other"
     expected = peft_merged_state_dict(peft_model)
-    for key, value in adapter.merge_into(base_sd).items():
+    for key, value in adapter.merge_into(base_sd, peft_module_types(peft_model)).items():
         assert_close(value, expected[key], msg=key)
     out = tmp_path / "resaved"
-    assert adapter.save_pretrained(out) == str(out / "other") or (out / "other").is_dir()
-    assert (out / "other" / "adapter_model.safetensors").is_file()
+    written = adapter.save_pretrained(out)
+    # The directory written is returned, and it is the named sub-folder (as PEFT), not `out`.
+    assert os.fspath(written) == str(out / "other")
+    assert sorted(os.listdir(out)) == ["other"]
+    assert sorted(os.listdir(out / "other")) == ["adapter_config.json", "adapter_model.safetensors"]
+    reloaded = PeftModel.from_pretrained(make_model(MLP), written, adapter_name="other")
+    theirs = get_peft_model_state_dict(reloaded, adapter_name="other")
+    ours = adapter.state_dict(framework="torch")
+    assert set(theirs) == set(ours)
+    for key, value in ours.items():
+        assert_close(theirs[key], value, msg=key)
 
 
 def test_legacy_bin_checkpoint(tmp_path):
@@ -120,7 +132,7 @@ def test_legacy_bin_checkpoint(tmp_path):
     assert not (tmp_path / "adapter_model.safetensors").exists()
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
     expected = peft_merged_state_dict(peft_model)
-    for key, value in adapter.merge_into(base_sd).items():
+    for key, value in adapter.merge_into(base_sd, peft_module_types(peft_model)).items():
         assert_close(value, expected[key], msg=key)
 
 
@@ -166,13 +178,14 @@ def test_numpy_in_numpy_out(tmp_path):
     peft_model.save_pretrained(tmp_path)
     adapter = peft_rs.PeftAdapter.from_pretrained(tmp_path)
     np_sd = {k: v.numpy() for k, v in base_sd.items()}
-    merged = adapter.merge_into(np_sd)
+    types = peft_module_types(peft_model)
+    merged = adapter.merge_into(np_sd, types)
     assert all(isinstance(v, np.ndarray) for v in merged.values())
     assert merged["lin1.weight"] is np_sd["lin1.weight"]  # untouched entries are passed through
     expected = peft_merged_state_dict(peft_model)
     np.testing.assert_allclose(merged["lin0.weight"], expected["lin0.weight"].numpy(), rtol=1e-5, atol=1e-5)
     x = np.random.default_rng(0).standard_normal((4, 10), dtype=np.float32)
-    y = adapter.forward("lin0", x, np_sd)
+    y = adapter.forward("lin0", x, np_sd, types)
     assert isinstance(y, np.ndarray)
     with torch.no_grad():
         want = peft_model.base_model.model.lin0(torch.from_numpy(x))

@@ -22,17 +22,20 @@ kinds = st.sampled_from(["linear", "conv1d", "embedding", "conv2d"])
 def build(kind, d_in, d_out, r, seed, init=False, rslora=False):
     g = np.random.default_rng(seed)
     config = peft_rs.LoraConfig(r=r, lora_alpha=2 * r + 1, init_lora_weights=init, use_rslora=rslora)
+    bias = None
     if kind == "embedding":
         w = g.standard_normal((d_in, d_out), dtype=np.float32)
-        return peft_rs.LoraEmbedding(w, config=config, seed=seed), w
-    if kind == "conv2d":
+        layer = peft_rs.AdaptedLayer(w, kind=kind)
+    elif kind == "conv2d":
         w = g.standard_normal((d_out, d_in, 3, 3), dtype=np.float32)
-        b = g.standard_normal(d_out, dtype=np.float32)
-        return peft_rs.LoraConv2d(w, b, padding=1, config=config, seed=seed), w
-    shape = (d_in, d_out) if kind == "conv1d" else (d_out, d_in)
-    w = g.standard_normal(shape, dtype=np.float32)
-    b = g.standard_normal(d_out, dtype=np.float32)
-    return peft_rs.LoraLinear(w, b, config=config, fan_in_fan_out=kind == "conv1d", seed=seed), w
+        bias = g.standard_normal(d_out, dtype=np.float32)
+        layer = peft_rs.AdaptedLayer(w, bias, kind=kind, padding=1)
+    else:
+        w = g.standard_normal((d_in, d_out) if kind == "conv1d" else (d_out, d_in), dtype=np.float32)
+        bias = g.standard_normal(d_out, dtype=np.float32)
+        layer = peft_rs.AdaptedLayer(w, bias, kind=kind)
+    layer.add_adapter("default", config, seed=seed)
+    return layer, w
 
 
 def sample_input(kind, d_in, batch, seed):
@@ -51,12 +54,14 @@ def scale(*arrays):
 @given(kind=kinds, d_in=dims, d_out=dims, r=ranks, seed=st.integers(0, 2**16), rslora=st.booleans())
 def test_merge_then_unmerge_restores_weight(kind, d_in, d_out, r, seed, rslora):
     layer, w = build(kind, d_in, d_out, r, seed, rslora=rslora)
+    expected = layer.merged_weight()  # computed, not written
+    np.testing.assert_array_equal(layer.base_weight, w)
+    delta = expected - w
+    assert np.abs(delta).max() > 0  # the adapter is not the identity
     layer.merge()
     assert layer.merged
-    merged = layer.base_weight
-    delta = layer.delta_weight()
-    assert np.abs(delta).max() > 0  # the adapter is not the identity
-    np.testing.assert_allclose(merged, w + delta, rtol=1e-5, atol=1e-5 * scale(w, delta))
+    assert layer.merged_adapters == ["default"]
+    np.testing.assert_allclose(layer.base_weight, expected, rtol=1e-5, atol=1e-5 * scale(w, delta))
     layer.unmerge()
     assert not layer.merged
     np.testing.assert_allclose(layer.base_weight, w, rtol=1e-5, atol=1e-5 * scale(w, delta))
@@ -92,7 +97,7 @@ def test_default_init_is_identity(kind, d_in, d_out, r, batch, seed):
     else:
         want = reference.linear(xt, w, b)
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=1e-5 * scale(want.numpy()))
-    assert np.abs(layer.delta_weight()).max() == 0
+    np.testing.assert_array_equal(layer.merged_weight(), layer.base_weight)
 
 
 @given(d_in=st.integers(2, 24), d_out=dims, r=ranks, seed=st.integers(0, 2**16))

@@ -51,7 +51,7 @@ def test_peft_seq_cls_adapter_merged_by_peft_rs(tmp_path, batch):
     assert adapter.module_names() == sorted(lora_modules)
     assert len(lora_modules) == 6 * 6 + 1  # q, k, v, attention/intermediate/output dense per layer; pooler
     merged = classifier()
-    merged.load_state_dict(adapter.merge_into(base_sd))
+    merged.load_state_dict(adapter.merge_into(base_sd, peft_rs.module_types(merged)))
     with torch.no_grad():
         got = merged(**batch).logits
     assert (got - classifier()(**batch).logits).abs().max() > 1e-3  # the adapter matters
@@ -64,10 +64,11 @@ def test_peft_rs_adapter_on_real_model_loads_in_peft(tmp_path, batch):
     config = peft_rs.LoraConfig(
         r=8, lora_alpha=16, target_modules=r".*\.attention\.self\.(query|value)", init_lora_weights=False
     )
-    adapter = peft_rs.PeftAdapter.create(config, state_dict, peft_rs.module_types(model), seed=1)
+    types = peft_rs.module_types(model)
+    adapter = peft_rs.PeftAdapter.create(config, state_dict, types, seed=1)
     adapter.save_pretrained(tmp_path)
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(MODEL_DIR), tmp_path).eval()
     merged = AutoModel.from_pretrained(MODEL_DIR).eval()
-    merged.load_state_dict(adapter.merge_into(state_dict))
+    merged.load_state_dict(adapter.merge_into(state_dict, types))
     with torch.no_grad():
         assert_close(merged(**batch).last_hidden_state, peft_model(**batch).last_hidden_state, tol=TOL)

@@ -31,6 +31,14 @@ CASES = {
 }
 
 
+def vera_layer(w, seed=0, **kwargs):
+    """A VeRA layer on the Linear weight `w`. Its projections are shared by the model's layers, so
+    it comes from a one-module model's PeftAdapter (an AdaptedLayer alone has no shared tensors)."""
+    config = peft_rs.VeraConfig(target_modules=["m"], **kwargs)
+    adapter = peft_rs.PeftAdapter.create(config, {"m.weight": w}, {"m": "linear"}, seed=seed)
+    return adapter, adapter.layer("m", {"m.weight": w}, {"m": "linear"})
+
+
 @pytest.mark.parametrize("seed,r,in_max,out_max", [(0, 4, 20, 20), (7, 16, 33, 9), (2**31 + 5, 3, 1000, 700)])
 def test_projections_are_torch_bit_exact(seed, r, in_max, out_max):
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -41,14 +49,21 @@ def test_projections_are_torch_bit_exact(seed, r, in_max, out_max):
     a.uniform_(-bound_a, bound_a, generator=g)
     b.uniform_(-bound_b, bound_b, generator=g)
     w = np.zeros((out_max, in_max), np.float32)
-    layer = peft_rs.VeraLinear(
-        w, config=peft_rs.VeraConfig(r=r, projection_prng_key=seed, init_weights=False)
-    )
-    delta = torch.from_numpy(layer.delta_weight())
+    adapter, layer = vera_layer(w, r=r, projection_prng_key=seed, init_weights=False)
+    sd = adapter.state_dict(framework="torch")
+    assert torch.equal(sd["base_model.vera_A"], a)
+    assert torch.equal(sd["base_model.vera_B"], b)
+    delta = torch.from_numpy(layer.merged_weight() - w)
     lam_b = torch.from_numpy(layer.weights()["vera_lambda_b"])
     lam_d = torch.from_numpy(layer.weights()["vera_lambda_d"])
     want = (lam_b[:, None] * b) @ (lam_d[:, None] * a)
     torch.testing.assert_close(delta, want, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_without_shared_projections_is_refused():
+    layer = peft_rs.AdaptedLayer(np.zeros((3, 4), np.float32), module_name="m")
+    with pytest.raises(errors.MissingKeyError, match="vera_A"):
+        layer.add_adapter("default", peft_rs.VeraConfig(target_modules=["m"]))
 
 
 def test_projections_equal_peft_buffers():
@@ -115,7 +130,7 @@ def test_missing_shared_projection_is_named(tmp_path):
 def test_identity_at_default_init():
     w = np.random.default_rng(0).standard_normal((6, 5), dtype=np.float32)
     x = np.random.default_rng(1).standard_normal((3, 5), dtype=np.float32)
-    layer = peft_rs.VeraLinear(w, config=peft_rs.VeraConfig(r=4))
+    _, layer = vera_layer(w, r=4)
     np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(layer.weights()["vera_lambda_d"], np.full(4, 0.1, np.float32))
 
@@ -126,11 +141,9 @@ def test_properties(d_in, d_out, r, seed):
     g = np.random.default_rng(seed)
     w = g.standard_normal((d_out, d_in), dtype=np.float32)
     x = g.standard_normal((2, 3, d_in), dtype=np.float32)
-    identity = peft_rs.VeraLinear(w, config=peft_rs.VeraConfig(r=r, projection_prng_key=seed))
+    _, identity = vera_layer(w, r=r, projection_prng_key=seed)
     np.testing.assert_allclose(identity.forward(x), x @ w.T, rtol=1e-5, atol=1e-5)
-    layer = peft_rs.VeraLinear(
-        w, config=peft_rs.VeraConfig(r=r, projection_prng_key=seed, init_weights=False), seed=seed
-    )
+    _, layer = vera_layer(w, seed=seed, r=r, projection_prng_key=seed, init_weights=False)
     y = layer.forward(x)
     layer.merge()
     np.testing.assert_allclose(layer.forward(x), y, rtol=1e-4, atol=1e-4)

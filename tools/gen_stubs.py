@@ -26,7 +26,9 @@ def generated() -> str:
             f"    @property\n"
             f'    def peft_type(self) -> Literal["{peft_type}"]: ...\n'
         )
-    public = sorted(n for n in dir(core) if not n.startswith("_")) + ["__version__"]
+    # Sorted as ruff's RUF022 wants: constants, then classes, then the rest.
+    names = (n for n in dir(core) if not n.startswith("_"))
+    public = [*sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n)), "__version__"]
     all_names = "".join(f'    "{n}",\n' for n in public)
     return "\n".join(blocks) + f"\n__all__ = [\n{all_names}]\n"
 

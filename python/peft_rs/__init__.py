@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors
-from ._core import *  # noqa: F403  (PeftConfig, one config class per registered method, AdaptedLayer...)
-from ._core import CONFIG_CLASSES, __version__
+from ._core import *  # noqa: F403  (one config class per registered method: CONFIG_CLASSES)
+from ._core import CONFIG_CLASSES, CUDA_ENABLED, AdaptedLayer, PeftAdapter, PeftConfig, __version__
 from .errors import PeftError
 from .protocols import Adapter, Mergeable
 

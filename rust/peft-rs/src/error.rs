@@ -15,8 +15,9 @@ pub enum PeftError {
         found: Vec<usize>,
     },
 
-    /// A tensor that must be present is not (in a file, a state dict or a layer).
-    #[error("missing tensor `{key}`{}", context_suffix(.context))]
+    /// A key that must be present is not: a tensor (in a file, a state dict or a layer), an
+    /// adapter name, a module in the model's module types.
+    #[error("missing key `{key}`{}", context_suffix(.context))]
     MissingKey { key: String, context: String },
 
     /// A tensor that nothing expects was found.

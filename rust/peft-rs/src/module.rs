@@ -303,11 +303,12 @@ impl AdaptedModule {
         Ok(done)
     }
 
-    /// The weight and bias this module would have with these adapters merged, in order, on top
-    /// of its current weight; nothing is written.
+    /// The weight and bias [`AdaptedModule::merge`] would write for these names: the current
+    /// weight with those not merged yet folded in, in order; nothing is written.
     pub fn merged_weights(&self, names: &[&str]) -> Result<(Tensor, Option<Tensor>)> {
         let adapters = names
             .iter()
+            .filter(|n| !self.merged.iter().any(|m| m.name == **n))
             .map(|n| self.adapter(n))
             .collect::<Result<Vec<_>>>()?;
         self.below(&adapters).weights()

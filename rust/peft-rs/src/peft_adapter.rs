@@ -297,7 +297,9 @@ impl PeftAdapter {
     ) -> Result<BaseLayer> {
         let kind = *kinds.get(module).ok_or_else(|| PeftError::MissingKey {
             key: module.to_string(),
-            context: "the adapter targets this module, but the model's module types lack it".into(),
+            context:
+                "the adapter targets this module, but the model's module types have no entry for it"
+                    .into(),
         })?;
         let weight_key = format!("{module}.weight");
         let bias_key = format!("{module}.bias");
