@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import warnings
 
 import torch
 from bench_lora import One, best_time
-from peft import AdaLoraConfig, IA3Config, LoraConfig, VeraConfig, get_peft_model
+from peft import (
+    AdaLoraConfig,
+    BOFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    VeraConfig,
+    get_peft_model,
+)
 
 import peft_rs
 
@@ -25,7 +36,24 @@ METHODS = {
         target_modules=["lin"], feedforward_modules=["lin"], init_ia3_weights=False
     ),
     "VeRA r256": VeraConfig(target_modules=["lin"], r=256, init_weights=False),
+    "LoHa r8": LoHaConfig(target_modules=["lin"], r=8, init_weights=False),
+    "LoKr r8": LoKrConfig(target_modules=["lin"], r=8, init_weights=False),
+    "OFT block 32": OFTConfig(target_modules=["lin"], r=0, oft_block_size=32, init_weights=False),
+    "BOFT block 8": BOFTConfig(target_modules=["lin"], boft_block_size=8, init_weights=False),
 }
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -34,7 +62,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     args = parser.parse_args()
     print(
-        f"# Methods on one Linear({args.width}, {args.width}), {args.tokens} tokens, f32, CPU, "
+        f"# Methods on one Linear({args.width}, {args.width}), {args.tokens} tokens, f32, {cpu_model()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)\n"
     )
     columns = ["method", "forward peft_rs (ms)", "forward PEFT (ms)", "ratio"]
@@ -42,6 +70,7 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (len(columns) - 1))
     x = torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(0))
+    warnings.filterwarnings("ignore")  # PEFT warns on every IA³ unmerge
     for name, config in METHODS.items():
         torch.manual_seed(0)
         model = One(args.width)

@@ -19,6 +19,9 @@ use crate::registry;
 /// File name of the config inside an adapter directory.
 pub const CONFIG_NAME: &str = "adapter_config.json";
 
+/// The PEFT release whose files and numbers peft-rs follows (and tests against).
+pub const PEFT_VERSION: &str = "0.21.2";
+
 /// A config of any registered method: what an adapter directory holds.
 #[derive(Debug, Clone)]
 pub struct PeftConfig(Arc<dyn MethodConfig>);
@@ -176,6 +179,19 @@ pub(crate) fn take_peft_type(value: &mut Value, expected: &str) -> Result<()> {
             supported: expected.into(),
         }),
     }
+}
+
+/// A serde config read from PEFT's JSON form: `peft_type` (if present) checked and removed,
+/// fields deserialised (a type error names the field), then validated.
+pub(crate) fn parse_config<T>(value: Value, peft_type: &str) -> Result<T>
+where
+    T: serde::de::DeserializeOwned + MethodConfig,
+{
+    let mut value = value;
+    take_peft_type(&mut value, peft_type)?;
+    let config: T = deserialize_fields(value)?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// Deserialises a config struct, naming the offending field on a type error.

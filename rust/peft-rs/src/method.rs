@@ -7,7 +7,6 @@
 //! Adding a method is one file that implements these two traits plus one line in
 //! [`crate::registry`].
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -16,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::base::{BaseLayer, ModuleKind};
+use crate::config::PEFT_VERSION;
 use crate::error::Result;
 use crate::matching::Selection;
 use crate::module::Below;
@@ -44,7 +44,7 @@ pub enum ParamSource {
 
 /// A method's config: PEFT's fields, defaults and JSON form, plus what the shared machinery
 /// asks of a method. Valid by construction: every constructor validates.
-pub trait MethodConfig: std::fmt::Debug + Send + Sync + Any {
+pub trait MethodConfig: std::fmt::Debug + Send + Sync {
     /// PEFT's `peft_type` (`"LORA"`).
     fn peft_type(&self) -> &'static str;
 
@@ -54,8 +54,23 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync + Any {
     /// invalid fields cannot reach the math.
     fn validate(&self) -> Result<()>;
 
-    /// The JSON object PEFT's `to_dict()` gives (unsorted; files are written sorted).
-    fn to_json(&self) -> Value;
+    /// The config's fields as PEFT's `to_dict()` names them; [`MethodConfig::to_json`] adds
+    /// `peft_type` and `peft_version`.
+    fn fields(&self) -> Value;
+
+    /// The JSON object PEFT's `to_dict()` gives (unsorted; files are written sorted). PEFT
+    /// always records its version and reads it back (a null one fails to load for OFT), so a
+    /// config without one names the PEFT release whose format and numbers peft-rs follows.
+    fn to_json(&self) -> Value {
+        let mut value = self.fields();
+        if let Value::Object(map) = &mut value {
+            map.insert("peft_type".into(), Value::from(self.peft_type()));
+            if map.get("peft_version").is_none_or(Value::is_null) {
+                map.insert("peft_version".into(), Value::from(PEFT_VERSION));
+            }
+        }
+        value
+    }
 
     /// Which modules get an adapter.
     fn selection(&self) -> Selection<'_>;
@@ -81,9 +96,12 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync + Any {
         shared: &BTreeMap<String, Tensor>,
     ) -> Result<Box<dyn LayerAdapter>>;
 
-    /// The config PEFT saves after creating an adapter on modules of these kinds (PEFT rewrites
-    /// `fan_in_fan_out` from the targeted layer types, for example).
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>>;
+    /// The config PEFT saves after creating an adapter on modules of these kinds, when it
+    /// differs (PEFT rewrites `fan_in_fan_out` from the targeted layer types, for example); an
+    /// error if the method cannot adapt one of them.
+    fn for_targets(&self, _kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
+        Ok(None)
+    }
 
     /// Names of adapter-wide tensors, saved as `base_model.<name>` (VeRA's projections).
     fn shared_names(&self) -> &'static [&'static str] {
@@ -100,8 +118,6 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync + Any {
     fn generate_shared(&self, _out_max: usize, _in_max: usize) -> Result<BTreeMap<String, Tensor>> {
         Ok(BTreeMap::new())
     }
-
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// One method's adapter on one module: its tensors and its math. It never owns the base layer:

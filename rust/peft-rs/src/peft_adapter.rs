@@ -162,7 +162,10 @@ impl PeftAdapter {
             }
         }
         let kinds: Vec<ModuleKind> = targets.iter().map(|(_, m)| m.layer.kind()).collect();
-        let config = PeftConfig::new(config.for_targets(&kinds)?)?;
+        let config = match config.for_targets(&kinds)? {
+            Some(adapted) => PeftConfig::new(adapted)?,
+            None => config,
+        };
         let shared = config.generate_shared(
             targets
                 .iter()

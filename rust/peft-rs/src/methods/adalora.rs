@@ -225,12 +225,11 @@ impl MethodConfig for AdaLoraConfig {
         AdaLoraConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = MethodConfig::to_json(&self.lora);
+    fn fields(&self) -> Value {
+        let mut value = self.lora.fields();
         let own = serde_json::to_value(&self.adalora).expect("AdaLoraFields serialise");
         if let (Value::Object(map), Value::Object(own)) = (&mut value, own) {
             map.extend(own);
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
             for key in ["beta1", "beta2", "orth_reg_weight"] {
                 if let Some(v) = map.get(key).and_then(Value::as_f64) {
                     map.insert(key.into(), number(v));
@@ -267,14 +266,10 @@ impl MethodConfig for AdaLoraConfig {
         )?))
     }
 
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
         let mut config = self.clone();
         crate::methods::adapt_fan_in_fan_out(&mut config.lora.fan_in_fan_out, kinds)?;
-        Ok(Arc::new(config))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+        Ok(Some(Arc::new(config)))
     }
 }
 

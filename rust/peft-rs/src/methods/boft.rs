@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::base::{BaseLayer, ModuleKind, linear_rows};
-use crate::config::{
-    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, deserialize_fields, take_peft_type,
-};
+use crate::config::{CommonFields, ModuleSelector, OneOrMany, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::linalg::{block_diag, cayley};
@@ -121,11 +119,7 @@ impl Default for BoftConfig {
 impl BoftConfig {
     /// Reads a config from PEFT's JSON form (`adapter_config.json` or `BOFTConfig.to_dict()`).
     pub fn from_json(value: Value) -> Result<Self> {
-        let mut value = value;
-        take_peft_type(&mut value, PEFT_TYPE)?;
-        let config: Self = deserialize_fields(value)?;
-        config.validate()?;
-        Ok(config)
+        parse_config(value, PEFT_TYPE)
     }
 
     pub fn selection(&self) -> Selection<'_> {
@@ -203,12 +197,8 @@ impl MethodConfig for BoftConfig {
         BoftConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).expect("BoftConfig serialises");
-        if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
-        }
-        value
+    fn fields(&self) -> Value {
+        serde_json::to_value(self).expect("BoftConfig serialises")
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -240,7 +230,7 @@ impl MethodConfig for BoftConfig {
 
     /// PEFT refuses layers other than Linear and Conv2d, and sets `fan_in_fan_out` to false
     /// when it wraps an `nn.Linear` (the saved config says so).
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
         if let Some(kind) = kinds.iter().find(|k| !supported(**k)) {
             return Err(unsupported_kind(*kind));
         }
@@ -248,11 +238,7 @@ impl MethodConfig for BoftConfig {
         if kinds.contains(&ModuleKind::Linear) {
             config.fan_in_fan_out = false;
         }
-        Ok(Arc::new(config))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+        Ok(Some(Arc::new(config)))
     }
 }
 

@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::base::{BaseLayer, ModuleKind};
-use crate::config::{
-    CommonFields, ModuleSelector, check_extra_fields, deserialize_fields, take_peft_type,
-};
+use crate::config::{CommonFields, ModuleSelector, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
@@ -68,11 +66,7 @@ impl Default for Ia3Config {
 impl Ia3Config {
     /// Reads a config from PEFT's JSON form (`adapter_config.json` or `IA3Config.to_dict()`).
     pub fn from_json(value: Value) -> Result<Self> {
-        let mut value = value;
-        take_peft_type(&mut value, PEFT_TYPE)?;
-        let config: Self = deserialize_fields(value)?;
-        config.validate()?;
-        Ok(config)
+        parse_config(value, PEFT_TYPE)
     }
 
     pub fn selection(&self) -> Selection<'_> {
@@ -125,12 +119,8 @@ impl MethodConfig for Ia3Config {
         Ia3Config::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).expect("Ia3Config serialises");
-        if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
-        }
-        value
+    fn fields(&self) -> Value {
+        serde_json::to_value(self).expect("Ia3Config serialises")
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -156,14 +146,10 @@ impl MethodConfig for Ia3Config {
         )?))
     }
 
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
         let mut config = self.clone();
         crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
-        Ok(Arc::new(config))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+        Ok(Some(Arc::new(config)))
     }
 }
 

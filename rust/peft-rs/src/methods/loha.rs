@@ -100,12 +100,8 @@ impl MethodConfig for LoHaConfig {
         LoHaConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).expect("LoHaConfig serialises");
-        if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
-        }
-        value
+    fn fields(&self) -> Value {
+        serde_json::to_value(self).expect("LoHaConfig serialises")
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -129,15 +125,6 @@ impl MethodConfig for LoHaConfig {
             self.clone(),
             source,
         )?))
-    }
-
-    fn for_targets(&self, _kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
-        // Nothing in a LoHa config depends on the targeted layer types.
-        Ok(Arc::new(self.clone()))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

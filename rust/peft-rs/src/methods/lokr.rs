@@ -140,12 +140,8 @@ impl MethodConfig for LoKrConfig {
         LoKrConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).expect("LoKrConfig serialises");
-        if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
-        }
-        value
+    fn fields(&self) -> Value {
+        serde_json::to_value(self).expect("LoKrConfig serialises")
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -169,15 +165,6 @@ impl MethodConfig for LoKrConfig {
             self.clone(),
             source,
         )?))
-    }
-
-    fn for_targets(&self, _kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
-        // Nothing in a LoKr config depends on the targeted layer types.
-        Ok(Arc::new(self.clone()))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

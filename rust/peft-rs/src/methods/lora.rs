@@ -11,8 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::base::{BaseLayer, Conv2dParams, ModuleKind, conv2d, linear_rows};
 use crate::config::{
-    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, deserialize_fields, number,
-    take_peft_type,
+    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, number, parse_config,
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
@@ -202,14 +201,11 @@ impl LoraConfig {
     /// Reads a config from PEFT's JSON form (`adapter_config.json` or `LoraConfig.to_dict()`).
     pub fn from_json(value: Value) -> Result<Self> {
         let mut value = value;
-        take_peft_type(&mut value, PEFT_TYPE)?;
         if let Value::Object(map) = &mut value {
             // PEFT never writes it, but warns and drops it on load.
             map.remove("runtime_config");
         }
-        let config: Self = deserialize_fields(value)?;
-        config.validate()?;
-        Ok(config)
+        parse_config(value, PEFT_TYPE)
     }
 
     pub fn selection(&self) -> Selection<'_> {
@@ -386,10 +382,9 @@ impl MethodConfig for LoraConfig {
         LoraConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
+    fn fields(&self) -> Value {
         let mut value = serde_json::to_value(self).expect("LoraConfig serialises");
         if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from("LORA"));
             for (k, v) in unsupported_defaults() {
                 map.insert(k.into(), v);
             }
@@ -424,14 +419,10 @@ impl MethodConfig for LoraConfig {
         )?))
     }
 
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
         let mut config = self.clone();
         crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
-        Ok(Arc::new(config))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+        Ok(Some(Arc::new(config)))
     }
 }
 

@@ -38,9 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::base::{BaseLayer, ModuleKind};
-use crate::config::{
-    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, deserialize_fields, take_peft_type,
-};
+use crate::config::{CommonFields, ModuleSelector, OneOrMany, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::linalg;
@@ -53,9 +51,6 @@ use crate::module::Below;
 use crate::params::{Params, take_params};
 
 pub const PEFT_TYPE: &str = "OFT";
-
-/// The PEFT release whose OFT this reproduces (its Cayley–Neumann series dates from 0.18).
-const PEFT_VERSION: &str = "0.21.2";
 
 pub const ENTRY: MethodEntry = MethodEntry {
     peft_type: PEFT_TYPE,
@@ -152,11 +147,7 @@ impl Default for OftConfig {
 impl OftConfig {
     /// Reads a config from PEFT's JSON form (`adapter_config.json` or `OFTConfig.to_dict()`).
     pub fn from_json(value: Value) -> Result<Self> {
-        let mut value = value;
-        take_peft_type(&mut value, PEFT_TYPE)?;
-        let config: Self = deserialize_fields(value)?;
-        config.validate()?;
-        Ok(config)
+        parse_config(value, PEFT_TYPE)
     }
 
     pub fn selection(&self) -> Selection<'_> {
@@ -239,18 +230,8 @@ impl MethodConfig for OftConfig {
         OftConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).expect("OftConfig serialises");
-        if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
-            // PEFT fills in its own version. Reading an OFT config with `use_cayley_neumann`,
-            // PEFT fails on a null `peft_version` and warns for one below 0.18 (whose series
-            // differed), so name the version whose numbers these are.
-            if self.common.peft_version.is_none() {
-                map.insert("peft_version".into(), Value::from(PEFT_VERSION));
-            }
-        }
-        value
+    fn fields(&self) -> Value {
+        serde_json::to_value(self).expect("OftConfig serialises")
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -281,7 +262,7 @@ impl MethodConfig for OftConfig {
     }
 
     /// PEFT sets `fan_in_fan_out` to false when it wraps an `nn.Linear`, and saves that.
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
         if kinds.contains(&ModuleKind::Conv1D) {
             return Err(unsupported_conv1d());
         }
@@ -289,11 +270,7 @@ impl MethodConfig for OftConfig {
         if kinds.contains(&ModuleKind::Linear) {
             config.fan_in_fan_out = false;
         }
-        Ok(Arc::new(config))
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+        Ok(Some(Arc::new(config)))
     }
 }
 
@@ -818,6 +795,6 @@ mod tests {
         let c = ok(serde_json::json!({"peft_type": "OFT", "bias": "oft_only"})).unwrap();
         assert_eq!(c.bias_mode(), BiasMode::AdaptedOnly);
         assert_eq!(c.to_json()["peft_type"], "OFT");
-        assert_eq!(c.to_json()["peft_version"], PEFT_VERSION);
+        assert_eq!(c.to_json()["peft_version"], crate::config::PEFT_VERSION);
     }
 }

@@ -14,8 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::base::{BaseLayer, ModuleKind, linear_rows};
 use crate::config::{
-    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, deserialize_fields, number,
-    take_peft_type,
+    CommonFields, ModuleSelector, OneOrMany, check_extra_fields, number, parse_config,
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
@@ -111,11 +110,7 @@ impl Default for VeraConfig {
 
 impl VeraConfig {
     pub fn from_json(value: Value) -> Result<Self> {
-        let mut value = value;
-        take_peft_type(&mut value, PEFT_TYPE)?;
-        let config: Self = deserialize_fields(value)?;
-        config.validate()?;
-        Ok(config)
+        parse_config(value, PEFT_TYPE)
     }
 
     pub fn selection(&self) -> Selection<'_> {
@@ -187,12 +182,8 @@ impl MethodConfig for VeraConfig {
         VeraConfig::validate(self)
     }
 
-    fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).expect("VeraConfig serialises");
-        if let Value::Object(map) = &mut value {
-            map.insert("peft_type".into(), Value::from(PEFT_TYPE));
-        }
-        value
+    fn fields(&self) -> Value {
+        serde_json::to_value(self).expect("VeraConfig serialises")
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -223,10 +214,10 @@ impl MethodConfig for VeraConfig {
         )?))
     }
 
-    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Arc<dyn MethodConfig>> {
+    fn for_targets(&self, kinds: &[ModuleKind]) -> Result<Option<Arc<dyn MethodConfig>>> {
         let mut config = self.clone();
         crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
-        Ok(Arc::new(config))
+        Ok(Some(Arc::new(config)))
     }
 
     fn shared_names(&self) -> &'static [&'static str] {
@@ -239,10 +230,6 @@ impl MethodConfig for VeraConfig {
 
     fn generate_shared(&self, out_max: usize, in_max: usize) -> Result<BTreeMap<String, Tensor>> {
         self.generate_projections(out_max, in_max)
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 
