@@ -58,7 +58,7 @@ pub struct Selection<'a> {
 impl Selection<'_> {
     /// Compiles every pattern once, so a config with a pattern Rust cannot run is rejected when
     /// it is built rather than when it is first used.
-    pub fn check_patterns(&self) -> Result<()> {
+    fn check_patterns(&self) -> Result<()> {
         for (field, selector) in [
             ("target_modules", self.target_modules),
             ("exclude_modules", self.exclude_modules),
@@ -78,6 +78,46 @@ impl Selection<'_> {
             layer_index_regex(&p)?;
         }
         Ok(())
+    }
+
+    /// PEFT's checks of the targeting fields (its messages), written once for every method:
+    /// a regex `target_modules` takes no layer filter, `layers_pattern` needs
+    /// `layers_to_transform`, `"all-linear"` needs the model (rejected here), and every pattern
+    /// must compile.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(ModuleSelector::Regex(target)) = self.target_modules {
+            if self.layers_to_transform.is_some() {
+                return Err(PeftError::config(
+                    "layers_to_transform",
+                    "`layers_to_transform` cannot be used when `target_modules` is a str.",
+                ));
+            }
+            if self.layers_pattern.is_some() {
+                return Err(PeftError::config(
+                    "layers_pattern",
+                    "`layers_pattern` cannot be used when `target_modules` is a str.",
+                ));
+            }
+            if target.eq_ignore_ascii_case("all-linear") {
+                return Err(PeftError::config(
+                    "target_modules",
+                    "\"all-linear\" needs the model's module types; pass the expanded list of module names",
+                ));
+            }
+        }
+        // PEFT tests the pattern's truthiness: an empty one needs no layers.
+        let pattern_given = match self.layers_pattern {
+            Some(OneOrMany::One(p)) => !p.is_empty(),
+            Some(OneOrMany::Many(p)) => !p.is_empty(),
+            None => false,
+        };
+        if pattern_given && self.layers_to_transform.is_none() {
+            return Err(PeftError::config(
+                "layers_pattern",
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified.",
+            ));
+        }
+        self.check_patterns()
     }
 
     /// Whether the module at `key` (path relative to the model) gets an adapter layer.

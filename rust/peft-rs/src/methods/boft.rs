@@ -171,20 +171,7 @@ impl BoftConfig {
                 format!("must be in [0, 1], found {}", self.boft_dropout),
             ));
         }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
-            return Err(PeftError::config(
-                "layers_pattern",
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified.",
-            ));
-        }
-        if matches!(&self.target_modules, Some(ModuleSelector::Regex(s)) if s.eq_ignore_ascii_case("all-linear"))
-        {
-            return Err(PeftError::config(
-                "target_modules",
-                "\"all-linear\" needs the model's module types; pass the expanded list of module names",
-            ));
-        }
-        self.selection().check_patterns()
+        self.selection().validate()
     }
 }
 

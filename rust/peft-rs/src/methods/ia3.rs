@@ -94,7 +94,7 @@ impl Ia3Config {
     pub fn validate(&self) -> Result<()> {
         self.common.validate()?;
         check_extra_fields(&self.unsupported, &[])?;
-        self.selection().check_patterns()?;
+        self.selection().validate()?;
         // Compiles a regex `feedforward_modules` now rather than at the first layer.
         self.is_feedforward("")?;
         if let (Some(ModuleSelector::Names(targets)), Some(ModuleSelector::Names(ff))) =

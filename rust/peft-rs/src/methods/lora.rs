@@ -280,28 +280,7 @@ impl LoraConfig {
                 ));
             }
         }
-        if matches!(self.target_modules, Some(ModuleSelector::Regex(_)))
-            && (self.layers_to_transform.is_some() || self.layers_pattern.is_some())
-        {
-            return Err(PeftError::config(
-                "layers_to_transform",
-                "cannot be used when target_modules is a str (regex)",
-            ));
-        }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
-            return Err(PeftError::config(
-                "layers_pattern",
-                "requires layers_to_transform to be set",
-            ));
-        }
-        if matches!(&self.target_modules, Some(ModuleSelector::Regex(s)) if s.eq_ignore_ascii_case("all-linear"))
-        {
-            return Err(PeftError::config(
-                "target_modules",
-                "\"all-linear\" needs the model's module types; pass the expanded list of module names",
-            ));
-        }
-        self.selection().check_patterns()?;
+        self.selection().validate()?;
         check_pattern_keys("rank_pattern", &self.rank_pattern.0)?;
         check_pattern_keys("alpha_pattern", &self.alpha_pattern.0)?;
         if self.use_dora && self.lora_bias {

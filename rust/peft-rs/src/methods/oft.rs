@@ -198,26 +198,7 @@ impl OftConfig {
                 format!("must be a finite non-negative radius, found {}", self.eps),
             ));
         }
-        // PEFT tests the pattern's truthiness: an empty one needs no layers.
-        let pattern_given = match &self.layers_pattern {
-            Some(OneOrMany::One(p)) => !p.is_empty(),
-            Some(OneOrMany::Many(p)) => !p.is_empty(),
-            None => false,
-        };
-        if pattern_given && self.layers_to_transform.is_none() {
-            return Err(PeftError::config(
-                "layers_pattern",
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified.",
-            ));
-        }
-        if matches!(&self.target_modules, Some(ModuleSelector::Regex(s)) if s.eq_ignore_ascii_case("all-linear"))
-        {
-            return Err(PeftError::config(
-                "target_modules",
-                "\"all-linear\" needs the model's module types; pass the expanded list of module names",
-            ));
-        }
-        self.selection().check_patterns()
+        self.selection().validate()
     }
 }
 

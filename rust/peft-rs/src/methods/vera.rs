@@ -147,7 +147,7 @@ impl VeraConfig {
     pub fn validate(&self) -> Result<()> {
         self.common.validate()?;
         check_extra_fields(&self.unsupported, &[])?;
-        self.selection().check_patterns()?;
+        self.selection().validate()?;
         if self.r == 0 {
             return Err(PeftError::config(
                 "r",
@@ -162,12 +162,6 @@ impl VeraConfig {
         }
         if !self.d_initial.is_finite() {
             return Err(PeftError::config("d_initial", "must be finite"));
-        }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
-            return Err(PeftError::config(
-                "layers_pattern",
-                "requires layers_to_transform to be set",
-            ));
         }
         Ok(())
     }
