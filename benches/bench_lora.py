@@ -70,6 +70,22 @@ def bench(tokens: int, width: int, r: int) -> dict[str, float]:
     return result
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the vector extensions that matter here (timings are only
+    comparable as ratios measured in the same run)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16")
+    flags = [flag for flag in fields.get("flags", "").split() if flag in wanted]
+    return f"{fields.get('model name', platform.machine())} ({' '.join(flags) or 'no AVX2'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tokens 1/512, r 8/16 only")
@@ -78,7 +94,7 @@ def main() -> None:
     tokens_list = [1, 512] if args.quick else [1, 512, 4096]
     ranks = [8, 16] if args.quick else [8, 16, 64]
     print(
-        f"# LoRA forward, width {args.width}, f32, CPU: {platform.processor() or platform.machine()}, "
+        f"# LoRA forward, width {args.width}, f32, CPU: {cpu_model()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), peft_rs {peft_rs.__version__}\n"
     )
     columns = ["tokens", "r", "unmerged peft_rs (ms)", "unmerged PEFT (ms)", "ratio"]

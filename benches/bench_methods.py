@@ -12,7 +12,7 @@ import tempfile
 import warnings
 
 import torch
-from bench_lora import One, best_time
+from bench_lora import One, best_time, cpu_model
 from peft import (
     AdaLoraConfig,
     BOFTConfig,
@@ -41,19 +41,6 @@ METHODS = {
     "OFT block 32": OFTConfig(target_modules=["lin"], r=0, oft_block_size=32, init_weights=False),
     "BOFT block 8": BOFTConfig(target_modules=["lin"], boft_block_size=8, init_weights=False),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
