@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import errors
+from . import errors, models
 from ._core import *  # noqa: F403  (one config class per registered method: CONFIG_CLASSES)
 from ._core import CONFIG_CLASSES, CUDA_ENABLED, AdaptedLayer, PeftAdapter, PeftConfig, __version__
 from .errors import PeftError
@@ -44,6 +44,7 @@ __all__ = [
     "PeftError",
     "__version__",
     "errors",
+    "models",
     "module_types",
     *CONFIG_CLASSES,
 ]

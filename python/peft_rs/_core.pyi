@@ -10,6 +10,7 @@ from typing_extensions import disjoint_base
 __version__: str
 CUDA_ENABLED: bool
 CONFIG_CLASSES: tuple[str, ...]
+ARCHITECTURES: tuple[str, ...]
 
 # _A numpy.ndarray or a torch.Tensor; results come back as the type that was passed.
 _Array = Any
@@ -199,6 +200,23 @@ class PeftAdapter:
     ) -> _A: ...
     def state_dict(self, framework: Literal["numpy", "torch"] = "numpy") -> dict[str, _Array]: ...
     def save_pretrained(self, path: str | PathLike[str]) -> Path: ...
+
+@final
+class Model:
+    """A reference model loaded from a transformers-format directory (see ``peft_rs.models``)."""
+
+    @staticmethod
+    def from_pretrained(architecture: str, path: str | PathLike[str], dtype: Any = None) -> Model: ...
+    def forward(
+        self, input_ids: _A, attention_mask: _Array | None = None, token_type_ids: _Array | None = None
+    ) -> _A: ...
+    def __call__(
+        self, input_ids: _A, attention_mask: _Array | None = None, token_type_ids: _Array | None = None
+    ) -> _A: ...
+    def generate(self, input_ids: _A, max_new_tokens: int = 20, attention_mask: _Array | None = None) -> _A: ...
+    @property
+    def architecture(self) -> str: ...
+    def module_names(self) -> list[str]: ...
 
 @final
 class DLPackExport:

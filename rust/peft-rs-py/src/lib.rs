@@ -7,6 +7,7 @@ mod dlpack;
 mod errors;
 mod json;
 mod layer;
+mod model;
 
 use pyo3::prelude::*;
 
@@ -25,6 +26,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<layer::PyAdaptedLayer>()?;
     m.add_class::<adapter::PyPeftAdapter>()?;
+    m.add_class::<model::PyModel>()?;
+    let architectures: Vec<&str> = peft_rs::model::ARCHITECTURES
+        .iter()
+        .map(|a| a.name)
+        .collect();
+    m.add("ARCHITECTURES", pyo3::types::PyTuple::new(m.py(), architectures)?)?;
     m.add_class::<dlpack::DLPackExport>()?;
     Ok(())
 }

@@ -38,6 +38,7 @@ pub mod matching;
 pub mod merge;
 pub mod method;
 pub mod methods;
+pub mod model;
 pub mod module;
 pub mod params;
 pub mod peft_adapter;

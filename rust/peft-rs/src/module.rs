@@ -234,6 +234,61 @@ impl AdaptedModule {
         self.below(&stack).forward(x)
     }
 
+    /// A mixed batch: row `i` of `x` (dimension 0) goes through `row_adapters[i]` alone, exactly
+    /// as a batch of that adapter alone would (`"__base__"`, or an adapter this module does not
+    /// hold: the base layer). Works for every method, since each group of rows runs the module's
+    /// own forward with one adapter active. Merged adapters make it an error (as in PEFT).
+    pub fn forward_rows(&self, x: &Tensor, row_adapters: &[String]) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        if row_adapters.len() != rows {
+            return Err(PeftError::InvalidOperation(format!(
+                "Length of `adapter_names` should be the same as the number of inputs, but got {} and {rows} respectively.",
+                row_adapters.len()
+            )));
+        }
+        if self.is_merged() {
+            return Err(PeftError::InvalidOperation(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.".into(),
+            ));
+        }
+        if self.disabled {
+            return self.base.forward(x);
+        }
+        // Rows grouped by adapter, in first-seen order; `order` lists the rows group by group.
+        let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
+        for (row, name) in row_adapters.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| n == name) {
+                Some((_, idx)) => idx.push(row as u32),
+                None => groups.push((name, vec![row as u32])),
+            }
+        }
+        if let [(name, _)] = groups.as_slice() {
+            return self.forward_with_only(x, name);
+        }
+        let mut outputs = Vec::with_capacity(groups.len());
+        let mut order = Vec::with_capacity(rows);
+        for (name, idx) in &groups {
+            let idx_t = Tensor::new(idx.as_slice(), x.device())?;
+            outputs.push(self.forward_with_only(&x.index_select(&idx_t, 0)?, name)?);
+            order.extend_from_slice(idx);
+        }
+        let mut inverse = vec![0u32; rows];
+        for (position, row) in order.iter().enumerate() {
+            inverse[*row as usize] = position as u32;
+        }
+        let stacked = Tensor::cat(&outputs, 0)?;
+        Ok(stacked.index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?)
+    }
+
+    /// The forward with only `name` active (the base layer for `"__base__"` or a name this module
+    /// does not hold).
+    fn forward_with_only(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        match self.get(name) {
+            Some(adapter) => self.below(&[adapter]).forward(x),
+            None => self.base.forward(x),
+        }
+    }
+
     fn below<'a>(&'a self, adapters: &'a [&'a dyn LayerAdapter]) -> Below<'a> {
         Below {
             base: &self.base,

@@ -1,0 +1,26 @@
+"""Reference models computed by peft_rs (candle), loading transformers-format directories
+(`config.json` + `model.safetensors`, or shards with `model.safetensors.index.json`).
+
+    model = peft_rs.models.BertModel.from_pretrained("minilm_dir")
+    hidden = model(input_ids, attention_mask=mask)      # torch in -> torch out, numpy -> numpy
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from typing import Any, ClassVar
+
+from ._core import ARCHITECTURES, Model
+
+
+class _Architecture:
+    """One transformers class: `from_pretrained` loads a directory as that architecture."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_pretrained(cls, path: str | PathLike[str], dtype: Any = "float32") -> Model:
+        return Model.from_pretrained(cls.name, path, dtype)
+
+
+__all__ = ["ARCHITECTURES", "Model"]
