@@ -6,9 +6,25 @@ from typing import Any
 
 from . import errors, models
 from ._core import *  # noqa: F403  (one config class per registered method: CONFIG_CLASSES)
-from ._core import CONFIG_CLASSES, CUDA_ENABLED, AdaptedLayer, PeftAdapter, PeftConfig, __version__
+from ._core import (
+    CONFIG_CLASSES,
+    CUDA_ENABLED,
+    AdaptedLayer,
+    Model,
+    PeftAdapter,
+    PeftConfig,
+    PeftModel,
+    __version__,
+)
 from .errors import PeftError
 from .protocols import Adapter, Mergeable
+
+
+def get_peft_model(
+    model: Model, config: PeftConfig, adapter_name: str = "default", seed: int = 0
+) -> PeftModel:
+    """PEFT's ``get_peft_model``: ``model`` with a new adapter initialised as ``config`` says."""
+    return PeftModel.get_peft_model(model, config, adapter_name, seed)
 
 
 def module_types(model: Any) -> dict[str, str]:
@@ -39,11 +55,14 @@ __all__ = [
     "AdaptedLayer",
     "CUDA_ENABLED",
     "Mergeable",
+    "Model",
     "PeftAdapter",
     "PeftConfig",
     "PeftError",
+    "PeftModel",
     "__version__",
     "errors",
+    "get_peft_model",
     "models",
     "module_types",
     *CONFIG_CLASSES,

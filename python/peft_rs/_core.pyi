@@ -87,19 +87,23 @@ class OFTConfig(PeftConfig):
     def peft_type(self) -> Literal["OFT"]: ...
 
 __all__ = [
+    "ARCHITECTURES",
     "CONFIG_CLASSES",
     "CUDA_ENABLED",
     "AdaLoraConfig",
     "AdaptedLayer",
     "BOFTConfig",
     "DLPackExport",
+    "DisabledAdapters",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "Model",
     "OFTConfig",
     "PeftAdapter",
     "PeftConfig",
+    "PeftModel",
     "VeraConfig",
     "__version__",
 ]
@@ -219,6 +223,69 @@ class Model:
     @property
     def architecture(self) -> str: ...
     def module_names(self) -> list[str]: ...
+
+@final
+class PeftModel:
+    """A ``Model`` with named adapters, with PEFT's method names and semantics."""
+
+    @staticmethod
+    def from_pretrained(
+        model: Model, path: str | PathLike[str], adapter_name: str = "default"
+    ) -> PeftModel: ...
+    @staticmethod
+    def get_peft_model(
+        model: Model, config: PeftConfig, adapter_name: str = "default", seed: int = 0
+    ) -> PeftModel: ...
+    def load_adapter(self, path: str | PathLike[str], adapter_name: str) -> None: ...
+    def add_adapter(self, adapter_name: str, config: PeftConfig, seed: int = 0) -> None: ...
+    def set_adapter(self, adapter_name: str | list[str]) -> None: ...
+    @property
+    def active_adapters(self) -> list[str]: ...
+    @property
+    def active_adapter(self) -> str | None: ...
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]: ...
+    @property
+    def base_model(self) -> Model: ...
+    def forward(
+        self,
+        input_ids: _A,
+        attention_mask: _Array | None = None,
+        token_type_ids: _Array | None = None,
+        adapter_names: list[str] | None = None,
+    ) -> _A: ...
+    def __call__(
+        self,
+        input_ids: _A,
+        attention_mask: _Array | None = None,
+        token_type_ids: _Array | None = None,
+        adapter_names: list[str] | None = None,
+    ) -> _A: ...
+    def generate(
+        self,
+        input_ids: _A,
+        max_new_tokens: int = 20,
+        attention_mask: _Array | None = None,
+        adapter_names: list[str] | None = None,
+    ) -> _A: ...
+    def disable_adapter(self) -> DisabledAdapters: ...
+    def enable_adapter_layers(self) -> None: ...
+    def disable_adapter_layers(self) -> None: ...
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None: ...
+    def unmerge_adapter(self) -> None: ...
+    def delete_adapter(self, adapter_name: str) -> None: ...
+    def hotswap_adapter(self, path: str | PathLike[str], adapter_name: str) -> None: ...
+    def merge_and_unload(self, safe_merge: bool = False) -> Model: ...
+    def save_pretrained(
+        self, path: str | PathLike[str], selected_adapters: list[str] | None = None
+    ) -> list[Path]: ...
+    def get_nb_trainable_parameters(self) -> tuple[int, int]: ...
+    def print_trainable_parameters(self) -> None: ...
+
+@final
+class DisabledAdapters:
+    def __enter__(self) -> None: ...
+    def __exit__(self, *_exc: object) -> bool: ...
 
 @final
 class DLPackExport:

@@ -8,6 +8,7 @@ mod errors;
 mod json;
 mod layer;
 mod model;
+mod peft_model;
 
 use pyo3::prelude::*;
 
@@ -27,11 +28,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<layer::PyAdaptedLayer>()?;
     m.add_class::<adapter::PyPeftAdapter>()?;
     m.add_class::<model::PyModel>()?;
+    m.add_class::<peft_model::PyPeftModel>()?;
+    m.add_class::<peft_model::DisabledAdapters>()?;
     let architectures: Vec<&str> = peft_rs::model::ARCHITECTURES
         .iter()
         .map(|a| a.name)
         .collect();
-    m.add("ARCHITECTURES", pyo3::types::PyTuple::new(m.py(), architectures)?)?;
+    m.add(
+        "ARCHITECTURES",
+        pyo3::types::PyTuple::new(m.py(), architectures)?,
+    )?;
     m.add_class::<dlpack::DLPackExport>()?;
     Ok(())
 }

@@ -26,12 +26,12 @@ pub(crate) fn apply_rule(
     rule: &MergeRule,
     weight: &Tensor,
     bias: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+) -> Result<(Tensor, Option<Tensor>, Vec<Tensor>)> {
     match rule {
         MergeRule::Add { delta, bias: db } => Ok((
             add_to(weight, delta, 1.0)?,
             add_bias(base, bias, db.as_ref(), 1.0)?,
-            None,
+            Vec::new(),
         )),
         MergeRule::Scale {
             weight: s,
@@ -39,8 +39,19 @@ pub(crate) fn apply_rule(
         } => Ok((
             scale(weight, s, false)?,
             scale_bias(bias, sb.as_ref(), false)?,
-            None,
+            Vec::new(),
         )),
+        MergeRule::Replace { weight: w, bias: b } => {
+            if w.dims() != weight.dims() || b.is_some() != bias.is_some() {
+                return Err(PeftError::shape("module copy", weight.dims(), w.dims()));
+            }
+            let replaced = std::iter::once(weight.clone())
+                .chain(bias.cloned())
+                .collect();
+            let w = w.to_dtype(weight.dtype())?;
+            let b = b.as_ref().map(|b| b.to_dtype(w.dtype())).transpose()?;
+            Ok((w, b, replaced))
+        }
         MergeRule::Transform {
             matrix,
             side,
@@ -49,7 +60,7 @@ pub(crate) fn apply_rule(
         } => Ok((
             transform(base, weight, matrix, *side, out_scale.as_ref(), false)?,
             bias.cloned(),
-            None,
+            Vec::new(),
         )),
         MergeRule::Magnitude {
             delta,
@@ -63,7 +74,7 @@ pub(crate) fn apply_rule(
             Ok((
                 merged.to_dtype(weight.dtype())?,
                 add_bias(base, bias, db.as_ref(), 1.0)?,
-                Some(norm),
+                vec![norm],
             ))
         }
     }
@@ -75,7 +86,7 @@ pub(crate) fn undo_rule(
     rule: &MergeRule,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    cache: Option<&Tensor>,
+    cache: &[Tensor],
 ) -> Result<(Tensor, Option<Tensor>)> {
     match rule {
         MergeRule::Add { delta, bias: db } => Ok((
@@ -98,12 +109,19 @@ pub(crate) fn undo_rule(
             transform(base, weight, inverse, *side, out_scale.as_ref(), true)?,
             bias.cloned(),
         )),
+        MergeRule::Replace { .. } => match cache {
+            [w] => Ok((w.clone(), None)),
+            [w, b] => Ok((w.clone(), Some(b.clone()))),
+            _ => Err(PeftError::InvalidOperation(
+                "a replaced module's unmerge needs the weights kept at merge".into(),
+            )),
+        },
         MergeRule::Magnitude {
             delta,
             magnitude,
             bias: db,
         } => {
-            let norm = cache.ok_or_else(|| {
+            let norm = cache.first().ok_or_else(|| {
                 PeftError::InvalidOperation("DoRA unmerge needs the norm kept at merge".into())
             })?;
             let factor = magnitude.flatten_all()?.div(norm)?;

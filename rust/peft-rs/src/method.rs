@@ -161,6 +161,12 @@ pub enum MergeRule {
         side: Side,
         out_scale: Option<Tensor>,
     },
+    /// The module replaced by a trained copy (`modules_to_save`); undone by restoring the weights
+    /// it replaced.
+    Replace {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
     /// DoRA: `W ← (m / ‖W + delta‖) (W + delta)` per output feature; undone with the norm taken
     /// at merge time. `bias` as in [`MergeRule::Add`].
     Magnitude {

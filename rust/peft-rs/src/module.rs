@@ -28,8 +28,9 @@ use crate::method::{LayerAdapter, MethodConfig, ParamSource};
 #[derive(Debug)]
 struct MergedAdapter {
     name: String,
-    /// DoRA's weight norm at merge time.
-    cache: Option<Tensor>,
+    /// What unmerging needs besides the adapter's tensors (DoRA's weight norm at merge time,
+    /// the weights a module copy replaced).
+    cache: Vec<Tensor>,
 }
 
 /// What [`AdaptedModule::merge`] did.
@@ -153,10 +154,19 @@ impl AdaptedModule {
     }
 
     /// Activates these adapters, in this order (several combine, see the module docs). Unknown
-    /// names are an error listing the known ones. As in PEFT, merged adapters are unmerged first.
+    /// names are an error listing the known ones. As in PEFT, a change of the active adapters
+    /// unmerges merged adapters first; returns those unmerged.
     pub fn set_active(&mut self, names: &[&str]) -> Result<Vec<String>> {
         for name in names {
             self.adapter(name)?;
+        }
+        if self
+            .active
+            .iter()
+            .map(String::as_str)
+            .eq(names.iter().copied())
+        {
+            return Ok(Vec::new());
         }
         let unmerged = self.unmerge()?;
         self.active = names.iter().map(|n| n.to_string()).collect();
@@ -205,6 +215,15 @@ impl AdaptedModule {
         let unmerged = if enabled { Vec::new() } else { self.unmerge()? };
         self.disabled = !enabled;
         Ok(unmerged)
+    }
+
+    /// Removes every adapter, keeping the base weight as it is (with merged adapters folded in):
+    /// PEFT's `unload`, and `merge_and_unload` after a merge.
+    pub fn unload(&mut self) {
+        self.adapters.clear();
+        self.active.clear();
+        self.merged.clear();
+        self.disabled = false;
     }
 
     pub fn adapters_enabled(&self) -> bool {
@@ -344,13 +363,8 @@ impl AdaptedModule {
             let adapter = self.adapter(&top.name)?;
             let rule = adapter.merge_rule(&self.base)?;
             let weight = self.base.weight()?;
-            let (weight, bias) = undo_rule(
-                &self.base,
-                &rule,
-                &weight,
-                self.base.bias(),
-                top.cache.as_ref(),
-            )?;
+            let (weight, bias) =
+                undo_rule(&self.base, &rule, &weight, self.base.bias(), &top.cache)?;
             self.base.set_weights(weight, bias)?;
             let top = self.merged.pop().expect("checked above");
             done.push(top.name);

@@ -234,6 +234,33 @@ impl PeftAdapter {
         self.layers.keys().map(String::as_str).collect()
     }
 
+    /// An adapter from its parts (what [`crate::model::PeftModel`] saves).
+    pub(crate) fn from_parts(
+        adapter_name: &str,
+        config: PeftConfig,
+        layers: BTreeMap<String, Vec<(String, Tensor)>>,
+        replaced: BTreeMap<String, Tensor>,
+        shared: BTreeMap<String, Tensor>,
+    ) -> Self {
+        Self {
+            adapter_name: adapter_name.to_string(),
+            config,
+            layers,
+            replaced,
+            shared,
+        }
+    }
+
+    /// Adapter-wide tensors (VeRA's projections); empty when the file left them out.
+    pub fn shared(&self) -> &BTreeMap<String, Tensor> {
+        &self.shared
+    }
+
+    /// The tensors of `module`'s adapter, named relative to the module.
+    pub fn tensors(&self, module: &str) -> Result<&[(String, Tensor)]> {
+        Ok(self.layer_tensors(module)?)
+    }
+
     fn layer_tensors(&self, module: &str) -> Result<&Vec<(String, Tensor)>> {
         self.layers
             .get(module)

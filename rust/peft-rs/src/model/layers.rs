@@ -70,7 +70,10 @@ pub struct Modules {
 
 impl Modules {
     pub fn layers(&self) -> Vec<Layer> {
-        self.layers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.layers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn get(&self, path: &str) -> Option<Layer> {
@@ -186,7 +189,12 @@ impl<'a> ModelBuilder<'a> {
         params: Conv2dParams,
         bias: bool,
     ) -> Result<Layer> {
-        let shape = (out_channels, in_channels / params.groups.max(1), kernel.0, kernel.1);
+        let shape = (
+            out_channels,
+            in_channels / params.groups.max(1),
+            kernel.0,
+            kernel.1,
+        );
         let weight = self.vb.get(shape, "weight")?;
         let bias = self.bias(bias, out_channels)?;
         self.layer(ModuleKind::Conv2d(params), weight, bias)

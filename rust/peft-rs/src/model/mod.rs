@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 mod layers;
+mod peft_model;
 
 use std::path::Path;
 
@@ -15,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{PeftError, Result};
 
 pub use layers::{Layer, ModelBuilder, Modules};
+pub use peft_model::{BASE_ROWS, PeftModel};
 
 /// What a model's forward takes: token ids `(batch, seq)` and the optional masks transformers
 /// takes (1 = attend / real token).
