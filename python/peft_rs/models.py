@@ -23,4 +23,12 @@ class _Architecture:
         return Model.from_pretrained(cls.name, path, dtype)
 
 
-__all__ = ["ARCHITECTURES", "Model"]
+class BertModel(_Architecture):
+    name = "BertModel"
+
+
+class BertForSequenceClassification(_Architecture):
+    name = "BertForSequenceClassification"
+
+
+__all__ = ["ARCHITECTURES", "BertForSequenceClassification", "BertModel", "Model"]

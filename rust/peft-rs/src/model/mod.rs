@@ -5,6 +5,7 @@
 //! Reference models (one file each) register in [`ARCHITECTURES`] under their transformers class
 //! name, which is how the Python bindings find them.
 
+pub mod bert;
 pub mod checkpoint;
 mod layers;
 mod peft_model;
@@ -68,7 +69,16 @@ pub struct Architecture {
 }
 
 /// Every reference model, one line each.
-pub const ARCHITECTURES: &[Architecture] = &[];
+pub const ARCHITECTURES: &[Architecture] = &[
+    Architecture {
+        name: "BertModel",
+        load: bert::BertModel::load_boxed,
+    },
+    Architecture {
+        name: "BertForSequenceClassification",
+        load: bert::BertForSequenceClassification::load_boxed,
+    },
+];
 
 /// Loads `dir` as the reference model `name`.
 pub fn load(name: &str, dir: &Path, dtype: DType, device: &Device) -> Result<Box<dyn Model>> {
