@@ -220,3 +220,20 @@ def test_sequence_classifier_with_modules_to_save(tmp_path, batch):
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "resaved").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected, **TOL)
+
+
+def test_all_linear_targets_what_peft_targets(tmp_path):
+    """`target_modules="all-linear"`: every Linear but the classification head (SEQ_CLS), the same
+    list PEFT saves."""
+    base = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2).eval()
+    base.save_pretrained(tmp_path / "classifier")
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", target_modules="all-linear"))
+    expected = set(theirs.peft_config["default"].target_modules)
+    assert expected == {"dense", "key", "query", "value"}  # PEFT condenses long lists to suffixes
+
+    rs_base = peft_rs.models.BertForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    config = peft_rs.LoraConfig(task_type="SEQ_CLS", target_modules="all-linear")
+    ours = peft_rs.get_peft_model(rs_base, config)
+    assert set(ours.peft_config["default"].target_modules) == expected
+    with pytest.raises(errors.ConfigError, match="all-linear"):
+        peft_rs.PeftAdapter.create(config, base.state_dict(), peft_rs.module_types(base))

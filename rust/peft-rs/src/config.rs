@@ -49,6 +49,24 @@ impl PeftConfig {
     pub fn arc(&self) -> &Arc<dyn MethodConfig> {
         &self.0
     }
+
+    /// The config with `target_modules="all-linear"` replaced by the module list it means in a
+    /// model ([`crate::matching::all_linear_targets`]), as PEFT rewrites and saves it; the
+    /// config itself otherwise.
+    pub fn expand_all_linear(
+        &self,
+        modules: &[(String, crate::base::ModuleKind)],
+        output_head: Option<&str>,
+    ) -> Result<Self> {
+        if !self.selection().is_all_linear() {
+            return Ok(self.clone());
+        }
+        let mut value = self.to_json();
+        let task_type = value.get("task_type").and_then(Value::as_str);
+        let targets = crate::matching::all_linear_targets(modules, output_head, task_type);
+        value["target_modules"] = Value::from(targets);
+        Self::from_json(value)
+    }
 }
 
 impl std::ops::Deref for PeftConfig {

@@ -82,10 +82,10 @@ impl Selection<'_> {
 
     /// PEFT's checks of the targeting fields (its messages), written once for every method:
     /// a regex `target_modules` takes no layer filter, `layers_pattern` needs
-    /// `layers_to_transform`, `"all-linear"` needs the model (rejected here), and every pattern
-    /// must compile.
+    /// `layers_to_transform`, and every pattern must compile. `"all-linear"` is valid: it is
+    /// expanded against a model's modules ([`expand_all_linear`]).
     pub fn validate(&self) -> Result<()> {
-        if let Some(ModuleSelector::Regex(target)) = self.target_modules {
+        if let Some(ModuleSelector::Regex(_)) = self.target_modules {
             if self.layers_to_transform.is_some() {
                 return Err(PeftError::config(
                     "layers_to_transform",
@@ -96,12 +96,6 @@ impl Selection<'_> {
                 return Err(PeftError::config(
                     "layers_pattern",
                     "`layers_pattern` cannot be used when `target_modules` is a str.",
-                ));
-            }
-            if target.eq_ignore_ascii_case("all-linear") {
-                return Err(PeftError::config(
-                    "target_modules",
-                    "\"all-linear\" needs the model's module types; pass the expanded list of module names",
                 ));
             }
         }
@@ -120,8 +114,19 @@ impl Selection<'_> {
         self.check_patterns()
     }
 
+    /// Whether `target_modules` is PEFT's `"all-linear"` shorthand (any case).
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self.target_modules, Some(ModuleSelector::Regex(t)) if t.eq_ignore_ascii_case(ALL_LINEAR))
+    }
+
     /// Whether the module at `key` (path relative to the model) gets an adapter layer.
     pub fn is_target(&self, key: &str) -> Result<bool> {
+        if self.is_all_linear() {
+            return Err(PeftError::InvalidOperation(
+                "target_modules=\"all-linear\" must be expanded against the model's modules first"
+                    .into(),
+            ));
+        }
         if let Some(exclude) = self.exclude_modules {
             let excluded = match exclude {
                 ModuleSelector::Regex(p) => full_match("exclude_modules", p, key)?,
@@ -207,6 +212,78 @@ pub fn pattern_value<T: Copy>(
         }
     }
     Ok(None)
+}
+
+/// PEFT's shorthand for every Linear / transformers Conv1D layer but the output head.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// Head names PEFT leaves out of `"all-linear"` for sequence classification (top-level modules).
+const SEQ_CLS_HEAD_NAMES: &[&str] = &["score", "classifier"];
+
+/// PEFT's `_maybe_include_all_linear_layers`: the module paths `"all-linear"` means in a model
+/// whose modules are `modules` (path and kind, in the model's order): every Linear and
+/// transformers Conv1D, except the output embedding layer (`output_head`, e.g. `lm_head`) or,
+/// for a `SEQ_CLS` task without one, the top-level `score` / `classifier` head.
+pub fn all_linear_targets(
+    modules: &[(String, crate::base::ModuleKind)],
+    output_head: Option<&str>,
+    task_type: Option<&str>,
+) -> Vec<String> {
+    use crate::base::ModuleKind;
+    let excluded: Option<&str> = match output_head {
+        Some(head) => Some(head),
+        None if task_type == Some("SEQ_CLS") => SEQ_CLS_HEAD_NAMES
+            .iter()
+            .copied()
+            .find(|n| modules.iter().any(|(p, _)| p == n)),
+        None => None,
+    };
+    modules
+        .iter()
+        .filter(|(p, kind)| {
+            matches!(kind, ModuleKind::Linear | ModuleKind::Conv1D) && Some(p.as_str()) != excluded
+        })
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+/// PEFT condenses a `target_modules` list of at least this many entries (not for IA³).
+pub const MIN_TARGETS_TO_CONDENSE: usize = 20;
+
+/// PEFT's `_find_minimal_target_modules`: the shortest dot-suffixes that select exactly `targets`
+/// and none of `others` (shortest first, targets in order of their suffix lists); `targets`
+/// itself when no suffix set is found.
+pub fn minimal_target_modules(targets: &[String], others: &[String]) -> Vec<String> {
+    fn suffixes(s: &str) -> Vec<String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        (0..parts.len())
+            .rev()
+            .map(|i| parts[i..].join("."))
+            .collect()
+    }
+    let other_suffixes: std::collections::HashSet<String> =
+        others.iter().flat_map(|o| suffixes(o)).collect();
+    let mut items: Vec<(String, Vec<String>)> =
+        targets.iter().map(|t| (t.clone(), suffixes(t))).collect();
+    items.sort_by(|a, b| a.1.cmp(&b.1));
+    items.dedup();
+    let mut required: Vec<String> = Vec::new();
+    for (item, candidates) in &items {
+        for suffix in candidates {
+            if required.contains(suffix) || other_suffixes.contains(suffix) {
+                continue;
+            }
+            if !required.iter().any(|r| item.ends_with(&format!(".{r}"))) {
+                required.push(suffix.clone());
+                break;
+            }
+        }
+    }
+    if required.is_empty() {
+        return targets.to_vec();
+    }
+    required.sort();
+    required
 }
 
 /// Whether `key` is wrapped by `modules_to_save` (plain string suffix, no dot boundary, as PEFT).
@@ -370,6 +447,23 @@ mod tests {
             };
             assert_eq!(sel.is_target(key).unwrap(), *expected, "{key} {targets:?}");
         }
+    }
+
+    #[test]
+    fn long_target_lists_condense_as_peft_documents() {
+        // PEFT's `_find_minimal_target_modules` docstring example.
+        let mut targets: Vec<String> = (0..100)
+            .map(|i| format!("model.decoder.layers.{i}.self_attn.q_proj"))
+            .collect();
+        targets.extend((0..100).map(|i| format!("model.decoder.layers.{i}.self_attn.v_proj")));
+        let others: Vec<String> = (0..100)
+            .map(|i| format!("model.encoder.layers.{i}.self_attn.k_proj"))
+            .collect();
+        assert_eq!(minimal_target_modules(&targets, &others), ["q_proj", "v_proj"]);
+        // A leaf name shared with a module that is not targeted needs a longer suffix.
+        let targets = vec!["a.q".to_string(), "b.q".to_string()];
+        let others = vec!["c.q".to_string()];
+        assert_eq!(minimal_target_modules(&targets, &others), ["a.q", "b.q"]);
     }
 
     #[test]

@@ -155,6 +155,13 @@ impl PeftAdapter {
         state_dict: &HashMap<String, Tensor>,
         seed: u64,
     ) -> Result<Self> {
+        if config.selection().is_all_linear() {
+            return Err(PeftError::config(
+                "target_modules",
+                "\"all-linear\" leaves out the model's output head, which module types do not \
+                 tell: use a PeftModel, or pass the list of module names",
+            ));
+        }
         let mut targets = Vec::new();
         for (i, module) in modules.into_iter().enumerate() {
             if config.selection().is_target(&module.name)? {

@@ -65,6 +65,9 @@ fn poisoned(path: &str) -> PeftError {
 #[derive(Debug, Clone, Default)]
 pub struct Modules {
     layers: Arc<Mutex<Vec<Layer>>>,
+    /// Every module path the builder visited (containers and norms too): what PEFT's
+    /// `named_modules()` would list, for condensing target lists.
+    paths: Arc<Mutex<Vec<String>>>,
     rows: RowAdapters,
 }
 
@@ -74,6 +77,18 @@ impl Modules {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Every module path the model's builder visited, in order (layers and their containers).
+    pub fn paths(&self) -> Vec<String> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn visit(&self, path: String) {
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        if !paths.contains(&path) {
+            paths.push(path);
+        }
     }
 
     pub fn get(&self, path: &str) -> Option<Layer> {
@@ -136,8 +151,10 @@ impl<'a> ModelBuilder<'a> {
 
     /// The builder for the sub-module `name` (module paths join with dots, as in PyTorch).
     pub fn pp(&self, name: impl ToString) -> Self {
+        let vb = self.vb.pp(name);
+        self.modules.visit(vb.prefix());
         Self {
-            vb: self.vb.pp(name),
+            vb,
             modules: self.modules.clone(),
         }
     }
@@ -160,23 +177,43 @@ impl<'a> ModelBuilder<'a> {
         self.vb.device()
     }
 
+    /// A checkpoint tensor of this module with its expected shape, in the builder's dtype: a
+    /// missing or mis-shaped tensor is an error naming its key.
+    pub fn tensor(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let key = match self.vb.prefix() {
+            p if p.is_empty() => name.to_string(),
+            p => format!("{p}.{name}"),
+        };
+        if !self.vb.contains_tensor(name) {
+            return Err(PeftError::MissingKey {
+                key,
+                context: "the model's checkpoint".into(),
+            });
+        }
+        let t = self.vb.get_unchecked_dtype(name, self.vb.dtype())?;
+        if t.dims() != shape {
+            return Err(PeftError::shape(key, shape, t.dims()));
+        }
+        Ok(t)
+    }
+
     /// `nn.Linear(in_features, out_features, bias)`: weight `(out, in)`.
     pub fn linear(&self, in_features: usize, out_features: usize, bias: bool) -> Result<Layer> {
-        let weight = self.vb.get((out_features, in_features), "weight")?;
+        let weight = self.tensor(&[out_features, in_features], "weight")?;
         let bias = self.bias(bias, out_features)?;
         self.layer(ModuleKind::Linear, weight, bias)
     }
 
     /// transformers' `Conv1D(nf, nx)` (GPT-2): weight `(nx, nf)` = `(in, out)`, with a bias.
     pub fn conv1d(&self, nf: usize, nx: usize) -> Result<Layer> {
-        let weight = self.vb.get((nx, nf), "weight")?;
+        let weight = self.tensor(&[nx, nf], "weight")?;
         let bias = self.bias(true, nf)?;
         self.layer(ModuleKind::Conv1D, weight, bias)
     }
 
     /// `nn.Embedding(num_embeddings, embedding_dim)`.
     pub fn embedding(&self, num_embeddings: usize, embedding_dim: usize) -> Result<Layer> {
-        let weight = self.vb.get((num_embeddings, embedding_dim), "weight")?;
+        let weight = self.tensor(&[num_embeddings, embedding_dim], "weight")?;
         self.layer(ModuleKind::Embedding, weight, None)
     }
 
@@ -189,20 +226,20 @@ impl<'a> ModelBuilder<'a> {
         params: Conv2dParams,
         bias: bool,
     ) -> Result<Layer> {
-        let shape = (
+        let shape = [
             out_channels,
             in_channels / params.groups.max(1),
             kernel.0,
             kernel.1,
-        );
-        let weight = self.vb.get(shape, "weight")?;
+        ];
+        let weight = self.tensor(&shape, "weight")?;
         let bias = self.bias(bias, out_channels)?;
         self.layer(ModuleKind::Conv2d(params), weight, bias)
     }
 
     fn bias(&self, present: bool, size: usize) -> Result<Option<Tensor>> {
         Ok(if present {
-            Some(self.vb.get(size, "bias")?)
+            Some(self.tensor(&[size], "bias")?)
         } else {
             None
         })

@@ -4,6 +4,58 @@
 //!
 //! Reference models (one file each) register in [`ARCHITECTURES`] under their transformers class
 //! name, which is how the Python bindings find them.
+//!
+//! A downstream crate makes its own candle model adaptable by building its layers through a
+//! [`ModelBuilder`] (whose prefixes are the Hugging Face module paths) and implementing [`Model`]:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::VarBuilder;
+//! use peft_rs::model::{checkpoint, Layer, Model, ModelBuilder, ModelInput, Modules, PeftModel};
+//! use peft_rs::PeftConfig;
+//!
+//! struct TinyMlp {
+//!     up: Layer,
+//!     down: Layer,
+//!     modules: Modules,
+//! }
+//!
+//! impl TinyMlp {
+//!     fn new(b: ModelBuilder) -> peft_rs::Result<Self> {
+//!         Ok(Self {
+//!             up: b.pp("up").linear(8, 32, true)?,
+//!             down: b.pp("down").linear(32, 8, true)?,
+//!             modules: b.modules(),
+//!         })
+//!     }
+//! }
+//!
+//! impl Model for TinyMlp {
+//!     fn forward(&self, input: &ModelInput) -> peft_rs::Result<Tensor> {
+//!         let h = self.up.forward(&input.input_ids)?.relu()?;
+//!         self.down.forward(&h)
+//!     }
+//!     fn modules(&self) -> &Modules {
+//!         &self.modules
+//!     }
+//!     fn architecture(&self) -> &'static str {
+//!         "TinyMlp"
+//!     }
+//! }
+//!
+//! # fn main() -> peft_rs::Result<()> {
+//! let vb: VarBuilder = checkpoint::var_builder("model_dir".as_ref(), DType::F32, &Device::Cpu)?;
+//! let mut model = PeftModel::new(Arc::new(TinyMlp::new(ModelBuilder::new(vb))?));
+//! // Any registered method, from a config...
+//! let config = serde_json::json!({"peft_type": "LOHA", "r": 4, "target_modules": ["up", "down"]});
+//! model.add_adapter("default", PeftConfig::from_json(config)?, 0)?;
+//! // ...or from a directory written by PEFT; several at once, or one per batch row.
+//! model.load_adapter("path/to/adapter".as_ref(), "other")?;
+//! model.set_adapter(&["default", "other"])?;
+//! # Ok(()) }
+//! ```
 
 pub mod bert;
 pub mod checkpoint;
@@ -48,6 +100,12 @@ pub trait Model: Send + Sync {
 
     /// The transformers class name (`"BertModel"`).
     fn architecture(&self) -> &'static str;
+
+    /// Path of the output embedding layer (transformers' `get_output_embeddings()`, e.g.
+    /// `"lm_head"`), which `target_modules="all-linear"` leaves out.
+    fn output_head(&self) -> Option<&str> {
+        None
+    }
 
     /// Greedy decoding (causal language models): `max_new_tokens` tokens appended to each row of
     /// `input_ids`, using a KV cache; stops a row at `eos_token_id` as transformers does.

@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use crate::config::ModuleSelector;
 use crate::config::PeftConfig;
 use crate::error::{PeftError, Result};
-use crate::matching::is_module_to_save;
+use crate::matching::{MIN_TARGETS_TO_CONDENSE, is_module_to_save, minimal_target_modules};
 use crate::method::{LayerAdapter, MergeRule, MethodConfig, ParamSource};
 use crate::model::{Layer, Model, ModelInput};
 use crate::module::Below;
@@ -171,6 +172,12 @@ impl PeftModel {
             )));
         }
         let layers = self.layers();
+        let kinds: Vec<_> = layers
+            .iter()
+            .map(|l| (l.path().to_string(), l.module().base().kind()))
+            .collect();
+        let config = config.expand_all_linear(&kinds, self.model.output_head())?;
+        let config = self.condense_targets(config)?;
         let mut targets = Vec::new();
         for (i, layer) in layers.iter().enumerate() {
             if config.selection().is_target(layer.path())? {
@@ -230,6 +237,33 @@ impl PeftModel {
             self.active.clone()
         };
         self.set_adapter(&active.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// PEFT's rewrite of a long `target_modules` list (20 entries or more, not IA³) into the
+    /// shortest suffixes that select the same modules, which it saves.
+    fn condense_targets(&self, config: PeftConfig) -> Result<PeftConfig> {
+        let Some(ModuleSelector::Names(targets)) = config.selection().target_modules else {
+            return Ok(config);
+        };
+        if targets.len() < MIN_TARGETS_TO_CONDENSE || config.peft_type() == "IA3" {
+            return Ok(config);
+        }
+        let modules = self.model.modules();
+        let mut names = modules.paths();
+        names.extend(self.layers().iter().map(|l| l.path().to_string()));
+        let others: Vec<String> = names
+            .into_iter()
+            .filter(|n| {
+                !targets.contains(n) && !targets.iter().any(|t| n.ends_with(&format!(".{t}")))
+            })
+            .collect();
+        let condensed = minimal_target_modules(targets, &others);
+        if condensed.len() >= targets.len() {
+            return Ok(config);
+        }
+        let mut value = config.to_json();
+        value["target_modules"] = serde_json::Value::from(condensed);
+        PeftConfig::from_json(value)
     }
 
     /// `modules_to_save` copies (and trained biases of wrapped modules) from a file.
