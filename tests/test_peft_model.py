@@ -237,3 +237,21 @@ def test_all_linear_targets_what_peft_targets(tmp_path):
     assert set(ours.peft_config["default"].target_modules) == expected
     with pytest.raises(errors.ConfigError, match="all-linear"):
         peft_rs.PeftAdapter.create(config, base.state_dict(), peft_rs.module_types(base))
+
+
+def test_new_seq_cls_adapter_saves_its_classifier_as_peft_does(tmp_path, batch):
+    base = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2).eval()
+    base.save_pretrained(tmp_path / "classifier")
+    config = {"task_type": "SEQ_CLS", "target_modules": TARGETS}
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    rs_base = peft_rs.models.BertForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    ours = peft_rs.get_peft_model(rs_base, peft_rs.LoraConfig(**config))
+    assert ours.peft_config["default"].modules_to_save == theirs.peft_config["default"].modules_to_save
+    ours.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    # LoRA starts at identity and the classifier copy equals the base classifier: base logits.
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, base(**batch).logits, **TOL)
+    torch.testing.assert_close(rs_hidden(ours, batch), base(**batch).logits.detach(), **TOL)

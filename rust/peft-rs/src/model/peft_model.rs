@@ -91,6 +91,7 @@ impl PeftModel {
     /// in PEFT, the model's first adapter is active and later ones are added inactive. Layer `i`
     /// (in build order) is seeded with `seed + i`.
     pub fn add_adapter(&mut self, adapter_name: &str, config: PeftConfig, seed: u64) -> Result<()> {
+        let config = with_task_heads(config)?;
         let copies = config.modules_to_save().to_vec();
         let init = |i: usize, _: &str| {
             Ok(ParamSource::Init {
@@ -605,6 +606,24 @@ impl PeftModel {
         }
         (adapters, adapters + base)
     }
+}
+
+/// PEFT's task wrappers (`PeftModelForSequenceClassification`...) add the task head to
+/// `modules_to_save` when they create an adapter, and save it so.
+fn with_task_heads(config: PeftConfig) -> Result<PeftConfig> {
+    let mut value = config.to_json();
+    let heads: &[&str] = match value.get("task_type").and_then(serde_json::Value::as_str) {
+        Some("SEQ_CLS" | "TOKEN_CLS") => &["classifier", "score"],
+        Some("QUESTION_ANS") => &["qa_outputs"],
+        _ => return Ok(config),
+    };
+    let mut modules: Vec<serde_json::Value> = match value.get("modules_to_save") {
+        Some(serde_json::Value::Array(m)) => m.clone(),
+        _ => Vec::new(),
+    };
+    modules.extend(heads.iter().map(|h| serde_json::Value::from(*h)));
+    value["modules_to_save"] = serde_json::Value::from(modules);
+    PeftConfig::from_json(value)
 }
 
 /// A `modules_to_save` copy of a whole layer: the adapter's trained weight and bias replace the
