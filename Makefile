@@ -37,6 +37,7 @@ lint: deps
 bench: build
 	$(PYTHON) benches/bench_lora.py
 	$(PYTHON) benches/bench_methods.py
+	$(PYTHON) benches/bench_models.py
 
 bench-rust:
 	cargo bench -p peft-rs --bench methods
