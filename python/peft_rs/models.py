@@ -31,4 +31,8 @@ class BertForSequenceClassification(_Architecture):
     name = "BertForSequenceClassification"
 
 
-__all__ = ["ARCHITECTURES", "BertForSequenceClassification", "BertModel", "Model"]
+class LlamaForCausalLM(_Architecture):
+    name = "LlamaForCausalLM"
+
+
+__all__ = ["ARCHITECTURES", "BertForSequenceClassification", "BertModel", "LlamaForCausalLM", "Model"]

@@ -60,6 +60,7 @@
 pub mod bert;
 pub mod checkpoint;
 mod layers;
+pub mod llama;
 mod peft_model;
 
 use std::path::Path;
@@ -135,6 +136,10 @@ pub const ARCHITECTURES: &[Architecture] = &[
     Architecture {
         name: "BertForSequenceClassification",
         load: bert::BertForSequenceClassification::load_boxed,
+    },
+    Architecture {
+        name: "LlamaForCausalLM",
+        load: llama::LlamaForCausalLM::load_boxed,
     },
 ];
 
