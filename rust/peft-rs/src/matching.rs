@@ -459,7 +459,10 @@ mod tests {
         let others: Vec<String> = (0..100)
             .map(|i| format!("model.encoder.layers.{i}.self_attn.k_proj"))
             .collect();
-        assert_eq!(minimal_target_modules(&targets, &others), ["q_proj", "v_proj"]);
+        assert_eq!(
+            minimal_target_modules(&targets, &others),
+            ["q_proj", "v_proj"]
+        );
         // A leaf name shared with a module that is not targeted needs a longer suffix.
         let targets = vec!["a.q".to_string(), "b.q".to_string()];
         let others = vec!["c.q".to_string()];

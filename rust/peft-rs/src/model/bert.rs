@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::checkpoint::{read_model_config, var_builder};
-use super::{Layer, Model, ModelBuilder, ModelInput, Modules};
+use super::{HiddenAct, Layer, Model, ModelBuilder, ModelInput, Modules};
 use crate::error::{PeftError, Result};
 
 /// The `config.json` fields the forward depends on, with `BertConfig`'s defaults. Other keys
@@ -60,36 +60,6 @@ impl Default for BertConfig {
             id2label: None,
             num_labels: None,
         }
-    }
-}
-
-/// `hidden_act`, as transformers' `ACT2FN` maps these names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum HiddenAct {
-    /// Exact GELU, `0.5·x·(1 + erf(x/√2))`.
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// The tanh approximation of GELU.
-    #[serde(
-        rename = "gelu_new",
-        alias = "gelu_pytorch_tanh",
-        alias = "gelu_python_tanh"
-    )]
-    GeluTanh,
-    #[serde(rename = "relu")]
-    Relu,
-    #[serde(rename = "silu", alias = "swish")]
-    Silu,
-}
-
-impl HiddenAct {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Gelu => x.gelu_erf()?,
-            Self::GeluTanh => x.gelu()?,
-            Self::Relu => x.relu()?,
-            Self::Silu => x.silu()?,
-        })
     }
 }
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::checkpoint::{read_model_config, var_builder};
-use super::{Layer, Model, ModelBuilder, ModelInput, Modules};
+use super::{HiddenAct, Layer, Model, ModelBuilder, ModelInput, Modules};
 use crate::error::{PeftError, Result};
 
 /// The `config.json` fields the forward and `generate` depend on, with `LlamaConfig`'s defaults.
@@ -94,39 +94,6 @@ impl TokenIds {
             Self::One(id) => vec![*id],
             Self::Many(ids) => ids.clone(),
         }
-    }
-}
-
-/// `hidden_act`, as transformers' `ACT2FN` maps these names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum HiddenAct {
-    #[serde(rename = "silu", alias = "swish")]
-    Silu,
-    /// Exact GELU, `0.5·x·(1 + erf(x/√2))`.
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// The tanh approximation of GELU.
-    #[serde(
-        rename = "gelu_pytorch_tanh",
-        alias = "gelu_new",
-        alias = "gelu_python_tanh"
-    )]
-    GeluTanh,
-    #[serde(rename = "relu")]
-    Relu,
-}
-
-impl HiddenAct {
-    /// Computed in f32 and rounded once, as PyTorch's f16/bf16 kernels do.
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        let x32 = x.to_dtype(DType::F32)?;
-        let y = match self {
-            Self::Silu => x32.silu()?,
-            Self::Gelu => x32.gelu_erf()?,
-            Self::GeluTanh => x32.gelu()?,
-            Self::Relu => x32.relu()?,
-        };
-        Ok(y.to_dtype(x.dtype())?)
     }
 }
 

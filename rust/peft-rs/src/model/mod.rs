@@ -57,6 +57,7 @@
 //! # Ok(()) }
 //! ```
 
+mod activation;
 pub mod bert;
 pub mod checkpoint;
 mod layers;
@@ -69,6 +70,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{PeftError, Result};
 
+pub use activation::HiddenAct;
 pub use layers::{Layer, ModelBuilder, Modules};
 pub use peft_model::{BASE_ROWS, PeftModel};
 
