@@ -150,3 +150,21 @@ def test_several_active_merged_in_turn_and_saved_for_peft(llama_dir, tmp_path):
     plain = ours.merge_and_unload()
     assert_same_logits(plain(ids, attention_mask=mask), both, mask)
     assert BASE["vocab_size"] == plain(ids, attention_mask=mask).shape[-1]
+
+
+def test_adapters_on_embedding_layers_with_their_saved_base_weights(llama_dir, tmp_path):
+    """PEFT saves the base weights of targeted embedding layers (`...lm_head.base_layer.weight`)
+    by default; peft_rs loads them back into the model and writes them the same way."""
+    config = LoraConfig(task_type="CAUSAL_LM", target_modules=["embed_tokens", "lm_head", "q_proj"], r=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(reference(llama_dir), config).eval()
+        perturb(peft_model, 3)
+        peft_model.save_pretrained(tmp_path / "adapter")
+    keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.base_layer.weight" in keys
+    ours = peft_rs.PeftModel.from_pretrained(rs_llama(llama_dir), tmp_path / "adapter")
+    ids, mask = padded_batch()
+    assert_same_logits(ours(ids, attention_mask=mask), logits(peft_model, ids, mask), mask)
+    ours.save_pretrained(tmp_path / "resaved")
+    assert set(load_file(tmp_path / "resaved" / "adapter_model.safetensors")) == keys

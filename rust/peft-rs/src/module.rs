@@ -217,6 +217,19 @@ impl AdaptedModule {
         Ok(unmerged)
     }
 
+    /// Replaces the base weight (same shape) while nothing is merged: a checkpoint's own copy of
+    /// it, such as the embedding weights PEFT saves with adapters on embedding layers.
+    pub fn replace_base_weight(&mut self, weight: Tensor) -> Result<()> {
+        if self.is_merged() {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{}`: cannot replace the base weight while adapters are merged",
+                self.name
+            )));
+        }
+        let bias = self.base.bias().cloned();
+        self.base.set_weights(weight, bias)
+    }
+
     /// Removes every adapter, keeping the base weight as it is (with merged adapters folded in):
     /// PEFT's `unload`, and `merge_and_unload` after a merge.
     pub fn unload(&mut self) {

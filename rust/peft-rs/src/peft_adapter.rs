@@ -102,6 +102,14 @@ impl PeftAdapter {
                     .entry(module.to_string())
                     .or_default()
                     .push((param.to_string(), tensor));
+            } else if let Some(module) = rel
+                .strip_suffix(".base_layer.weight")
+                .filter(|m| config.selection().is_target(m).unwrap_or(false))
+            {
+                // PEFT saves the base weight of targeted embedding layers (its
+                // `save_embedding_layers`, on by default when they are targeted); loading puts it
+                // back into the model.
+                replaced.insert(format!("{module}.weight"), tensor);
             } else if module_to_save_prefix(config.modules_to_save(), rel) {
                 replaced.insert(rel.to_string(), tensor);
             } else if config.bias_mode() != BiasMode::None && rel.ends_with(".bias") {
@@ -340,8 +348,10 @@ impl PeftAdapter {
         })?;
         let weight_key = format!("{module}.weight");
         let bias_key = format!("{module}.bias");
-        let weight = state_dict
+        let weight = self
+            .replaced
             .get(&weight_key)
+            .or_else(|| state_dict.get(&weight_key))
             .ok_or_else(|| PeftError::MissingKey {
                 key: weight_key.clone(),
                 context: "base state dict".into(),
@@ -409,10 +419,10 @@ impl PeftAdapter {
             })
             .collect();
         for (key, tensor) in &self.replaced {
-            let file_key = match key.strip_suffix(".bias") {
-                // An adapted module's bias lives under its wrapped base layer.
-                Some(module) if self.layers.contains_key(module) => {
-                    format!("{MODEL_PREFIX}{module}.base_layer.bias")
+            // An adapted module's own tensors live under its wrapped base layer.
+            let file_key = match key.rsplit_once('.') {
+                Some((module, param)) if self.layers.contains_key(module) => {
+                    format!("{MODEL_PREFIX}{module}.base_layer.{param}")
                 }
                 _ => format!("{MODEL_PREFIX}{key}"),
             };

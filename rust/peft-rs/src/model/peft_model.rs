@@ -18,6 +18,9 @@ use crate::module::Below;
 use crate::params::{Params, take_params};
 use crate::peft_adapter::PeftAdapter;
 
+/// Layer names PEFT treats as embedding layers when saving (`EMBEDDING_LAYER_NAMES`).
+const EMBEDDING_LAYER_NAMES: &[&str] = &["embed_tokens", "lm_head"];
+
 /// The name PEFT gives batch rows that use no adapter in a mixed batch.
 pub const BASE_ROWS: &str = "__base__";
 
@@ -282,7 +285,22 @@ impl PeftModel {
                 .or_default()
                 .push((param.to_string(), tensor.clone()));
         }
-        for (module, tensors) in by_module {
+        for (module, mut tensors) in by_module {
+            // The base weight PEFT saves for a targeted embedding layer goes back into the model.
+            if let Some(layer) = self.model.modules().get(&module)
+                && layer.module().get(adapter_name).is_some()
+            {
+                let Some(pos) = tensors.iter().position(|(p, _)| p == "weight") else {
+                    return Err(PeftError::InvalidOperation(format!(
+                        "`{module}`: trained biases (bias=\"all\"/\"lora_only\") are not supported in PeftModel yet"
+                    )));
+                };
+                let (_, weight) = tensors.swap_remove(pos);
+                layer.module_mut().replace_base_weight(weight)?;
+                if tensors.is_empty() {
+                    continue;
+                }
+            }
             let layer = self.model.modules().get(&module).ok_or_else(|| {
                 PeftError::InvalidOperation(format!(
                     "the adapter replaces tensors of `{module}`, which is not a layer peft-rs wraps \
@@ -559,6 +577,12 @@ impl PeftModel {
                 continue;
             };
             let tensors = adapter.params().entries().to_vec();
+            let leaf = layer.path().rsplit('.').next().unwrap_or_default();
+            if EMBEDDING_LAYER_NAMES.contains(&leaf) && !self.is_copy(adapter_name, layer.path()) {
+                // PEFT's `save_embedding_layers="auto"`: targeted embedding layers are saved with
+                // their base weight.
+                replaced.insert(format!("{}.weight", layer.path()), module.base().weight()?);
+            }
             if self.is_copy(adapter_name, layer.path()) {
                 for (name, t) in tensors {
                     replaced.insert(format!("{}.{name}", layer.path()), t);
