@@ -14,6 +14,7 @@ from ._core import (
     PeftAdapter,
     PeftConfig,
     PeftModel,
+    Tokenizer,
     __version__,
 )
 from .errors import PeftError
@@ -60,6 +61,7 @@ __all__ = [
     "PeftConfig",
     "PeftError",
     "PeftModel",
+    "Tokenizer",
     "__version__",
     "errors",
     "get_peft_model",

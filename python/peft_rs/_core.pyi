@@ -288,6 +288,16 @@ class DisabledAdapters:
     def __exit__(self, *_exc: object) -> bool: ...
 
 @final
+class Tokenizer:
+    """A model directory's ``tokenizer.json``, through the Rust ``tokenizers`` crate."""
+
+    @staticmethod
+    def from_pretrained(path: str | PathLike[str]) -> Tokenizer: ...
+    def __call__(
+        self, texts: list[str], max_length: int | None = None, return_tensors: Literal["np", "pt"] = "np"
+    ) -> dict[str, _Array]: ...
+
+@final
 class DLPackExport:
     def __dlpack__(
         self,

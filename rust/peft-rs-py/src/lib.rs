@@ -9,6 +9,7 @@ mod json;
 mod layer;
 mod model;
 mod peft_model;
+mod tokenizer;
 
 use pyo3::prelude::*;
 
@@ -30,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     m.add_class::<peft_model::PyPeftModel>()?;
     m.add_class::<peft_model::DisabledAdapters>()?;
+    m.add_class::<tokenizer::PyTokenizer>()?;
     let architectures: Vec<&str> = peft_rs::model::ARCHITECTURES
         .iter()
         .map(|a| a.name)

@@ -63,6 +63,7 @@ pub mod checkpoint;
 mod layers;
 pub mod llama;
 mod peft_model;
+pub mod tokenizer;
 
 use std::path::Path;
 
@@ -73,6 +74,7 @@ use crate::error::{PeftError, Result};
 pub use activation::HiddenAct;
 pub use layers::{Layer, ModelBuilder, Modules};
 pub use peft_model::{BASE_ROWS, PeftModel};
+pub use tokenizer::Tokenizer;
 
 /// What a model's forward takes: token ids `(batch, seq)` and the optional masks transformers
 /// takes (1 = attend / real token).
