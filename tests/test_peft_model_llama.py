@@ -168,3 +168,23 @@ def test_adapters_on_embedding_layers_with_their_saved_base_weights(llama_dir, t
     assert_same_logits(ours(ids, attention_mask=mask), logits(peft_model, ids, mask), mask)
     ours.save_pretrained(tmp_path / "resaved")
     assert set(load_file(tmp_path / "resaved" / "adapter_model.safetensors")) == keys
+
+
+def test_bf16_model_with_adapter(llama_dir, tmp_path):
+    """bf16 base, adapter kept in f32 (PEFT's autocast_adapter_dtype): logits within 4 bf16 steps
+    (2⁻⁸ relative each) of the largest logit, the same bound the plain bf16 model meets."""
+    _, path = peft_adapter(llama_dir, tmp_path, "lora", seed=1, name="lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(
+            reference(llama_dir, dtype=torch.bfloat16, attn_implementation="eager"), path
+        ).eval()
+    ours = peft_rs.PeftModel.from_pretrained(
+        peft_rs.models.LlamaForCausalLM.from_pretrained(llama_dir, dtype="bfloat16"), path
+    )
+    ids, mask = padded_batch()
+    expected = logits(theirs, ids, mask).float()
+    found = ours(ids, attention_mask=mask).float()
+    keep = mask.bool()
+    bound = 4 * 2**-8 * expected[keep].abs().max().item()
+    assert (found[keep] - expected[keep]).abs().max().item() <= bound
