@@ -136,6 +136,20 @@ pub trait LayerAdapter: std::fmt::Debug + Send + Sync {
 
     /// How merging folds this adapter into a weight of `base`'s shape and kind.
     fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule>;
+
+    /// For a method whose forward is `below(x) + term(x)`, with `term` independent of the layer
+    /// below: `term(x)`, in the dtype the sum is taken in (`forward` must equal
+    /// `(below(x) as term's dtype + term(x)) as below(x)'s dtype`). A mixed batch then computes
+    /// the base output once for every row, as PEFT does for LoRA; `None` (the default) runs the
+    /// adapter's rows through [`LayerAdapter::forward`].
+    fn additive_term(
+        &self,
+        _x: &Tensor,
+        _base: &BaseLayer,
+        _training: bool,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// How an adapter folds into the base weight, in the base weight's own layout unless said

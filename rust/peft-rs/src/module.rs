@@ -297,11 +297,42 @@ impl AdaptedModule {
         if let [(name, _)] = groups.as_slice() {
             return self.forward_with_only(x, name);
         }
+        if groups.iter().all(|(name, _)| self.get(name).is_none()) {
+            // None of these adapters is on this module: every row is the base layer's.
+            return self.base.forward(x);
+        }
+        // The base output of every row, computed once when a group can use it.
+        let mut base_out: Option<Tensor> = None;
         let mut outputs = Vec::with_capacity(groups.len());
         let mut order = Vec::with_capacity(rows);
         for (name, idx) in &groups {
             let idx_t = Tensor::new(idx.as_slice(), x.device())?;
-            outputs.push(self.forward_with_only(&x.index_select(&idx_t, 0)?, name)?);
+            let x_rows = x.index_select(&idx_t, 0)?;
+            let adapter = self.get(name);
+            let term = match adapter {
+                Some(a) => a.additive_term(&x_rows, &self.base, self.training)?,
+                None => None,
+            };
+            let out = match (adapter, term) {
+                (Some(a), None) => self.below(&[a]).forward(&x_rows)?,
+                (_, term) => {
+                    if base_out.is_none() {
+                        base_out = Some(self.base.forward(x)?);
+                    }
+                    let base_rows = base_out
+                        .as_ref()
+                        .expect("computed above")
+                        .index_select(&idx_t, 0)?;
+                    match term {
+                        Some(t) => base_rows
+                            .to_dtype(t.dtype())?
+                            .add(&t)?
+                            .to_dtype(base_rows.dtype())?,
+                        None => base_rows,
+                    }
+                }
+            };
+            outputs.push(out);
             order.extend_from_slice(idx);
         }
         let mut inverse = vec![0u32; rows];

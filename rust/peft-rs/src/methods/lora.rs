@@ -648,6 +648,23 @@ impl LayerAdapter for LoraAdapter {
         Ok(out.to_dtype(out_dtype)?)
     }
 
+    fn additive_term(
+        &self,
+        x: &Tensor,
+        base: &BaseLayer,
+        training: bool,
+    ) -> Result<Option<Tensor>> {
+        if self.config.use_dora {
+            return Ok(None);
+        }
+        let x = if self.kind == ModuleKind::Embedding {
+            x.clone()
+        } else {
+            self.dropout(&x.to_dtype(adapter_dtype(base.dtype()))?, training)?
+        };
+        Ok(Some(self.lora_path(&x)?))
+    }
+
     fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
         let delta = self.delta_weight(base)?;
         let bias = self.bias_delta()?;
