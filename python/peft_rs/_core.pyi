@@ -104,6 +104,7 @@ __all__ = [
     "PeftAdapter",
     "PeftConfig",
     "PeftModel",
+    "Tokenizer",
     "VeraConfig",
     "__version__",
 ]
