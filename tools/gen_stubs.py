@@ -27,8 +27,8 @@ def generated() -> str:
             f'    def peft_type(self) -> Literal["{peft_type}"]: ...\n'
         )
     # Sorted as ruff's RUF022 wants: constants, then classes, then the rest.
-    names = (n for n in dir(core) if not n.startswith("_"))
-    public = [*sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n)), "__version__"]
+    names = [n for n in dir(core) if not n.startswith("_")] + ["__version__"]
+    public = sorted(names, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
     all_names = "".join(f'    "{n}",\n' for n in public)
     return "\n".join(blocks) + f"\n__all__ = [\n{all_names}]\n"
 

@@ -16,6 +16,8 @@ from ._core import (
     PeftModel,
     Tokenizer,
     __version__,
+    combine_adapters,
+    merge_checkpoint,
 )
 from .errors import PeftError
 from .protocols import Adapter, Mergeable
@@ -63,8 +65,10 @@ __all__ = [
     "PeftModel",
     "Tokenizer",
     "__version__",
+    "combine_adapters",
     "errors",
     "get_peft_model",
+    "merge_checkpoint",
     "models",
     "module_types",
     *CONFIG_CLASSES,

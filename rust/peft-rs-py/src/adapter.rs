@@ -129,6 +129,19 @@ impl PyPeftAdapter {
         config_to_py(py, self.inner.config())
     }
 
+    /// The rank the config gives each adapted module (after `rank_pattern`); empty for methods
+    /// without a rank (IA³, OFT, BOFT).
+    fn module_ranks(&self) -> PyResult<std::collections::BTreeMap<String, usize>> {
+        let config = self.inner.config();
+        let mut ranks = std::collections::BTreeMap::new();
+        for module in self.inner.module_names() {
+            if let Some(r) = config.rank_for(module).map_err(to_pyerr)? {
+                ranks.insert(module.to_string(), r);
+            }
+        }
+        Ok(ranks)
+    }
+
     /// Paths of the adapted modules relative to the model (`modules_to_save` not included).
     fn module_names(&self) -> Vec<String> {
         self.inner

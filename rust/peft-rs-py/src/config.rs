@@ -78,6 +78,18 @@ impl PyPeftConfig {
         self.inner.peft_type()
     }
 
+    /// The tensor names a module's adapter can have in files (`"lora_A.weight"`...).
+    #[getter]
+    fn param_names(&self) -> Vec<&'static str> {
+        self.inner.param_names().to_vec()
+    }
+
+    /// Names of adapter-wide tensors, saved as `base_model.<name>` (VeRA's projections).
+    #[getter]
+    fn shared_names(&self) -> Vec<&'static str> {
+        self.inner.shared_names().to_vec()
+    }
+
     /// Every PEFT field is readable as an attribute (`config.r`, `config.target_modules`...).
     fn __getattr__<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
         match self.inner.to_json().get(name) {

@@ -2,6 +2,7 @@
 //! lives in the `peft-rs` crate.
 
 mod adapter;
+mod arithmetic;
 mod config;
 mod dlpack;
 mod errors;
@@ -9,6 +10,7 @@ mod json;
 mod layer;
 mod model;
 mod peft_model;
+mod stream_merge;
 mod tokenizer;
 
 use pyo3::prelude::*;
@@ -41,5 +43,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         pyo3::types::PyTuple::new(m.py(), architectures)?,
     )?;
     m.add_class::<dlpack::DLPackExport>()?;
+    m.add_function(wrap_pyfunction!(stream_merge::merge_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(arithmetic::combine_adapters, m)?)?;
     Ok(())
 }

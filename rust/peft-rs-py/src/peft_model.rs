@@ -106,6 +106,43 @@ impl PyPeftModel {
         run(py, || inner.add_adapter(adapter_name, config, seed))
     }
 
+    /// PEFT's `add_weighted_adapter`: a new LoRA adapter combining `adapters` with `weights`
+    /// (inactive; nothing happens if `adapter_name` exists). `seed` seeds DARE's masks.
+    #[pyo3(signature = (
+        adapters, weights, adapter_name, combination_type="svd", svd_rank=None, svd_clamp=None,
+        svd_full_matrices=true, density=None, majority_sign_method="total", seed=0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_weighted_adapter(
+        &mut self,
+        py: Python<'_>,
+        adapters: Vec<String>,
+        weights: Vec<f64>,
+        adapter_name: &str,
+        combination_type: &str,
+        svd_rank: Option<usize>,
+        svd_clamp: Option<f64>,
+        svd_full_matrices: bool,
+        density: Option<f64>,
+        majority_sign_method: &str,
+        seed: u64,
+    ) -> PyResult<()> {
+        let (combination, options) = crate::arithmetic::combine_options(
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            svd_full_matrices,
+            density,
+            majority_sign_method,
+            seed,
+        )?;
+        let inner = self.get_mut()?;
+        let names: Vec<&str> = adapters.iter().map(String::as_str).collect();
+        run(py, || {
+            inner.add_weighted_adapter(&names, &weights, adapter_name, combination, &options)
+        })
+    }
+
     /// Activates one adapter, or several (a list: they combine on every layer, in order).
     fn set_adapter(&mut self, adapter_name: &Bound<'_, PyAny>) -> PyResult<()> {
         let names = names(adapter_name)?;

@@ -27,6 +27,7 @@
 //! # let _ = (y, merged); Ok(()) }
 //! ```
 
+pub mod arithmetic;
 pub mod base;
 pub mod config;
 pub mod error;
@@ -43,6 +44,8 @@ pub mod module;
 pub mod params;
 pub mod peft_adapter;
 pub mod registry;
+mod rng;
+pub mod stream_merge;
 
 pub use config::PeftConfig;
 pub use error::{PeftError, Result};

@@ -86,6 +86,11 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync {
     /// Every tensor name a module's adapter can have (file key `<module>.<name>`).
     fn param_names(&self) -> &'static [&'static str];
 
+    /// The rank the config gives `module` (after `rank_pattern`), for methods that have one.
+    fn rank_for(&self, _module: &str) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
     /// The method's adapter for `module`, whose base layer is `base`. Errors name the tensor and
     /// say what was expected and found; a module kind the method does not support is an error.
     fn build(

@@ -251,6 +251,10 @@ impl MethodConfig for AdaLoraConfig {
         PARAM_NAMES
     }
 
+    fn rank_for(&self, module: &str) -> Result<Option<usize>> {
+        Ok(Some(self.rank(module)?))
+    }
+
     fn build(
         &self,
         module: &str,

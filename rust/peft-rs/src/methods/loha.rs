@@ -112,6 +112,10 @@ impl MethodConfig for LoHaConfig {
         PARAM_NAMES
     }
 
+    fn rank_for(&self, module: &str) -> Result<Option<usize>> {
+        Ok(Some(self.lycoris.rank_and_alpha(module)?.0))
+    }
+
     fn build(
         &self,
         module: &str,

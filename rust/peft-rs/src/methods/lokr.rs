@@ -152,6 +152,10 @@ impl MethodConfig for LoKrConfig {
         PARAM_NAMES
     }
 
+    fn rank_for(&self, module: &str) -> Result<Option<usize>> {
+        Ok(Some(self.lycoris.rank_and_alpha(module)?.0))
+    }
+
     fn build(
         &self,
         module: &str,

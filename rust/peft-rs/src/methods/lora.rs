@@ -383,6 +383,10 @@ impl MethodConfig for LoraConfig {
         PARAM_NAMES
     }
 
+    fn rank_for(&self, module: &str) -> Result<Option<usize>> {
+        Ok(Some(self.rank_and_alpha(module)?.0))
+    }
+
     fn build(
         &self,
         module: &str,

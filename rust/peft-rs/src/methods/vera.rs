@@ -23,6 +23,7 @@ use crate::merge::adapter_dtype;
 use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
 use crate::module::Below;
 use crate::params::{Params, take_params};
+use crate::rng::TorchGenerator;
 
 pub const PEFT_TYPE: &str = "VERA";
 
@@ -131,7 +132,7 @@ impl VeraConfig {
         out_max: usize,
         in_max: usize,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let mut mt = Mt19937::new(self.projection_prng_key);
+        let mut mt = TorchGenerator::new(self.projection_prng_key);
         let r = self.r as usize;
         let a = kaiming_uniform(&mut mt, r, in_max)?;
         let b = kaiming_uniform(&mut mt, out_max, r)?;
@@ -192,6 +193,10 @@ impl MethodConfig for VeraConfig {
         PARAM_NAMES
     }
 
+    fn rank_for(&self, _module: &str) -> Result<Option<usize>> {
+        Ok(Some(self.r as usize))
+    }
+
     fn build(
         &self,
         module: &str,
@@ -227,50 +232,9 @@ impl MethodConfig for VeraConfig {
     }
 }
 
-/// PyTorch's CPU generator (`at::mt19937`): the standard 32-bit Mersenne Twister seeded with
-/// `init_genrand`.
-struct Mt19937 {
-    state: [u32; 624],
-    index: usize,
-}
-
-impl Mt19937 {
-    fn new(seed: u64) -> Self {
-        let mut state = [0u32; 624];
-        state[0] = seed as u32;
-        for i in 1..624 {
-            let prev = state[i - 1];
-            state[i] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(i as u32);
-        }
-        Self { state, index: 624 }
-    }
-
-    fn next_u32(&mut self) -> u32 {
-        if self.index >= 624 {
-            for i in 0..624 {
-                let y = (self.state[i] & 0x8000_0000) | (self.state[(i + 1) % 624] & 0x7fff_ffff);
-                let mut next = self.state[(i + 397) % 624] ^ (y >> 1);
-                if y & 1 != 0 {
-                    next ^= 0x9908_b0df;
-                }
-                self.state[i] = next;
-            }
-            self.index = 0;
-        }
-        let mut y = self.state[self.index];
-        self.index += 1;
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c_5680;
-        y ^= (y << 15) & 0xefc6_0000;
-        y ^ (y >> 18)
-    }
-}
-
 /// `torch.nn.init.kaiming_uniform_(t, a=0)` on a `(rows, cols)` f32 tensor with a CPU generator:
 /// `uniform_(-b, b)` with `b = sqrt(3) · sqrt(2) / sqrt(cols)`, 24 random bits per element.
-fn kaiming_uniform(mt: &mut Mt19937, rows: usize, cols: usize) -> Result<Tensor> {
+fn kaiming_uniform(mt: &mut TorchGenerator, rows: usize, cols: usize) -> Result<Tensor> {
     let bound = 3f64.sqrt() * (2f64.sqrt() / (cols as f64).sqrt());
     let (lo, hi) = (-bound as f32, bound as f32);
     let range = f64::from(hi - lo);

@@ -120,6 +120,38 @@ impl PeftModel {
         Ok(())
     }
 
+    /// PEFT's `add_weighted_adapter`: a new LoRA adapter combining `adapters` with `weights`
+    /// ([`crate::arithmetic`]), added inactive. Does nothing if `adapter_name` exists (as PEFT).
+    pub fn add_weighted_adapter(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        adapter_name: &str,
+        combination: crate::arithmetic::Combination,
+        options: &crate::arithmetic::CombineOptions,
+    ) -> Result<()> {
+        if self.config(adapter_name).is_ok() {
+            return Ok(());
+        }
+        let sources = adapters
+            .iter()
+            .map(|name| self.adapter(name))
+            .collect::<Result<Vec<_>>>()?;
+        let sources: Vec<&PeftAdapter> = sources.iter().collect();
+        let paths: Vec<String> = self.layers().iter().map(|l| l.path().to_string()).collect();
+        let combined = crate::arithmetic::combine_modules(
+            adapter_name,
+            &sources,
+            weights,
+            combination,
+            options,
+            &paths,
+        )?;
+        let source =
+            |_: usize, path: &str| Ok(ParamSource::Given(combined.tensors(path)?.to_vec()));
+        self.inject(adapter_name, combined.config().clone(), source, None)
+    }
+
     /// The adapter saved in `dir` (by PEFT or by peft-rs) as `adapter_name` (inactive unless it is
     /// the first, as PEFT's `load_adapter`). Every module the config targets in this model must
     /// have its tensors in the file, and every tensor of the file must belong to such a module.

