@@ -38,6 +38,7 @@ bench: build
 	$(PYTHON) benches/bench_lora.py
 	$(PYTHON) benches/bench_methods.py
 	$(PYTHON) benches/bench_models.py
+	$(PYTHON) benches/bench_merge.py
 
 bench-rust:
 	cargo bench -p peft-rs --bench methods

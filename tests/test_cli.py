@@ -339,7 +339,7 @@ def test_merge_and_combine_pass_the_options(monkeypatch, capsys):
     assert (
         peft_rs_cli.main(["combine", "A1", "A2", "--weights", "1", "2", "--out", "O", "--density", "2"]) == 2
     )
-    assert calls.pop() == (["A1", "A2"], [1.0, 2.0], "O", "svd", None, 2.0)
+    assert calls.pop() == (["A1", "A2"], [1.0, 2.0], "O", "svd", None, 2.0)  # the library's default
     assert capsys.readouterr().err.splitlines() == ["peft-rs: error: density must be in (0, 1]"]
 
 

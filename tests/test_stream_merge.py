@@ -7,7 +7,12 @@ errors and resume."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -328,3 +333,81 @@ def test_single_file_checkpoint(adapters, tmp_path):
     assert mine.keys() == theirs.keys()
     for name, t in theirs.items():
         torch.testing.assert_close(mine[name], t, **F32_EXACT, msg=name)
+
+
+# A merge killed by the system (SIGKILL: no cleanup runs) in the middle of a checkpoint.
+
+TEMP_SHARD = re.compile(r"^\.(?P<shard>.+\.safetensors)\.tmp-\d+$")  # stream_merge.rs's temp names
+
+
+def merge_command(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "peft_rs.cli", "merge", str(base), str(adapter), "--out", str(out), *extra]
+
+
+def kill_mid_merge(base: Path, adapter: Path, out: Path, shards: set[str]) -> bool:
+    """Starts `peft-rs merge` and SIGKILLs it as soon as one output shard exists under its final
+    name. False when the merge finished before it could be killed (the caller retries larger)."""
+    proc = subprocess.Popen(
+        merge_command(base, adapter, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        while proc.poll() is None:
+            if out.is_dir() and any(p.name in shards for p in out.iterdir()):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+    if proc.returncode != -signal.SIGKILL:
+        assert proc.returncode == 0, stderr.decode()
+        return False
+    return not (out / INDEX).exists()  # killed after the index was written: as good as finished
+
+
+def test_killed_merge_then_resume(tmp_path):
+    """`peft-rs merge` killed with SIGKILL part-way (no Python or Rust cleanup runs) leaves no
+    index and no partial shard under a final name; `--resume` keeps the shards that were written,
+    writes the rest, and the result equals an uninterrupted merge bit for bit."""
+    lora = LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], r=4)
+    # Many small shards (each one is fsynced) so that the merge lasts long enough to be killed;
+    # a machine fast enough to finish first gets a larger checkpoint, and never a vacuous pass.
+    for layers in (32, 128, 512):
+        root = tmp_path / f"layers{layers}"
+        base = make_llama(root / "base", num_hidden_layers=layers, max_shard_size="20KB")
+        adapter = make_adapter(base, root / "adapter", lora)
+        shards = set(weight_map(base).values())
+        out = root / "out"
+        if kill_mid_merge(base, adapter, out, shards):
+            break
+    else:
+        pytest.fail("the merge always finished before it could be killed, even with 512 layers")
+
+    # The directory does not look complete, and every shard under its final name is whole.
+    assert not (out / INDEX).exists()
+    names = {p.name for p in out.iterdir()}
+    complete = names & shards
+    temps = {n for n in names if TEMP_SHARD.match(n)}
+    assert all(TEMP_SHARD.match(n)["shard"] in shards for n in temps)
+    assert names - complete - temps <= {"config.json", "generation_config.json"}
+    assert 0 < len(complete) < len(shards)
+    straight = root / "straight"
+    subprocess.run(merge_command(base, adapter, straight), check=True, capture_output=True)
+    for shard in complete:
+        assert (out / shard).read_bytes() == (straight / shard).read_bytes(), shard
+    stamps = {s: ((out / s).stat().st_ino, (out / s).stat().st_mtime_ns) for s in complete}
+
+    subprocess.run(merge_command(base, adapter, out, "--resume"), check=True, capture_output=True)
+    # The shards complete before the kill were kept (same file, not rewritten).
+    for shard, stamp in stamps.items():
+        assert ((out / shard).stat().st_ino, (out / shard).stat().st_mtime_ns) == stamp, shard
+    assert weight_map(out) == weight_map(base)
+    assert sorted(p.name for p in out.iterdir() if not TEMP_SHARD.match(p.name)) == sorted(
+        p.name for p in straight.iterdir()
+    )
+    resumed, expected = tensors(out), tensors(straight)
+    assert resumed.keys() == expected.keys()
+    for shard, ts in expected.items():
+        assert resumed[shard].keys() == ts.keys(), shard
+        for name, t in ts.items():
+            assert resumed[shard][name].dtype == t.dtype and torch.equal(resumed[shard][name], t), name

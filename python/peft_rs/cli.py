@@ -642,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
-        "--combination-type", default="svd", metavar="TYPE", help=f"one of {COMBINATION_TYPES} (default svd)"
+        "--combination-type",
+        metavar="TYPE",
+        help=f"LoRA: one of {COMBINATION_TYPES} (default svd); IA³ adapters take none",
     )
     p.add_argument("--svd-rank", type=int, metavar="R", help="rank of the SVD types' result")
     p.add_argument("--svd-clamp", type=float, metavar="Q", help="quantile clamp of the SVD types")

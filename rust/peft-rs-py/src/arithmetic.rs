@@ -4,22 +4,26 @@
 use std::path::{Path, PathBuf};
 
 use peft_rs::PeftAdapter;
-use peft_rs::arithmetic::{Combination, CombineOptions, MajoritySign, combine_lora};
+use peft_rs::arithmetic::{Combination, CombineOptions, MajoritySign};
 use pyo3::prelude::*;
 
 use crate::errors::{run, to_pyerr};
 
-/// The combination type and options from PEFT's keyword arguments.
+/// The combination type (`None`: the method's default) and options from PEFT's keyword
+/// arguments.
 pub fn combine_options(
-    combination_type: &str,
+    combination_type: Option<&str>,
     svd_rank: Option<usize>,
     svd_clamp: Option<f64>,
     svd_full_matrices: bool,
     density: Option<f64>,
     majority_sign_method: &str,
     seed: u64,
-) -> PyResult<(Combination, CombineOptions)> {
-    let combination = Combination::from_name(combination_type).map_err(to_pyerr)?;
+) -> PyResult<(Option<Combination>, CombineOptions)> {
+    let combination = combination_type
+        .map(Combination::from_name)
+        .transpose()
+        .map_err(to_pyerr)?;
     let options = CombineOptions {
         svd_rank,
         svd_clamp,
@@ -31,12 +35,13 @@ pub fn combine_options(
     Ok((combination, options))
 }
 
-/// Combines the LoRA adapters in `adapter_dirs` with `weights` as PEFT's `add_weighted_adapter`
-/// does, without a model, and saves the result in `out_dir` (in `out_dir/<adapter_name>` for a
+/// Combines the LoRA or IA³ adapters in `adapter_dirs` with `weights` as PEFT's
+/// `add_weighted_adapter` does (LoRA's `combination_type` defaults to "svd"; IA³ takes none),
+/// without a model, and saves the result in `out_dir` (in `out_dir/<adapter_name>` for a
 /// name other than "default", as PEFT saves). Returns the directory written.
 #[pyfunction]
 #[pyo3(signature = (
-    adapter_dirs, weights, out_dir, combination_type="svd", svd_rank=None, svd_clamp=None,
+    adapter_dirs, weights, out_dir, combination_type=None, svd_rank=None, svd_clamp=None,
     svd_full_matrices=true, density=None, majority_sign_method="total", seed=0,
     adapter_name="default"
 ))]
@@ -46,7 +51,7 @@ pub fn combine_adapters(
     adapter_dirs: Vec<PathBuf>,
     weights: Vec<f64>,
     out_dir: PathBuf,
-    combination_type: &str,
+    combination_type: Option<&str>,
     svd_rank: Option<usize>,
     svd_clamp: Option<f64>,
     svd_full_matrices: bool,
@@ -70,7 +75,13 @@ pub fn combine_adapters(
             .map(|dir| PeftAdapter::from_pretrained(Path::new(dir), None))
             .collect::<peft_rs::Result<Vec<_>>>()?;
         let refs: Vec<&PeftAdapter> = adapters.iter().collect();
-        let combined = combine_lora(adapter_name, &refs, &weights, combination, &options)?;
+        let combined = peft_rs::arithmetic::combine_adapters(
+            adapter_name,
+            &refs,
+            &weights,
+            combination,
+            &options,
+        )?;
         combined.save_pretrained(&out_dir)
     })
 }

@@ -106,10 +106,11 @@ impl PyPeftModel {
         run(py, || inner.add_adapter(adapter_name, config, seed))
     }
 
-    /// PEFT's `add_weighted_adapter`: a new LoRA adapter combining `adapters` with `weights`
-    /// (inactive; nothing happens if `adapter_name` exists). `seed` seeds DARE's masks.
+    /// PEFT's `add_weighted_adapter`: a new LoRA or IA³ adapter combining `adapters` with
+    /// `weights` (inactive; nothing happens if `adapter_name` exists). `combination_type`: LoRA's
+    /// (default "svd"); IA³ takes none. `seed` seeds DARE's masks.
     #[pyo3(signature = (
-        adapters, weights, adapter_name, combination_type="svd", svd_rank=None, svd_clamp=None,
+        adapters, weights, adapter_name, combination_type=None, svd_rank=None, svd_clamp=None,
         svd_full_matrices=true, density=None, majority_sign_method="total", seed=0
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -119,7 +120,7 @@ impl PyPeftModel {
         adapters: Vec<String>,
         weights: Vec<f64>,
         adapter_name: &str,
-        combination_type: &str,
+        combination_type: Option<&str>,
         svd_rank: Option<usize>,
         svd_clamp: Option<f64>,
         svd_full_matrices: bool,

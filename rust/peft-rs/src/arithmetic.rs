@@ -33,8 +33,14 @@
 //! PEFT's `bernoulli` draws from a generator seeded with the same seed and used for nothing else
 //! (PEFT itself draws from the global generator, after the new adapter's initialisation).
 //! Adapter files have no module order: their modules are taken in sorted order.
+//!
+//! IA³ ([`combine_ia3`], PEFT's `IA3Model.add_weighted_adapter`): the new vector of each module
+//! is `Σ wᵢ lᵢ` over the sources that hold it; its config is the first source's with the union
+//! of the `target_modules` and of the `feedforward_modules`. [`combine_adapters`] picks LoRA or
+//! IA³ by the sources' `peft_type`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -42,6 +48,7 @@ use serde_json::Value;
 use crate::config::{ModuleSelector, PeftConfig};
 use crate::error::{PeftError, Result};
 use crate::method::MethodConfig;
+use crate::methods::ia3::{IA3_L, Ia3Config};
 use crate::methods::lora::{LORA_A, LORA_B, LORA_EMBEDDING_A, LORA_EMBEDDING_B, LoraConfig};
 use crate::peft_adapter::PeftAdapter;
 use crate::rng::TorchGenerator;
@@ -186,6 +193,18 @@ pub fn combine_lora(
     combination: Combination,
     options: &CombineOptions,
 ) -> Result<PeftAdapter> {
+    combine_modules(
+        adapter_name,
+        adapters,
+        weights,
+        combination,
+        options,
+        &module_union(adapters),
+    )
+}
+
+/// Every module some adapter holds, sorted.
+fn module_union(adapters: &[&PeftAdapter]) -> Vec<String> {
     let mut modules: Vec<String> = adapters
         .iter()
         .flat_map(|a| a.module_names())
@@ -193,14 +212,267 @@ pub fn combine_lora(
         .collect();
     modules.sort();
     modules.dedup();
+    modules
+}
+
+/// PEFT's `add_weighted_adapter` for the method of the sources (their `peft_type`): LoRA
+/// ([`combine_lora`]; `combination` defaults to PEFT's `svd`) or IA³ ([`combine_ia3`], which
+/// takes no combination type: `None` or `linear`, and no options).
+pub fn combine_adapters(
+    adapter_name: &str,
+    adapters: &[&PeftAdapter],
+    weights: &[f64],
+    combination: Option<Combination>,
+    options: &CombineOptions,
+) -> Result<PeftAdapter> {
+    let candidates = module_union(adapters);
+    combine_candidates(
+        adapter_name,
+        adapters,
+        weights,
+        combination,
+        options,
+        &candidates,
+    )
+}
+
+/// [`combine_adapters`] over `candidates` (a model's module paths, in its order).
+pub(crate) fn combine_candidates(
+    adapter_name: &str,
+    adapters: &[&PeftAdapter],
+    weights: &[f64],
+    combination: Option<Combination>,
+    options: &CombineOptions,
+    candidates: &[String],
+) -> Result<PeftAdapter> {
+    if method_of(adapters)? == Some(crate::methods::ia3::PEFT_TYPE) {
+        check_ia3_arguments(combination, options)?;
+        return combine_ia3_modules(adapter_name, adapters, weights, candidates);
+    }
+    let combination = combination.unwrap_or(Combination::Svd);
     combine_modules(
         adapter_name,
         adapters,
         weights,
         combination,
         options,
-        &modules,
+        candidates,
     )
+}
+
+/// The one `peft_type` of the sources (`None` for no sources): LoRA or IA³.
+fn method_of(adapters: &[&PeftAdapter]) -> Result<Option<&'static str>> {
+    use crate::methods::{ia3, lora};
+    let Some(first) = adapters.first() else {
+        return Ok(None);
+    };
+    let peft_type = first.config().peft_type();
+    if let Some(other) = adapters
+        .iter()
+        .find(|a| a.config().peft_type() != peft_type)
+    {
+        return Err(PeftError::InvalidOperation(format!(
+            "add_weighted_adapter combines adapters of one method: {:?} is {peft_type}, {:?} is {}",
+            first.adapter_name(),
+            other.adapter_name(),
+            other.config().peft_type()
+        )));
+    }
+    if peft_type != lora::PEFT_TYPE && peft_type != ia3::PEFT_TYPE {
+        return Err(PeftError::InvalidOperation(format!(
+            "add_weighted_adapter combines LoRA or IA3 adapters; {:?} is a {peft_type} adapter",
+            first.adapter_name()
+        )));
+    }
+    Ok(Some(peft_type))
+}
+
+/// PEFT's `IA3Model.add_weighted_adapter(adapters, weights, adapter_name)` has no
+/// `combination_type` and no options: only the plain weighted sum (`linear`) is accepted.
+fn check_ia3_arguments(combination: Option<Combination>, options: &CombineOptions) -> Result<()> {
+    if let Some(c) = combination.filter(|&c| c != Combination::Linear) {
+        return Err(PeftError::config(
+            "combination_type",
+            format!(
+                "IA3 adapters are combined by their weighted sum (PEFT's \
+                 IA3Model.add_weighted_adapter takes no combination_type); got {:?}",
+                c.name()
+            ),
+        ));
+    }
+    // The seed only draws DARE masks, so it is ignored rather than checked.
+    let defaults = CombineOptions {
+        seed: options.seed,
+        ..CombineOptions::default()
+    };
+    if *options != defaults {
+        return Err(PeftError::InvalidOperation(
+            "IA3's add_weighted_adapter takes no svd_rank, svd_clamp, svd_full_matrices, \
+             density or majority_sign_method"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// PEFT's `IA3Model.add_weighted_adapter` over IA³ adapter files: each module's new vector is
+/// `Σ wᵢ lᵢ` over the sources holding it, for the modules the new config selects (sorted).
+pub fn combine_ia3(
+    adapter_name: &str,
+    adapters: &[&PeftAdapter],
+    weights: &[f64],
+) -> Result<PeftAdapter> {
+    combine_ia3_modules(adapter_name, adapters, weights, &module_union(adapters))
+}
+
+/// [`combine_ia3`] over `candidates` (a model's module paths, in its order).
+///
+/// A module that the new config selects but no source holds is an error (PEFT leaves its
+/// vector at zero, which silences the layer).
+fn combine_ia3_modules(
+    adapter_name: &str,
+    adapters: &[&PeftAdapter],
+    weights: &[f64],
+    candidates: &[String],
+) -> Result<PeftAdapter> {
+    check_weights(adapters, weights)?;
+    let sources = adapters
+        .iter()
+        .zip(weights)
+        .map(|(adapter, &weight)| Ia3Source::new(adapter, weight))
+        .collect::<Result<Vec<_>>>()?;
+    let config = ia3_union_config(&sources)?;
+    let mut layers = BTreeMap::new();
+    for module in candidates {
+        if config.selection().is_target(module)? {
+            let l = weighted_ia3(module, &sources, config.is_feedforward(module)?)?;
+            layers.insert(module.clone(), vec![(IA3_L.to_string(), l)]);
+        }
+    }
+    if layers.is_empty() {
+        return Err(PeftError::InvalidOperation(
+            "the combined IA3 config selects none of the adapters' modules".into(),
+        ));
+    }
+    let config = PeftConfig::new(Arc::new(config))?;
+    Ok(PeftAdapter::from_parts(
+        adapter_name,
+        config,
+        layers,
+        BTreeMap::new(),
+        BTreeMap::new(),
+    ))
+}
+
+/// One IA³ source adapter: its file, config and weight.
+struct Ia3Source<'a> {
+    adapter: &'a PeftAdapter,
+    config: Ia3Config,
+    weight: f64,
+}
+
+impl<'a> Ia3Source<'a> {
+    fn new(adapter: &'a PeftAdapter, weight: f64) -> Result<Self> {
+        check_replaced(adapter)?;
+        Ok(Self {
+            adapter,
+            config: Ia3Config::from_json(adapter.config().to_json())?,
+            weight,
+        })
+    }
+
+    /// `ia3_l` of `module`, if this adapter holds the module.
+    fn vector(&self, module: &str) -> Result<Option<&Tensor>> {
+        let Ok(tensors) = self.adapter.tensors(module) else {
+            return Ok(None);
+        };
+        let l = tensors.iter().find(|(n, _)| n == IA3_L).map(|(_, t)| t);
+        l.map(Some).ok_or_else(|| PeftError::MissingKey {
+            key: format!("{module}.{IA3_L}"),
+            context: format!("adapter {:?}", self.adapter.adapter_name()),
+        })
+    }
+}
+
+/// `replace(config_of_first, target_modules=union, feedforward_modules=union)`.
+fn ia3_union_config(sources: &[Ia3Source]) -> Result<Ia3Config> {
+    let targets: Vec<_> = sources.iter().map(|s| &s.config.target_modules).collect();
+    let feedforward: Vec<_> = sources
+        .iter()
+        .map(|s| &s.config.feedforward_modules)
+        .collect();
+    let mut config = sources[0].config.clone();
+    config.target_modules = Some(union_selector(&targets)?.ok_or_else(|| {
+        PeftError::config("target_modules", "the adapters have no target_modules")
+    })?);
+    config.feedforward_modules = union_selector(&feedforward)?;
+    Ok(config)
+}
+
+/// IA³'s union of selectors: regexes joined as `(r1)|(r2)`, name lists merged; all must be of
+/// one kind (PEFT compares their Python types, `None` included).
+fn union_selector(selectors: &[&Option<ModuleSelector>]) -> Result<Option<ModuleSelector>> {
+    let kind = |s: &Option<ModuleSelector>| s.as_ref().map(std::mem::discriminant);
+    if selectors.iter().any(|s| kind(s) != kind(selectors[0])) {
+        return Err(PeftError::config(
+            "target_modules",
+            "All adapter configs should have the same type for target and feedforward modules.",
+        ));
+    }
+    let mut regexes = Vec::new();
+    let mut names = Vec::new();
+    for selector in selectors.iter().copied().flatten() {
+        match selector {
+            ModuleSelector::Regex(r) => regexes.push(format!("({r})")),
+            ModuleSelector::Names(n) => names.extend(n.iter().cloned()),
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(match selectors[0] {
+        None => None,
+        Some(ModuleSelector::Regex(_)) => Some(ModuleSelector::Regex(regexes.join("|"))),
+        Some(ModuleSelector::Names(_)) => Some(ModuleSelector::Names(names)),
+    })
+}
+
+/// `Σ wᵢ lᵢ` over the sources holding `module`, in the vectors' dtype as PEFT computes it
+/// (`l = 0; l += lᵢ * wᵢ`, the weight rounded to that dtype).
+fn weighted_ia3(module: &str, sources: &[Ia3Source], feedforward: bool) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for source in sources {
+        let Some(l) = source.vector(module)? else {
+            continue;
+        };
+        // A vector scales the input of a feed-forward module and the output of any other:
+        // the two cannot be added (PEFT fails to broadcast them).
+        if source.config.is_feedforward(module)? != feedforward {
+            return Err(PeftError::InvalidOperation(format!(
+                "`{module}` is {}a feed-forward module in the combined config but {}one in \
+                 adapter {:?}: their vectors cannot be added",
+                if feedforward { "" } else { "not " },
+                if feedforward { "not " } else { "" },
+                source.adapter.adapter_name()
+            )));
+        }
+        let term = l.affine(source.weight, 0.0)?;
+        sum = Some(match sum {
+            None => term,
+            Some(acc) if acc.dims() != term.dims() => {
+                return Err(PeftError::shape(
+                    format!("`{module}`.{IA3_L} of {:?}", source.adapter.adapter_name()),
+                    acc.dims(),
+                    term.dims(),
+                ));
+            }
+            Some(acc) => (acc + term)?,
+        });
+    }
+    sum.ok_or_else(|| {
+        PeftError::InvalidOperation(format!(
+            "the combined IA3 config selects `{module}` but no source adapter holds it"
+        ))
+    })
 }
 
 /// [`combine_lora`] over `candidates` (a model's module paths, in its order): the new adapter
@@ -262,28 +534,10 @@ struct Source<'a> {
 }
 
 fn sources<'a>(adapters: &[&'a PeftAdapter], weights: &[f64]) -> Result<Vec<Source<'a>>> {
-    if adapters.is_empty() {
-        return Err(PeftError::config(
-            "adapters",
-            "Found no adapter matching the names in []",
-        ));
-    }
-    if adapters.len() != weights.len() {
-        return Err(PeftError::InvalidOperation(format!(
-            "{} adapters but {} weights: give one weight per adapter",
-            adapters.len(),
-            weights.len()
-        )));
-    }
+    check_weights(adapters, weights)?;
     let mut out = Vec::new();
     for (adapter, &weight) in adapters.iter().zip(weights) {
         let name = adapter.adapter_name();
-        if !weight.is_finite() {
-            return Err(PeftError::config(
-                "weights",
-                format!("the weight of {name:?} is {weight}"),
-            ));
-        }
         let peft_type = adapter.config().peft_type();
         if peft_type != crate::methods::lora::PEFT_TYPE {
             return Err(PeftError::InvalidOperation(format!(
@@ -305,6 +559,32 @@ fn sources<'a>(adapters: &[&'a PeftAdapter], weights: &[f64]) -> Result<Vec<Sour
         });
     }
     Ok(out)
+}
+
+/// Some adapters, one finite weight each.
+fn check_weights(adapters: &[&PeftAdapter], weights: &[f64]) -> Result<()> {
+    if adapters.is_empty() {
+        return Err(PeftError::config(
+            "adapters",
+            "Found no adapter matching the names in []",
+        ));
+    }
+    if adapters.len() != weights.len() {
+        return Err(PeftError::InvalidOperation(format!(
+            "{} adapters but {} weights: give one weight per adapter",
+            adapters.len(),
+            weights.len()
+        )));
+    }
+    for (adapter, weight) in adapters.iter().zip(weights) {
+        if !weight.is_finite() {
+            return Err(PeftError::config(
+                "weights",
+                format!("the weight of {:?} is {weight}", adapter.adapter_name()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Only the saved base weights of adapted embedding layers may come along: `modules_to_save`

@@ -120,14 +120,16 @@ impl PeftModel {
         Ok(())
     }
 
-    /// PEFT's `add_weighted_adapter`: a new LoRA adapter combining `adapters` with `weights`
-    /// ([`crate::arithmetic`]), added inactive. Does nothing if `adapter_name` exists (as PEFT).
+    /// PEFT's `add_weighted_adapter`: a new LoRA or IA³ adapter (the sources' method) combining
+    /// `adapters` with `weights` ([`crate::arithmetic`]), added inactive. `combination`: LoRA's
+    /// type (default `svd`); IA³ takes none (or `linear`). Does nothing if `adapter_name` exists
+    /// (as PEFT).
     pub fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
         adapter_name: &str,
-        combination: crate::arithmetic::Combination,
+        combination: Option<crate::arithmetic::Combination>,
         options: &crate::arithmetic::CombineOptions,
     ) -> Result<()> {
         if self.config(adapter_name).is_ok() {
@@ -139,7 +141,7 @@ impl PeftModel {
             .collect::<Result<Vec<_>>>()?;
         let sources: Vec<&PeftAdapter> = sources.iter().collect();
         let paths: Vec<String> = self.layers().iter().map(|l| l.path().to_string()).collect();
-        let combined = crate::arithmetic::combine_modules(
+        let combined = crate::arithmetic::combine_candidates(
             adapter_name,
             &sources,
             weights,
