@@ -18,7 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, OFTConfig, PeftModel, get_peft_model
+from peft import (
+    AdaLoraConfig,
+    BOFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    PeftModel,
+    VeraConfig,
+    get_peft_model,
+)
 from safetensors import safe_open
 from test_llama_model import make_llama, padded_batch, reference
 
@@ -44,6 +55,11 @@ METHODS = {
     ),
     "oft": lambda: OFTConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=0, oft_block_size=16),
     "loha": lambda: LoHaConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=4),
+    "lokr": lambda: LoKrConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=4),
+    "boft": lambda: BOFTConfig(task_type="CAUSAL_LM", target_modules=TARGETS, boft_block_size=4),
+    "vera": lambda: VeraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=8),
+    "adalora": lambda: AdaLoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS, init_r=4, total_step=10),
+    "dora": lambda: LoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=4, use_dora=True),
 }
 
 
