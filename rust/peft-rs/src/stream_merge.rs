@@ -85,6 +85,17 @@ pub trait TensorSource {
     fn shards(&self) -> &[Shard];
     /// Reads one tensor (on the CPU, in its stored dtype).
     fn read(&self, name: &str) -> Result<Tensor>;
+    /// The stored dtype and bytes of one tensor, when the source holds them in memory (a
+    /// memory-mapped file): unchanged tensors are then written without a copy.
+    fn bytes(&self, _name: &str) -> Result<Option<(DType, &[u8])>> {
+        Ok(None)
+    }
+}
+
+/// One output tensor: bytes borrowed from the source (unchanged) or a computed tensor.
+pub enum OutputTensor<'a> {
+    Stored(&'a [u8]),
+    Computed(Tensor),
 }
 
 /// Where merged shards go.
@@ -95,10 +106,10 @@ pub trait TensorSink {
     /// Whether `shard` (with these tensors and metadata) is already there, complete.
     fn is_complete(&self, shard: &Shard) -> Result<bool>;
     /// Writes `shard`, taking its tensors from `next` in `shard.tensors`' order.
-    fn write_shard(
+    fn write_shard<'a>(
         &mut self,
         shard: &Shard,
-        next: &mut dyn FnMut(&TensorInfo) -> Result<Tensor>,
+        next: &mut dyn FnMut(&TensorInfo) -> Result<OutputTensor<'a>>,
     ) -> Result<()>;
     /// Called once every shard is there, with the whole layout (a directory writes its index).
     fn finish(&mut self, shards: &[Shard]) -> Result<()>;
@@ -148,6 +159,17 @@ impl MappedFile {
             .map_err(|e| invalid_file(&self.path, e.to_string()))?;
         view.load(&Device::Cpu)
             .map_err(|e| invalid_file(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    /// The stored dtype and bytes of `name` (`None` for a dtype candle lacks).
+    fn bytes(&self, name: &str) -> Option<(DType, &[u8])> {
+        let info = self.metadata.info(name)?;
+        let dtype = DType::try_from(info.dtype).ok()?;
+        let start = 8 + self.header_len;
+        Some((
+            dtype,
+            &self.map[start + info.data_offsets.0..start + info.data_offsets.1],
+        ))
     }
 
     /// The tensors in file order.
@@ -270,6 +292,16 @@ impl SafetensorsDir {
     pub fn index(&self) -> Option<&Value> {
         self.index.as_ref()
     }
+
+    fn file_of(&self, name: &str) -> Result<usize> {
+        self.location
+            .get(name)
+            .copied()
+            .ok_or_else(|| PeftError::MissingKey {
+                key: name.to_string(),
+                context: format!("not in the checkpoint {}", self.dir.display()),
+            })
+    }
 }
 
 impl TensorSource for SafetensorsDir {
@@ -278,14 +310,11 @@ impl TensorSource for SafetensorsDir {
     }
 
     fn read(&self, name: &str) -> Result<Tensor> {
-        let &i = self
-            .location
-            .get(name)
-            .ok_or_else(|| PeftError::MissingKey {
-                key: name.to_string(),
-                context: format!("not in the checkpoint {}", self.dir.display()),
-            })?;
-        self.files[i].read(name)
+        self.files[self.file_of(name)?].read(name)
+    }
+
+    fn bytes(&self, name: &str) -> Result<Option<(DType, &[u8])>> {
+        Ok(self.files[self.file_of(name)?].bytes(name))
     }
 }
 
@@ -373,10 +402,10 @@ impl TensorSink for SafetensorsDirSink {
             && file.file_metadata() == shard.metadata)
     }
 
-    fn write_shard(
+    fn write_shard<'a>(
         &mut self,
         shard: &Shard,
-        next: &mut dyn FnMut(&TensorInfo) -> Result<Tensor>,
+        next: &mut dyn FnMut(&TensorInfo) -> Result<OutputTensor<'a>>,
     ) -> Result<()> {
         write_shard_file(&self.dir.join(&shard.file_name), shard, next)
     }
@@ -422,10 +451,10 @@ fn sorted_by_name(tensors: &[TensorInfo]) -> Vec<TensorInfo> {
 
 /// Writes a safetensors file tensor by tensor: the header first (sizes are known from the
 /// shapes), then each tensor as `next` produces it, into a temporary file renamed at the end.
-fn write_shard_file(
+fn write_shard_file<'a>(
     path: &Path,
     shard: &Shard,
-    next: &mut dyn FnMut(&TensorInfo) -> Result<Tensor>,
+    next: &mut dyn FnMut(&TensorInfo) -> Result<OutputTensor<'a>>,
 ) -> Result<()> {
     let header = shard_header(shard)?;
     let tmp = path.with_file_name(format!(".{}.tmp-{}", shard.file_name, std::process::id()));
@@ -437,18 +466,32 @@ fn write_shard_file(
             .map_err(io)?;
         out.write_all(&header).map_err(io)?;
         for info in &shard.tensors {
-            let tensor = next(info)?;
-            if tensor.dims() != info.shape.as_slice() || tensor.dtype() != info.dtype {
-                return Err(PeftError::InvalidOperation(format!(
-                    "tensor `{}` was produced as {:?} {:?}, but the shard header says {:?} {:?}",
-                    info.name,
-                    tensor.dtype(),
-                    tensor.dims(),
-                    info.dtype,
-                    info.shape
-                )));
+            match next(info)? {
+                OutputTensor::Stored(bytes) => {
+                    if bytes.len() as u64 != info.size_in_bytes() {
+                        return Err(PeftError::InvalidOperation(format!(
+                            "tensor `{}` holds {} bytes, but the shard header says {}",
+                            info.name,
+                            bytes.len(),
+                            info.size_in_bytes()
+                        )));
+                    }
+                    out.write_all(bytes).map_err(io)?;
+                }
+                OutputTensor::Computed(tensor) => {
+                    if tensor.dims() != info.shape.as_slice() || tensor.dtype() != info.dtype {
+                        return Err(PeftError::InvalidOperation(format!(
+                            "tensor `{}` was produced as {:?} {:?}, but the shard header says {:?} {:?}",
+                            info.name,
+                            tensor.dtype(),
+                            tensor.dims(),
+                            info.dtype,
+                            info.shape
+                        )));
+                    }
+                    out.write_all(&tensor.data()).map_err(io)?;
+                }
             }
-            out.write_all(&tensor.data()).map_err(io)?;
         }
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
@@ -556,7 +599,7 @@ pub fn merge_stream(
             continue;
         }
         sink.write_shard(shard, &mut |info| {
-            let tensor = plan.output_tensor(source, &info.name, &mut pending_biases)?;
+            let tensor = plan.output_tensor(source, info, &mut pending_biases)?;
             done += info.size_in_bytes();
             progress(done, total)?;
             Ok(tensor)
@@ -698,12 +741,13 @@ impl Plan {
     }
 
     /// The output tensor `name`: merged, replaced or copied, in its output dtype.
-    fn output_tensor(
+    fn output_tensor<'s>(
         &self,
-        source: &dyn TensorSource,
-        name: &str,
+        source: &'s dyn TensorSource,
+        info: &TensorInfo,
         pending_biases: &mut HashMap<String, Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<OutputTensor<'s>> {
+        let name = info.name.as_str();
         if let Some(module) = name
             .strip_suffix(".weight")
             .filter(|m| self.kinds.contains_key(*m))
@@ -712,23 +756,32 @@ impl Plan {
             if let Some(bias) = bias {
                 pending_biases.insert(format!("{module}.bias"), bias);
             }
-            return Ok(weight);
+            return Ok(OutputTensor::Computed(weight));
         }
         if let Some(module) = name
             .strip_suffix(".bias")
             .filter(|m| self.kinds.contains_key(*m))
         {
             if let Some(bias) = pending_biases.remove(name) {
-                return Ok(bias);
+                return Ok(OutputTensor::Computed(bias));
             }
             // The weight is in a shard written earlier (or skipped on resume): merge again.
             let (_, bias) = self.merged_module(source, module)?;
-            return bias.ok_or_else(|| PeftError::MissingKey {
-                key: name.to_string(),
-                context: "the merged module has no bias".into(),
-            });
+            return bias
+                .map(OutputTensor::Computed)
+                .ok_or_else(|| PeftError::MissingKey {
+                    key: name.to_string(),
+                    context: "the merged module has no bias".into(),
+                });
         }
-        self.input_tensor(source, name)
+        // Unchanged and in its stored dtype: its bytes go out as they are, with no copy.
+        if !self.replaced.contains_key(name)
+            && let Some((dtype, bytes)) = source.bytes(name)?
+            && dtype == info.dtype
+        {
+            return Ok(OutputTensor::Stored(bytes));
+        }
+        Ok(OutputTensor::Computed(self.input_tensor(source, name)?))
     }
 
     /// A checkpoint tensor (or its replacement) in its output dtype.
