@@ -17,13 +17,12 @@ use crate::error::Result;
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{LayerAdapter, MethodConfig, MethodEntry, ParamSource};
 use crate::methods::lycoris::{
-    LycorisFields, TrainingDropout, check_kind, config_object, cp_weight, forward_with_delta,
-    take_field, take_fields,
+    LycorisAdapter, LycorisFields, LycorisMethod, TrainingDropout, check_kind, config_object,
+    cp_weight, take_field, take_fields,
 };
-use crate::module::Below;
-use crate::params::{Params, take_params};
+use crate::params::take_params;
 
 pub const PEFT_TYPE: &str = "LOHA";
 
@@ -201,16 +200,9 @@ impl HadaForm {
 }
 
 /// A LoHa adapter on one module.
-#[derive(Debug)]
-pub struct LoHaAdapter {
-    config: Arc<LoHaConfig>,
-    params: Params,
-    r: usize,
-    scaling: f64,
-    dropout: TrainingDropout,
-}
+pub type LoHaAdapter = LycorisAdapter<LoHaConfig>;
 
-impl LoHaAdapter {
+impl LycorisAdapter<LoHaConfig> {
     /// The adapter for `module` on `base`: given tensors, or initialised following
     /// `init_weights`. `rank_pattern` / `alpha_pattern` pick the module's rank and alpha.
     pub fn new(
@@ -241,19 +233,12 @@ impl LoHaAdapter {
             r,
         })
     }
+}
 
-    pub fn r(&self) -> usize {
-        self.r
-    }
-
-    /// `alpha / r`.
-    pub fn scaling(&self) -> f64 {
-        self.scaling
-    }
-
+impl LycorisMethod for LoHaConfig {
     /// `ΔW` in the base weight's layout, without rank dropout (PEFT's `get_delta_weight`).
-    pub fn delta_weight(&self, base: &BaseLayer) -> Result<Tensor> {
-        let p = &self.params;
+    fn delta_weight(adapter: &LycorisAdapter<Self>, base: &BaseLayer) -> Result<Tensor> {
+        let p = &adapter.params;
         let (w1, w2) = match p.get_opt(HADA_T1) {
             Some(t1) => (
                 cp_weight(&t1, &p.get(HADA_W1_A)?, &p.get(HADA_W1_B)?)?,
@@ -265,43 +250,11 @@ impl LoHaAdapter {
             ),
         };
         // PEFT passes the scaling as a float32 tensor, so an f64 adapter sees it rounded.
-        let scale = self.scaling as f32 as f64;
+        let scale = adapter.scaling as f32 as f64;
         Ok(w1
             .mul(&w2)?
             .affine(scale, 0.0)?
             .reshape(base.weight_dims())?)
-    }
-}
-
-impl LayerAdapter for LoHaAdapter {
-    fn config(&self) -> &dyn MethodConfig {
-        &*self.config
-    }
-
-    fn params(&self) -> &Params {
-        &self.params
-    }
-
-    fn params_mut(&mut self) -> &mut Params {
-        &mut self.params
-    }
-
-    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        let training = below.training();
-        if self.dropout.skip_module(training) {
-            return below.forward(x);
-        }
-        let delta = self
-            .dropout
-            .drop_rows(self.delta_weight(below.base())?, training)?;
-        forward_with_delta(x, below, &delta)
-    }
-
-    fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
-        Ok(MergeRule::Add {
-            delta: self.delta_weight(base)?,
-            bias: None,
-        })
     }
 }
 
@@ -335,6 +288,7 @@ mod tests {
     use super::*;
     use crate::base::Conv2dParams;
     use crate::error::PeftError;
+    use crate::method::MergeRule;
     use crate::methods::lycoris::testing::{Case, arange, assert_close, base, given};
     use crate::module::AdaptedModule;
 

@@ -18,13 +18,12 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{LayerAdapter, MethodConfig, MethodEntry, ParamSource};
 use crate::methods::lycoris::{
-    LycorisFields, TrainingDropout, check_kind, config_object, cp_weight, forward_with_delta,
-    take_field, take_fields,
+    LycorisAdapter, LycorisFields, LycorisMethod, TrainingDropout, check_kind, config_object,
+    cp_weight, take_field, take_fields,
 };
-use crate::module::Below;
-use crate::params::{Params, take_params};
+use crate::params::take_params;
 
 pub const PEFT_TYPE: &str = "LOKR";
 
@@ -285,16 +284,9 @@ pub fn kron(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 /// A LoKr adapter on one module.
-#[derive(Debug)]
-pub struct LoKrAdapter {
-    config: Arc<LoKrConfig>,
-    params: Params,
-    r: usize,
-    scaling: f64,
-    dropout: TrainingDropout,
-}
+pub type LoKrAdapter = LycorisAdapter<LoKrConfig>;
 
-impl LoKrAdapter {
+impl LycorisAdapter<LoKrConfig> {
     /// The adapter for `module` on `base`: given tensors, or initialised following
     /// `init_weights`. `rank_pattern` / `alpha_pattern` pick the module's rank and alpha.
     pub fn new(
@@ -331,19 +323,12 @@ impl LoKrAdapter {
             dropout,
         })
     }
+}
 
-    pub fn r(&self) -> usize {
-        self.r
-    }
-
-    /// `alpha / r`.
-    pub fn scaling(&self) -> f64 {
-        self.scaling
-    }
-
+impl LycorisMethod for LoKrConfig {
     /// `ΔW` in the base weight's layout, without rank dropout (PEFT's `get_delta_weight`).
-    pub fn delta_weight(&self, base: &BaseLayer) -> Result<Tensor> {
-        let p = &self.params;
+    fn delta_weight(adapter: &LycorisAdapter<Self>, base: &BaseLayer) -> Result<Tensor> {
+        let p = &adapter.params;
         let w1 = match p.get_opt(LOKR_W1) {
             Some(w1) => w1,
             None => p.get(LOKR_W1_A)?.matmul(&p.get(LOKR_W1_B)?)?,
@@ -359,40 +344,8 @@ impl LoKrAdapter {
         } else {
             w1
         };
-        let delta = kron(&w1, &w2)?.affine(self.scaling, 0.0)?;
+        let delta = kron(&w1, &w2)?.affine(adapter.scaling, 0.0)?;
         Ok(delta.reshape(base.weight_dims())?)
-    }
-}
-
-impl LayerAdapter for LoKrAdapter {
-    fn config(&self) -> &dyn MethodConfig {
-        &*self.config
-    }
-
-    fn params(&self) -> &Params {
-        &self.params
-    }
-
-    fn params_mut(&mut self) -> &mut Params {
-        &mut self.params
-    }
-
-    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        let training = below.training();
-        if self.dropout.skip_module(training) {
-            return below.forward(x);
-        }
-        let delta = self
-            .dropout
-            .drop_rows(self.delta_weight(below.base())?, training)?;
-        forward_with_delta(x, below, &delta)
-    }
-
-    fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
-        Ok(MergeRule::Add {
-            delta: self.delta_weight(base)?,
-            bias: None,
-        })
     }
 }
 
@@ -431,6 +384,7 @@ mod tests {
 
     use super::*;
     use crate::base::Conv2dParams;
+    use crate::method::MergeRule;
     use crate::methods::lycoris::testing::{Case, arange, assert_close, base, given};
     use crate::module::AdaptedModule;
 

@@ -5,7 +5,7 @@
 //! `W += ΔW`. In training, `rank_dropout` zeroes output rows of `ΔW` and `module_dropout` skips
 //! the adapter for a whole forward.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
@@ -18,8 +18,10 @@ use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{ModuleSelector, OneOrMany, deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
+use crate::method::{LayerAdapter, MergeRule, MethodConfig};
 use crate::methods::lora::Patterns;
 use crate::module::Below;
+use crate::params::Params;
 
 /// The fields `LoHaConfig` and `LoKrConfig` share, with PEFT's names and defaults (besides the
 /// [`crate::config::CommonFields`] of every config). Each config writes them flattened into its
@@ -239,6 +241,70 @@ impl TrainingDropout {
 /// PEFT's LyCORIS forward on top of `below`: `below(x) + F.linear(x, ΔW)`, or the base's
 /// convolution (stride, padding, dilation, groups) with `ΔW` and no bias. `x` is cast to `ΔW`'s
 /// dtype, the sum is taken in the promoted dtype and cast back to `x`'s, as PEFT does.
+/// What one LyCORIS method adds to the shared adapter: how its tensors make `ΔW`.
+pub trait LycorisMethod: MethodConfig + Sized + 'static {
+    /// `ΔW` in the base weight's layout, without rank dropout (PEFT's `get_delta_weight`).
+    fn delta_weight(adapter: &LycorisAdapter<Self>, base: &BaseLayer) -> Result<Tensor>;
+}
+
+/// A LyCORIS adapter (LoHa, LoKr) on one module: its tensors, rank, scaling and training-time
+/// dropouts; the method's config type supplies `ΔW`.
+#[derive(Debug)]
+pub struct LycorisAdapter<C> {
+    pub(crate) config: Arc<C>,
+    pub(crate) params: Params,
+    pub(crate) r: usize,
+    pub(crate) scaling: f64,
+    pub(crate) dropout: TrainingDropout,
+}
+
+impl<C: LycorisMethod> LycorisAdapter<C> {
+    pub fn r(&self) -> usize {
+        self.r
+    }
+
+    /// `alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    pub fn delta_weight(&self, base: &BaseLayer) -> Result<Tensor> {
+        C::delta_weight(self, base)
+    }
+}
+
+impl<C: LycorisMethod + std::fmt::Debug> LayerAdapter for LycorisAdapter<C> {
+    fn config(&self) -> &dyn MethodConfig {
+        &*self.config
+    }
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        let training = below.training();
+        if self.dropout.skip_module(training) {
+            return below.forward(x);
+        }
+        let delta = self
+            .dropout
+            .drop_rows(self.delta_weight(below.base())?, training)?;
+        forward_with_delta(x, below, &delta)
+    }
+
+    fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
+        Ok(MergeRule::Add {
+            delta: self.delta_weight(base)?,
+            bias: None,
+        })
+    }
+}
+
 pub(crate) fn forward_with_delta(x: &Tensor, below: &Below<'_>, delta: &Tensor) -> Result<Tensor> {
     let result = below.forward(x)?;
     let update = below
