@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -209,6 +210,36 @@ def assert_loads_in_peft(adapter, cls: type[nn.Module], base_sd, path) -> dict[s
     with torch.no_grad():
         assert_close(merged_model(x), peft_model(x))
     return saved
+
+
+def rewrite_weights(path, fn) -> None:
+    """Applies `fn` to the tensors of `path`'s adapter file (bad-input tests)."""
+    tensors = load_file(path / "adapter_model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def random_adapted_layer(config, kind: str, d_in: int, d_out: int, seed: int):
+    """An AdaptedLayer on a random Linear or 3x3 Conv2d base (numpy) with one adapter of `config`
+    initialised from `seed`, and an input for it: `(layer, base weight, x)`."""
+    import peft_rs
+
+    g = np.random.default_rng(seed)
+    if kind == "conv2d":
+        w = g.standard_normal((d_out, d_in, 3, 3), dtype=np.float32)
+        layer = peft_rs.AdaptedLayer(w, g.standard_normal(d_out, dtype=np.float32), kind=kind, padding=1)
+        x = g.standard_normal((2, d_in, 5, 5), dtype=np.float32)
+    else:
+        w = g.standard_normal((d_out, d_in), dtype=np.float32)
+        layer = peft_rs.AdaptedLayer(w, g.standard_normal(d_out, dtype=np.float32), kind=kind)
+        x = g.standard_normal((3, d_in), dtype=np.float32)
+    layer.add_adapter("default", config, seed=seed)
+    return layer, w, x
+
+
+def tol(*arrays) -> float:
+    """1e-5 relative to the largest magnitude involved (f32 sums of that size)."""
+    return 1e-5 * max(1.0, *(float(np.abs(a).max()) for a in arrays))
 
 
 @pytest.fixture

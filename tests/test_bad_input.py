@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
 
 import peft_rs
-from conftest import MLP, ConvModel, base_state_dict, make_model
+from conftest import MLP, ConvModel, base_state_dict, make_model, rewrite_weights
 from peft_rs import errors
 
 
@@ -31,12 +30,6 @@ def rewrite_config(path, **changes):
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg.update(changes)
     (path / "adapter_config.json").write_text(json.dumps(cfg))
-
-
-def rewrite_weights(path, fn):
-    tensors = load_file(path / "adapter_model.safetensors")
-    fn(tensors)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 def merge_into_mlp(adapter):

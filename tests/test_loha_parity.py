@@ -13,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoHaConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peft_rs
@@ -28,6 +27,9 @@ from conftest import (
     assert_matches_peft,
     base_state_dict,
     make_model,
+    random_adapted_layer,
+    rewrite_weights,
+    tol,
 )
 from peft_rs import errors
 
@@ -214,12 +216,6 @@ def saved_loha_mlp(path):
     return make_model(MLP)
 
 
-def rewrite_weights(path, fn):
-    tensors = load_file(path / "adapter_model.safetensors")
-    fn(tensors)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-
-
 def test_wrong_shape_in_file_names_the_key(tmp_path):
     model = saved_loha_mlp(tmp_path)
     key = "base_model.model.lin0.hada_w1_b"
@@ -258,27 +254,10 @@ def test_effective_conv_file_with_flat_config_names_the_key(tmp_path):
 
 
 def build(kind, d_in, d_out, r, seed, effective=False, init=False, **extra):
-    g = np.random.default_rng(seed)
     config = peft_rs.LoHaConfig(
         r=r, alpha=2 * r + 1, init_weights=init, use_effective_conv2d=effective, **extra
     )
-    if kind == "conv2d":
-        w = g.standard_normal((d_out, d_in, 3, 3), dtype=np.float32)
-        b = g.standard_normal(d_out, dtype=np.float32)
-        layer = peft_rs.AdaptedLayer(w, b, kind=kind, padding=1)
-        x = g.standard_normal((2, d_in, 5, 5), dtype=np.float32)
-    else:
-        w = g.standard_normal((d_out, d_in), dtype=np.float32)
-        b = g.standard_normal(d_out, dtype=np.float32)
-        layer = peft_rs.AdaptedLayer(w, b, kind=kind)
-        x = g.standard_normal((3, d_in), dtype=np.float32)
-    layer.add_adapter("default", config, seed=seed)
-    layer.set_adapter("default")
-    return layer, w, x
-
-
-def tol(*arrays):
-    return 1e-5 * max(1.0, *(float(np.abs(a).max()) for a in arrays))
+    return random_adapted_layer(config, kind, d_in, d_out, seed)
 
 
 layer_args = {

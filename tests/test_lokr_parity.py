@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoKrConfig, PeftModel, get_peft_model
 from peft.tuners.lokr.layer import factorization
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_loha_parity import DilatedGroupedConv
 
 import peft_rs
@@ -33,6 +33,9 @@ from conftest import (
     base_state_dict,
     make_model,
     model_input,
+    random_adapted_layer,
+    rewrite_weights,
+    tol,
 )
 from peft_rs import errors
 
@@ -256,12 +259,6 @@ def test_unsupported_layers_are_refused_as_in_peft(cls, target):
         peft_rs.PeftAdapter.create(config, base_state_dict(model), peft_rs.module_types(model))
 
 
-def rewrite_weights(path, fn):
-    tensors = load_file(path / "adapter_model.safetensors")
-    fn(tensors)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-
-
 def test_wrong_shape_in_file_names_the_key(tmp_path):
     config = LoKrConfig(target_modules=["lin0"], r=2, init_weights=False)
     get_peft_model(make_model(MLP), config).save_pretrained(tmp_path)
@@ -293,25 +290,8 @@ def test_decompose_factor_changed_in_config_names_the_key(tmp_path):
 
 
 def build(kind, d_in, d_out, r, seed, init=False, **extra):
-    g = np.random.default_rng(seed)
     config = peft_rs.LoKrConfig(r=r, alpha=2 * r + 1, init_weights=init, **extra)
-    if kind == "conv2d":
-        w = g.standard_normal((d_out, d_in, 3, 3), dtype=np.float32)
-        b = g.standard_normal(d_out, dtype=np.float32)
-        layer = peft_rs.AdaptedLayer(w, b, kind=kind, padding=1)
-        x = g.standard_normal((2, d_in, 5, 5), dtype=np.float32)
-    else:
-        w = g.standard_normal((d_out, d_in), dtype=np.float32)
-        b = g.standard_normal(d_out, dtype=np.float32)
-        layer = peft_rs.AdaptedLayer(w, b, kind=kind)
-        x = g.standard_normal((3, d_in), dtype=np.float32)
-    layer.add_adapter("default", config, seed=seed)
-    layer.set_adapter("default")
-    return layer, w, x
-
-
-def tol(*arrays):
-    return 1e-5 * max(1.0, *(float(np.abs(a).max()) for a in arrays))
+    return random_adapted_layer(config, kind, d_in, d_out, seed)
 
 
 layer_args = {
