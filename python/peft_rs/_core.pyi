@@ -109,6 +109,7 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "Tokenizer",
+    "Trainer",
     "VeraConfig",
     "__version__",
     "combine_adapters",
@@ -163,6 +164,7 @@ class AdaptedLayer:
     @property
     def base_bias(self) -> _Array | None: ...
     def weights(self, adapter_name: str | None = None) -> dict[str, _Array]: ...
+    def gradients(self, x: _A, grad_output: _Array) -> tuple[_A | None, dict[str, _A]]: ...
     def num_parameters(self, adapter_name: str | None = None) -> int: ...
     def config(self, adapter_name: str | None = None) -> PeftConfig: ...
     def train(self, mode: bool = True) -> None: ...
@@ -218,7 +220,13 @@ class Model:
     """A reference model loaded from a transformers-format directory (see ``peft_rs.models``)."""
 
     @staticmethod
-    def from_pretrained(architecture: str, path: str | PathLike[str], dtype: Any = None) -> Model: ...
+    def from_pretrained(
+        architecture: str,
+        path: str | PathLike[str],
+        dtype: Any = None,
+        num_labels: int | None = None,
+        seed: int = 0,
+    ) -> Model: ...
     def forward(
         self, input_ids: _A, attention_mask: _Array | None = None, token_type_ids: _Array | None = None
     ) -> _A: ...
@@ -300,8 +308,98 @@ class PeftModel:
     def save_pretrained(
         self, path: str | PathLike[str], selected_adapters: list[str] | None = None
     ) -> list[Path]: ...
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None: ...
+    def get_peft_model_state_dict(
+        self, adapter_name: str = "default", framework: Literal["numpy", "torch"] = "numpy"
+    ) -> dict[str, _Array]: ...
     def get_nb_trainable_parameters(self) -> tuple[int, int]: ...
     def print_trainable_parameters(self) -> None: ...
+
+class _StepStats(TypedDict):
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    examples: int
+    epoch: int
+    seconds: float
+
+class _ParamGroup(TypedDict):
+    name: str
+    lr: float
+    weight_decay: float
+    params: list[str]
+
+@final
+class Trainer:
+    """Trains one adapter of a ``PeftModel``: AdamW (LoRA+ / LoRA-FA groups), transformers'
+    schedules, clipping, accumulation, AdaLoRA's rank allocation, resumable checkpoints."""
+
+    def __new__(
+        cls,
+        model: PeftModel,
+        *,
+        adapter_name: str | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float | None = None,
+        schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        accumulation_steps: int = 1,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_lr_embedding: float = 1e-6,
+        loraplus_weight_decay: float = 0.0,
+        lora_fa: bool = False,
+        seed: int = 0,
+    ) -> Self: ...
+    def step(
+        self,
+        input_ids: _Array,
+        labels: _Array,
+        attention_mask: _Array | None = None,
+        token_type_ids: _Array | None = None,
+    ) -> _StepStats: ...
+    def evaluate_loss(
+        self,
+        input_ids: _Array,
+        labels: _Array,
+        attention_mask: _Array | None = None,
+        token_type_ids: _Array | None = None,
+    ) -> float: ...
+    def gradients(
+        self,
+        input_ids: _A,
+        labels: _Array,
+        attention_mask: _Array | None = None,
+        token_type_ids: _Array | None = None,
+    ) -> tuple[float, dict[str, _A]]: ...
+    def train(
+        self,
+        input_ids: _Array,
+        labels: _Array,
+        attention_mask: _Array | None = None,
+        token_type_ids: _Array | None = None,
+        *,
+        epochs: int = 1,
+        batch_size: int = 16,
+        callback: Callable[[_StepStats], object] | None = None,
+        checkpoint_dir: str | PathLike[str] | None = None,
+        save_every: int | None = None,
+    ) -> list[_StepStats]: ...
+    def save_checkpoint(self, path: str | PathLike[str]) -> Path: ...
+    def load_checkpoint(self, path: str | PathLike[str]) -> None: ...
+    @property
+    def global_step(self) -> int: ...
+    @property
+    def total_steps(self) -> int | None: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def adapter_name(self) -> str: ...
+    def param_groups(self) -> list[_ParamGroup]: ...
 
 @final
 class DisabledAdapters:

@@ -30,6 +30,18 @@ class BertModel(_Architecture):
 class BertForSequenceClassification(_Architecture):
     name = "BertForSequenceClassification"
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | PathLike[str],
+        dtype: Any = "float32",
+        num_labels: int | None = None,
+        seed: int = 0,
+    ) -> Model:
+        """With `num_labels`, as transformers' `from_pretrained(path, num_labels=n)`: a checkpoint
+        without a classification head (a plain BERT directory) gets a new one drawn from `seed`."""
+        return Model.from_pretrained(cls.name, path, dtype, num_labels, seed)
+
 
 class LlamaForCausalLM(_Architecture):
     name = "LlamaForCausalLM"

@@ -266,15 +266,7 @@ impl PyPeftAdapter {
     /// numpy arrays or (`framework="torch"`) torch tensors.
     #[pyo3(signature = (framework="numpy"))]
     fn state_dict<'py>(&self, py: Python<'py>, framework: &str) -> PyResult<Bound<'py, PyDict>> {
-        let kind = match framework {
-            "numpy" => ArrayKind::Numpy,
-            "torch" => ArrayKind::Torch,
-            other => {
-                return Err(crate::errors::value_error(format!(
-                    "framework must be \"numpy\" or \"torch\", found {other:?}"
-                )));
-            }
-        };
+        let kind = ArrayKind::from_framework(framework)?;
         let d = PyDict::new(py);
         for (k, t) in self.inner.to_state_dict() {
             d.set_item(k, kind.wrap(py, t)?)?;

@@ -74,6 +74,17 @@ pub enum ArrayKind {
 }
 
 impl ArrayKind {
+    /// `"numpy"` or `"torch"`.
+    pub fn from_framework(framework: &str) -> PyResult<Self> {
+        match framework {
+            "numpy" => Ok(Self::Numpy),
+            "torch" => Ok(Self::Torch),
+            other => Err(crate::errors::value_error(format!(
+                "framework must be \"numpy\" or \"torch\", found {other:?}"
+            ))),
+        }
+    }
+
     pub fn of(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         let module: String = obj.get_type().getattr("__module__")?.extract()?;
         if module.starts_with("torch") {

@@ -247,6 +247,28 @@ impl PyAdaptedLayer {
         self.forward(py, x)
     }
 
+    /// Gradients of `sum(forward(x) * grad_output)` (a vector-Jacobian product): with respect
+    /// to `x` (float inputs; `None` for token ids) and to every tensor of the active adapters,
+    /// keyed `"<adapter>.<name>"`. Frozen tensors get none. Returns `x`'s array type.
+    fn gradients<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        grad_output: &Bound<'py, PyAny>,
+    ) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyDict>)> {
+        let kind = ArrayKind::of(x)?;
+        let x = tensor_from_py(x)?;
+        let grad_output = tensor_from_py(grad_output)?;
+        let inner = &mut self.inner;
+        let (grad_x, grads) = run(py, || inner.gradients(&x, &grad_output))?;
+        let d = PyDict::new(py);
+        for (k, g) in grads {
+            d.set_item(k, kind.wrap(py, g)?)?;
+        }
+        let grad_x = grad_x.map(|g| kind.wrap(py, g)).transpose()?;
+        Ok((grad_x, d))
+    }
+
     /// Folds adapters into the base weight: `adapter_names`, or the active ones. Merged adapters
     /// are skipped with a warning (as PEFT); `safe_merge` checks for NaN/inf before writing.
     #[pyo3(signature = (adapter_names=None, safe_merge=false))]

@@ -12,6 +12,7 @@ mod model;
 mod peft_model;
 mod stream_merge;
 mod tokenizer;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -34,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<peft_model::PyPeftModel>()?;
     m.add_class::<peft_model::DisabledAdapters>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
+    m.add_class::<train::PyTrainer>()?;
     let architectures: Vec<&str> = peft_rs::model::ARCHITECTURES
         .iter()
         .map(|a| a.name)

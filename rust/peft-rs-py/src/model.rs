@@ -46,17 +46,24 @@ fn input(
 #[pymethods]
 impl PyModel {
     /// Loads the transformers-format directory `path` as `architecture` (a transformers class
-    /// name, e.g. `"BertModel"`), in `dtype`.
+    /// name, e.g. `"BertModel"`), in `dtype`. `num_labels` (sequence classification) starts a
+    /// fine-tuning head as transformers does: a head missing from the checkpoint is
+    /// initialised from `seed`.
     #[staticmethod]
-    #[pyo3(signature = (architecture, path, dtype=None))]
+    #[pyo3(signature = (architecture, path, dtype=None, num_labels=None, seed=0))]
     fn from_pretrained(
         py: Python<'_>,
         architecture: &str,
         path: PathBuf,
         dtype: Option<&Bound<'_, PyAny>>,
+        num_labels: Option<usize>,
+        seed: u64,
     ) -> PyResult<Self> {
         let dtype = dtype.map(parse_dtype).transpose()?.unwrap_or(DType::F32);
-        let inner = run(py, || model::load(architecture, &path, dtype, &Device::Cpu))?;
+        let inner = run(py, || match num_labels {
+            None => model::load(architecture, &path, dtype, &Device::Cpu),
+            Some(n) => model::load_for_labels(architecture, &path, dtype, &Device::Cpu, n, seed),
+        })?;
         Ok(Self {
             inner: Arc::from(inner),
         })

@@ -38,11 +38,11 @@ fn input(
 }
 
 impl PyPeftModel {
-    fn get(&self) -> PyResult<&PeftModel> {
+    pub(crate) fn get(&self) -> PyResult<&PeftModel> {
         self.inner.as_ref().ok_or_else(unloaded)
     }
 
-    fn get_mut(&mut self) -> PyResult<&mut PeftModel> {
+    pub(crate) fn get_mut(&mut self) -> PyResult<&mut PeftModel> {
         self.inner.as_mut().ok_or_else(unloaded)
     }
 }
@@ -315,6 +315,41 @@ impl PyPeftModel {
                 .map(|n| n.iter().map(String::as_str).collect());
             inner.save_pretrained(&path, refs.as_deref())
         })
+    }
+
+    /// PEFT's `set_requires_grad`: freezes (`False`) or unfreezes the tensors of the named
+    /// adapters. A `Trainer` made afterwards trains only unfrozen tensors.
+    #[pyo3(signature = (adapter_names, requires_grad=true))]
+    fn set_requires_grad(
+        &self,
+        adapter_names: &Bound<'_, PyAny>,
+        requires_grad: bool,
+    ) -> PyResult<()> {
+        let inner = self.get()?;
+        for name in names(adapter_names)? {
+            inner
+                .set_frozen(&name, None, !requires_grad)
+                .map_err(to_pyerr)?;
+        }
+        Ok(())
+    }
+
+    /// The adapter's tensors as PEFT saves them (PEFT's `get_peft_model_state_dict`), numpy
+    /// arrays or (`framework="torch"`) torch tensors.
+    #[pyo3(signature = (adapter_name="default", framework="numpy"))]
+    fn get_peft_model_state_dict<'py>(
+        &self,
+        py: Python<'py>,
+        adapter_name: &str,
+        framework: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let kind = ArrayKind::from_framework(framework)?;
+        let adapter = self.get()?.adapter(adapter_name).map_err(to_pyerr)?;
+        let d = PyDict::new(py);
+        for (k, t) in adapter.to_state_dict() {
+            d.set_item(k, kind.wrap(py, t)?)?;
+        }
+        Ok(d)
     }
 
     /// `(trainable, all)` parameter counts over the adapted layers (PEFT's

@@ -44,8 +44,9 @@ pub mod module;
 pub mod params;
 pub mod peft_adapter;
 pub mod registry;
-mod rng;
+pub mod rng;
 pub mod stream_merge;
+pub mod train;
 
 pub use config::PeftConfig;
 pub use error::{PeftError, Result};

@@ -108,6 +108,16 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync {
         Ok(None)
     }
 
+    /// The tensors PEFT saves for `module`, from the tensors its adapter holds: the identity,
+    /// except for AdaLoRA, whose files keep only the ranks `rank_pattern` kept.
+    fn tensors_to_save(
+        &self,
+        _module: &str,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        Ok(tensors)
+    }
+
     /// Names of adapter-wide tensors, saved as `base_model.<name>` (VeRA's projections).
     fn shared_names(&self) -> &'static [&'static str] {
         &[]
@@ -146,13 +156,9 @@ pub trait LayerAdapter: std::fmt::Debug + Send + Sync {
     /// below: `term(x)`, in the dtype the sum is taken in (`forward` must equal
     /// `(below(x) as term's dtype + term(x)) as below(x)'s dtype`). A mixed batch then computes
     /// the base output once for every row, as PEFT does for LoRA; `None` (the default) runs the
-    /// adapter's rows through [`LayerAdapter::forward`].
-    fn additive_term(
-        &self,
-        _x: &Tensor,
-        _base: &BaseLayer,
-        _training: bool,
-    ) -> Result<Option<Tensor>> {
+    /// adapter's rows through [`LayerAdapter::forward`]. Mixed batches are for inference, so
+    /// the term has no dropout.
+    fn additive_term(&self, _x: &Tensor, _base: &BaseLayer) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

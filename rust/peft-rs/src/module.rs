@@ -16,6 +16,7 @@
 //! the same end state).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -23,6 +24,7 @@ use crate::base::BaseLayer;
 use crate::error::{PeftError, Result};
 use crate::merge::{apply_rule, check_finite, undo_rule};
 use crate::method::{LayerAdapter, MethodConfig, ParamSource};
+use crate::rng::DropoutRng;
 
 /// An adapter merged into the base weight, with what its unmerge needs besides its tensors.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ pub struct AdaptedModule {
     merged: Vec<MergedAdapter>,
     disabled: bool,
     training: bool,
+    /// Where training-time dropout draws from; a model shares one stream across its modules.
+    rng: Arc<DropoutRng>,
 }
 
 impl AdaptedModule {
@@ -66,6 +70,7 @@ impl AdaptedModule {
             merged: Vec::new(),
             disabled: false,
             training: false,
+            rng: Arc::new(DropoutRng::new(0)),
         }
     }
 
@@ -252,6 +257,11 @@ impl AdaptedModule {
         self.training
     }
 
+    /// The random stream training-time dropout draws from.
+    pub fn set_dropout_rng(&mut self, rng: Arc<DropoutRng>) {
+        self.rng = rng;
+    }
+
     /// The layer's output: the base layer with every active adapter that is not merged applied.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.disabled {
@@ -264,6 +274,58 @@ impl AdaptedModule {
             .filter_map(|n| self.get(n))
             .collect();
         self.below(&stack).forward(x)
+    }
+
+    /// Gradients of `sum(forward(x) · grad_output)`: with respect to `x` (`None` for integer
+    /// inputs such as token ids) and to each tensor of the active adapters (`"<adapter>.<name>"`;
+    /// frozen tensors get none). The adapters' tensors become trainable variables.
+    #[allow(clippy::type_complexity)]
+    pub fn gradients(
+        &mut self,
+        x: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<(Option<Tensor>, Vec<(String, Tensor)>)> {
+        let mut vars = Vec::new();
+        for name in self.active.clone() {
+            if let Some(adapter) = self.get_mut(&name) {
+                let params = adapter.params_mut();
+                for (tensor, var) in params.vars()? {
+                    if !params.is_tensor_frozen(&tensor) {
+                        vars.push((format!("{name}.{tensor}"), var));
+                    }
+                }
+            }
+        }
+        let input = if x.dtype().is_float() {
+            Some(candle_core::Var::from_tensor(x)?)
+        } else {
+            None
+        };
+        let y = self.forward(input.as_ref().map_or(x, |v| v.as_tensor()))?;
+        if y.dims() != grad_output.dims() {
+            return Err(PeftError::shape(
+                "grad_output",
+                y.dims(),
+                grad_output.dims(),
+            ));
+        }
+        let objective = y
+            .to_dtype(candle_core::DType::F32)?
+            .mul(&grad_output.to_dtype(candle_core::DType::F32)?)?
+            .sum_all()?;
+        let grads = objective.backward()?;
+        let grad_x = match &input {
+            Some(v) => Some(match grads.get(v.as_tensor()) {
+                Some(g) => g.clone(),
+                None => v.zeros_like()?,
+            }),
+            None => None,
+        };
+        let named = vars
+            .into_iter()
+            .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name, g.clone())))
+            .collect();
+        Ok((grad_x, named))
     }
 
     /// A mixed batch: row `i` of `x` (dimension 0) goes through `row_adapters[i]` alone, exactly
@@ -281,6 +343,11 @@ impl AdaptedModule {
         if self.is_merged() {
             return Err(PeftError::InvalidOperation(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.".into(),
+            ));
+        }
+        if self.training {
+            return Err(PeftError::InvalidOperation(
+                "Cannot pass `adapter_names` when the model is in training mode.".into(),
             ));
         }
         if self.disabled {
@@ -310,7 +377,7 @@ impl AdaptedModule {
             let x_rows = x.index_select(&idx_t, 0)?;
             let adapter = self.get(name);
             let term = match adapter {
-                Some(a) => a.additive_term(&x_rows, &self.base, self.training)?,
+                Some(a) => a.additive_term(&x_rows, &self.base)?,
                 None => None,
             };
             let out = match (adapter, term) {
@@ -357,6 +424,7 @@ impl AdaptedModule {
             base: &self.base,
             adapters,
             training: self.training,
+            rng: &self.rng,
         }
     }
 
@@ -435,6 +503,7 @@ pub struct Below<'a> {
     base: &'a BaseLayer,
     adapters: &'a [&'a dyn LayerAdapter],
     training: bool,
+    rng: &'a DropoutRng,
 }
 
 impl Below<'_> {
@@ -447,6 +516,7 @@ impl Below<'_> {
                     base: self.base,
                     adapters: rest,
                     training: self.training,
+                    rng: self.rng,
                 },
             ),
         }
@@ -476,5 +546,27 @@ impl Below<'_> {
 
     pub fn training(&self) -> bool {
         self.training
+    }
+
+    /// The training stream, in training mode only (what the methods' dropouts draw from).
+    pub fn training_rng(&self) -> Option<&DropoutRng> {
+        self.training.then_some(self.rng)
+    }
+
+    /// Inverted dropout of `x` with probability `p` in training (`torch.nn.Dropout`: kept values
+    /// scaled by `1/(1-p)`); `x` itself otherwise.
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.training || p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - p) as f32;
+        let mask: Vec<f32> = self
+            .rng
+            .uniform(x.elem_count())
+            .into_iter()
+            .map(|u| if u >= p as f32 { keep } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
     }
 }

@@ -1,6 +1,8 @@
 //! Named trainable tensors of one adapted layer, shared by every method: naming, freezing and
 //! registration in a [`VarMap`] are written once here.
 
+use std::collections::BTreeSet;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
@@ -74,27 +76,34 @@ pub fn take_params(
 #[derive(Debug, Clone, Default)]
 pub struct Params {
     entries: Vec<(String, Tensor)>,
-    frozen: bool,
+    /// Names of the tensors that get no gradient.
+    frozen: BTreeSet<String>,
 }
 
 impl Params {
     pub fn new(entries: Vec<(String, Tensor)>) -> Self {
         Self {
             entries,
-            frozen: false,
+            frozen: BTreeSet::new(),
         }
     }
 
     /// The tensor for `name`, detached from the graph when frozen.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let t = self.raw(name)?;
-        Ok(if self.frozen { t.detach() } else { t.clone() })
+        Ok(self.tracked(name, t))
     }
 
     pub fn get_opt(&self, name: &str) -> Option<Tensor> {
-        self.raw(name)
-            .ok()
-            .map(|t| if self.frozen { t.detach() } else { t.clone() })
+        self.raw(name).ok().map(|t| self.tracked(name, t))
+    }
+
+    fn tracked(&self, name: &str, t: &Tensor) -> Tensor {
+        if self.frozen.contains(name) {
+            t.detach()
+        } else {
+            t.clone()
+        }
     }
 
     fn raw(&self, name: &str) -> Result<&Tensor> {
@@ -144,11 +153,45 @@ impl Params {
         Ok(())
     }
 
-    pub fn set_frozen(&mut self, frozen: bool) {
-        self.frozen = frozen;
+    /// Turns every tensor into a trainable variable (in place: the layer computes with the
+    /// variables from then on) and returns them by name. Idempotent: a tensor that is a variable
+    /// already is returned as it is.
+    pub fn vars(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::with_capacity(self.entries.len());
+        for (name, tensor) in self.entries.iter_mut() {
+            let var = Var::from_tensor(tensor)?;
+            *tensor = var.as_tensor().clone();
+            vars.push((name.clone(), var));
+        }
+        Ok(vars)
     }
 
+    /// Freezes (or unfreezes) every tensor.
+    pub fn set_frozen(&mut self, frozen: bool) {
+        self.frozen = if frozen {
+            self.entries.iter().map(|(n, _)| n.clone()).collect()
+        } else {
+            BTreeSet::new()
+        };
+    }
+
+    /// Freezes (or unfreezes) one tensor (LoRA-FA freezes `lora_A`).
+    pub fn set_tensor_frozen(&mut self, name: &str, frozen: bool) -> Result<()> {
+        self.raw(name)?;
+        if frozen {
+            self.frozen.insert(name.to_string());
+        } else {
+            self.frozen.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Whether every tensor is frozen.
     pub fn is_frozen(&self) -> bool {
-        self.frozen
+        self.entries.iter().all(|(n, _)| self.frozen.contains(n))
+    }
+
+    pub fn is_tensor_frozen(&self, name: &str) -> bool {
+        self.frozen.contains(name)
     }
 }

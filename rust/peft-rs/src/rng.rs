@@ -41,3 +41,71 @@ impl TorchGenerator {
         y ^ (y >> 18)
     }
 }
+
+/// The random stream of training-time dropout (adapter dropout, LyCORIS rank and module dropout).
+/// Counter-based: draw `i` is a hash of `(seed, i)`, so the whole state is the number of values
+/// drawn, which a checkpoint stores to resume on the same stream. One stream is shared by every
+/// layer of a model; layers draw in forward order, which is deterministic.
+#[derive(Debug)]
+pub struct DropoutRng {
+    seed: u64,
+    drawn: std::sync::atomic::AtomicU64,
+}
+
+impl DropoutRng {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            drawn: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// How many values were drawn: the stream's position.
+    pub fn position(&self) -> u64 {
+        self.drawn.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_position(&self, position: u64) {
+        self.drawn
+            .store(position, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `n` values uniform in `[0, 1)`.
+    pub fn uniform(&self, n: usize) -> Vec<f32> {
+        let start = self
+            .drawn
+            .fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        (0..n as u64)
+            .map(|i| {
+                // 24 random bits: every f32 in [0, 1) with that spacing is equally likely.
+                (splitmix64(self.seed ^ splitmix64(start + i)) >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect()
+    }
+}
+
+/// SplitMix64's output function: a bijective 64-bit mix.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A permutation of `0..n` (Fisher–Yates) drawn from `(seed, stream)`: the data order of one
+/// training epoch, the same on every platform and version.
+pub fn permutation(n: usize, seed: u64, stream: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let key = splitmix64(seed ^ splitmix64(stream.wrapping_mul(0x2545_f491_4f6c_dd1d)));
+    for i in (1..n).rev() {
+        let r = splitmix64(key ^ splitmix64(i as u64));
+        // Lemire's multiply-shift: uniform enough for shuffling (bias below 2⁻³²).
+        let j = ((r >> 32) * (i as u64 + 1)) >> 32;
+        order.swap(i, j as usize);
+    }
+    order
+}

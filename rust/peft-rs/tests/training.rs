@@ -1,4 +1,5 @@
-//! Training hooks: VarMap registration, gradients, freezing and dropout.
+//! Training: VarMap registration, gradients, freezing and dropout of one layer; the trainer on a
+//! small model (accumulation, resume).
 
 use std::collections::BTreeMap;
 
@@ -174,4 +175,164 @@ fn dropout_only_in_training() {
             .unwrap()
             > 0.0
     );
+}
+
+/// A small classifier written against `ModelBuilder` (`input_ids` carries float features), so
+/// the trainer runs without Python. Parity with PyTorch is in tests/test_training.py.
+mod trainer {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use peft_rs::PeftConfig;
+    use peft_rs::model::{Layer, Model, ModelBuilder, ModelInput, Modules, PeftModel};
+    use peft_rs::train::{Batch, CheckpointPlan, Trainer, TrainerOptions};
+    use serde_json::json;
+
+    struct MlpForSequenceClassification {
+        lin0: Layer,
+        classifier: Layer,
+        modules: Modules,
+    }
+
+    impl Model for MlpForSequenceClassification {
+        fn forward(&self, input: &ModelInput) -> peft_rs::Result<Tensor> {
+            let h = self.lin0.forward(&input.input_ids)?.tanh()?;
+            self.classifier.forward(&h)
+        }
+
+        fn modules(&self) -> &Modules {
+            &self.modules
+        }
+
+        fn architecture(&self) -> &'static str {
+            "MlpForSequenceClassification"
+        }
+    }
+
+    fn model(dropout: f64) -> PeftModel {
+        let dev = Device::Cpu;
+        let mut tensors = HashMap::new();
+        for (name, (out, inp)) in [("lin0", (16, 6)), ("classifier", (3, 16))] {
+            // Deterministic weights: both runs of a test start from the same model.
+            let n = out * inp;
+            let values: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+                .collect();
+            let w = Tensor::from_vec(values, (out, inp), &dev).unwrap();
+            tensors.insert(format!("{name}.weight"), w);
+            tensors.insert(
+                format!("{name}.bias"),
+                Tensor::zeros(out, DType::F32, &dev).unwrap(),
+            );
+        }
+        let b = ModelBuilder::new(VarBuilder::from_tensors(tensors, DType::F32, &dev));
+        let mlp = MlpForSequenceClassification {
+            lin0: b.pp("lin0").linear(6, 16, true).unwrap(),
+            classifier: b.pp("classifier").linear(16, 3, true).unwrap(),
+            modules: b.modules(),
+        };
+        let mut peft = PeftModel::new(Arc::new(mlp));
+        let config = PeftConfig::from_json(json!({
+            "peft_type": "LORA", "r": 4, "target_modules": ["lin0"], "lora_dropout": dropout,
+            "modules_to_save": ["classifier"], "init_lora_weights": false
+        }))
+        .unwrap();
+        peft.add_adapter("default", config, 3).unwrap();
+        peft
+    }
+
+    fn data(rows: usize) -> Batch {
+        let values: Vec<f32> = (0..rows * 6)
+            .map(|i| ((i * 53 % 97) as f32 / 48.5) - 1.0)
+            .collect();
+        let x = Tensor::from_vec(values, (rows, 6), &Device::Cpu).unwrap();
+        let labels: Vec<i64> = (0..rows as i64).map(|i| i % 3).collect();
+        Batch {
+            input: ModelInput::new(x),
+            labels: Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(),
+        }
+    }
+
+    fn state(model: &PeftModel) -> Vec<(String, Vec<f32>)> {
+        model
+            .adapter("default")
+            .unwrap()
+            .to_state_dict()
+            .into_iter()
+            .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    }
+
+    fn options(accumulation_steps: usize) -> TrainerOptions {
+        TrainerOptions {
+            lr: 1e-2,
+            total_steps: Some(6),
+            warmup_steps: 1,
+            accumulation_steps,
+            seed: 5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accumulation_equals_one_batch_and_the_loss_falls() {
+        let batch = data(12);
+        let mut results = Vec::new();
+        for parts in [1, 3] {
+            let mut m = model(0.0);
+            let start = m.adapter("default").unwrap().to_state_dict();
+            let mut trainer = Trainer::new(&mut m, None, options(parts)).unwrap();
+            let losses: Vec<f64> = (0..6)
+                .map(|_| trainer.step(&mut m, &batch).unwrap().loss)
+                .collect();
+            assert!(losses[5] < losses[0], "{losses:?}");
+            assert_ne!(start.len(), 0);
+            results.push((losses, state(&m)));
+        }
+        let ((one, a), (acc, b)) = (&results[0], &results[1]);
+        for (x, y) in one.iter().zip(acc) {
+            assert!((x - y).abs() < 1e-5 * x.abs(), "{one:?} vs {acc:?}");
+        }
+        for ((k, x), (_, y)) in a.iter().zip(b) {
+            let err = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_resumed_run_repeats_the_uninterrupted_one() {
+        let data = data(10);
+        let dir = tempfile::tempdir().unwrap();
+        let plan = CheckpointPlan {
+            dir: dir.path().to_path_buf(),
+            every: Some(2),
+        };
+        let mut full = model(0.3);
+        let start = state(&full);
+        let mut trainer = Trainer::new(&mut full, None, options(1)).unwrap();
+        let history = trainer
+            .fit(&mut full, &data, 2, 4, Some(&plan), &mut |_| Ok(()))
+            .unwrap();
+        assert_eq!(history.len(), 6);
+
+        let mut resumed = model(0.3);
+        // The same starting point: the model's own init is seeded.
+        assert_eq!(state(&resumed), start);
+        let mut again = Trainer::new(&mut resumed, None, options(1)).unwrap();
+        again
+            .load_checkpoint(&mut resumed, &dir.path().join("checkpoint-2"))
+            .unwrap();
+        let rest = again
+            .fit(&mut resumed, &data, 2, 4, None, &mut |_| Ok(()))
+            .unwrap();
+        let tail: Vec<f64> = history[2..].iter().map(|s| s.loss).collect();
+        assert_eq!(rest.iter().map(|s| s.loss).collect::<Vec<_>>(), tail);
+        assert_eq!(state(&resumed), state(&full));
+    }
 }

@@ -251,6 +251,34 @@ impl MethodConfig for AdaLoraConfig {
         PARAM_NAMES
     }
 
+    /// PEFT's `resize_state_dict_by_rank_pattern`: rows of `lora_A` / `lora_E` and columns of
+    /// `lora_B` for the kept ranks, when the tensors still hold all `init_r` ranks (a layer
+    /// loaded from a saved file holds only the kept ones already).
+    fn tensors_to_save(
+        &self,
+        module: &str,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let Some(mask) = self.rank_mask(module)? else {
+            return Ok(tensors);
+        };
+        let kept: Vec<u32> = (0..mask.len() as u32)
+            .filter(|i| mask[*i as usize])
+            .collect();
+        let full = |t: &Tensor, dim: usize| t.dims().get(dim) == Some(&mask.len());
+        tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let dim = if name == ADALORA_B { 1 } else { 0 };
+                if !full(&t, dim) || kept.len() == mask.len() {
+                    return Ok((name, t));
+                }
+                let idx = Tensor::new(kept.as_slice(), t.device())?;
+                Ok((name, t.index_select(&idx, dim)?.contiguous()?))
+            })
+            .collect()
+    }
+
     fn rank_for(&self, module: &str) -> Result<Option<usize>> {
         Ok(Some(self.rank(module)?))
     }
@@ -404,11 +432,7 @@ impl LayerAdapter for AdaLoraAdapter {
         }
         let base = below.base();
         let dtype = adapter_dtype(base.dtype());
-        let mut x = x.to_dtype(dtype)?;
-        let p = self.config.lora.lora_dropout;
-        if below.training() && p > 0.0 {
-            x = candle_nn::ops::dropout(&x, p as f32)?;
-        }
+        let x = below.dropout(&x.to_dtype(dtype)?, self.config.lora.lora_dropout)?;
         let lora = match self.kind {
             // PEFT's SVDConv2d convolves the input with ΔW itself.
             ModuleKind::Conv2d(p) => conv2d(&x, &self.delta_weight(base)?, p, base.in_features())?,

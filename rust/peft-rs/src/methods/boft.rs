@@ -20,7 +20,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -36,6 +35,7 @@ use crate::method::{
 };
 use crate::module::Below;
 use crate::params::{Params, take_params};
+use crate::rng::DropoutRng;
 
 pub const PEFT_TYPE: &str = "BOFT";
 
@@ -524,16 +524,16 @@ impl BoftAdapter {
     }
 
     /// The rotation `R = M_N ⋯ M_0` `(D, D)` in the adapter dtype (PEFT's
-    /// `get_delta_weight`); with `dropout`, PEFT's multiplicative dropout first replaces
-    /// blocks of one random factor by the identity.
-    pub fn rotation(&self, dropout: bool) -> Result<Tensor> {
+    /// `get_delta_weight`); with a training stream `dropout`, PEFT's multiplicative dropout
+    /// first replaces blocks of one random factor by the identity.
+    pub fn rotation(&self, dropout: Option<&DropoutRng>) -> Result<Tensor> {
         let r = self.params.get(BOFT_R)?;
         let (factors, num, size, _) = r.dims4()?;
         let flat = r.reshape((factors * num, size, size))?;
         let skew = flat.sub(&flat.t()?)?.affine(0.5, 0.0)?;
         let mut blocks = cayley(&skew)?.reshape((factors, num, size, size))?;
-        if dropout {
-            blocks = self.drop_blocks(&blocks)?;
+        if let Some(rng) = dropout.filter(|_| self.config.boft_dropout > 0.0) {
+            blocks = self.drop_blocks(&blocks, rng)?;
         }
         let mut rotation: Option<Tensor> = None;
         for (i, perm) in self.perms.iter().enumerate() {
@@ -552,16 +552,19 @@ impl BoftAdapter {
 
     /// PEFT's `MultiplicativeDropoutLayer`: in one random factor, `int(p · block_num)` random
     /// blocks become the identity.
-    fn drop_blocks(&self, blocks: &Tensor) -> Result<Tensor> {
+    fn drop_blocks(&self, blocks: &Tensor, rng: &DropoutRng) -> Result<Tensor> {
         let (factors, num, size, _) = blocks.dims4()?;
         let count = (self.config.boft_dropout * num as f64) as usize;
         if count == 0 {
             return Ok(blocks.clone());
         }
-        let mut rng = rand::rng();
-        let factor = rng.random_range(0..factors);
+        let draws = rng.uniform(num + 1);
+        let factor = ((draws[0] * factors as f32) as usize).min(factors - 1);
+        // The `count` blocks with the smallest draws: a uniform sample without replacement.
+        let mut order: Vec<usize> = (0..num).collect();
+        order.sort_by(|a, b| draws[1 + a].total_cmp(&draws[1 + b]));
         let mut mask = vec![0u8; factors * num];
-        for block in rand::seq::index::sample(&mut rng, num, count.min(num)) {
+        for block in &order[..count.min(num)] {
             mask[factor * num + block] = 1;
         }
         let shape = blocks.shape();
@@ -628,8 +631,7 @@ impl LayerAdapter for BoftAdapter {
     }
 
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        let dropout = below.training() && self.config.boft_dropout > 0.0;
-        let rotation = self.rotation(dropout)?;
+        let rotation = self.rotation(below.training_rng())?;
         let base = below.base();
         match self.kind {
             ModuleKind::Conv2d(_) => {
@@ -654,7 +656,7 @@ impl LayerAdapter for BoftAdapter {
     }
 
     fn merge_rule(&self, _base: &BaseLayer) -> Result<MergeRule> {
-        self.rule(self.rotation(false)?)
+        self.rule(self.rotation(None)?)
     }
 }
 
@@ -885,7 +887,7 @@ mod tests {
                 ParamSource::Init { seed: 3 },
             )
             .unwrap();
-            let r = a.rotation(false).unwrap();
+            let r = a.rotation(None).unwrap();
             let eye = Tensor::eye(16, DType::F32, &Device::Cpu).unwrap();
             assert!(max_abs(&(r.matmul(&r.t().unwrap()).unwrap() - &eye).unwrap()) < 1e-5);
             assert_eq!(max_abs(&(r - &eye).unwrap()) == 0.0, zero);
@@ -928,8 +930,11 @@ mod tests {
         .unwrap();
         let a = BoftAdapter::new("lin", &base, cfg, ParamSource::Init { seed: 1 }).unwrap();
         let eye = Tensor::eye(8, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(max_abs(&(a.rotation(true).unwrap() - &eye).unwrap()), 0.0);
-        assert!(max_abs(&(a.rotation(false).unwrap() - &eye).unwrap()) > 1e-3);
+        assert_eq!(
+            max_abs(&(a.rotation(Some(&DropoutRng::new(2))).unwrap() - &eye).unwrap()),
+            0.0
+        );
+        assert!(max_abs(&(a.rotation(None).unwrap() - &eye).unwrap()) > 1e-3);
     }
 
     /// PEFT drops `int(p · block_num)` blocks of one factor: with p = 0.6 and 4 blocks, 2 of
@@ -943,10 +948,11 @@ mod tests {
         }))
         .unwrap();
         let a = BoftAdapter::new("lin", &base, cfg, ParamSource::Init { seed: 1 }).unwrap();
-        let kept = a.rotation(false).unwrap();
+        let kept = a.rotation(None).unwrap();
         let eye = Tensor::eye(8, DType::F32, &Device::Cpu).unwrap();
+        let rng = DropoutRng::new(2);
         for _ in 0..5 {
-            let dropped = a.rotation(true).unwrap();
+            let dropped = a.rotation(Some(&rng)).unwrap();
             let (mut identity, mut same) = (0, 0);
             for i in 0..4 {
                 let block =

@@ -215,18 +215,15 @@ impl LycorisAdapter<LoHaConfig> {
         let form = HadaForm::of(base, config.lycoris.use_effective_conv2d)?;
         let expected = form.expected_params(r);
         let dtype = adapter_dtype(base.dtype());
-        let (given, seed) = match source {
-            ParamSource::Given(tensors) => (tensors, 0),
-            ParamSource::Init { seed } => (
-                init_params(config.init_weights, &expected, seed, dtype)?,
-                seed,
-            ),
+        let given = match source {
+            ParamSource::Given(tensors) => tensors,
+            ParamSource::Init { seed } => init_params(config.init_weights, &expected, seed, dtype)?,
         };
         let what = format!("LoHa {:?} r={r}", base.kind());
         let params = take_params(module, &what, given, &expected, dtype, base.device())?;
         let l = &config.lycoris;
         Ok(Self {
-            dropout: TrainingDropout::new(l.rank_dropout, l.module_dropout, true, seed),
+            dropout: TrainingDropout::new(l.rank_dropout, l.module_dropout, true),
             scaling: alpha / r as f64,
             config: Arc::new(config),
             params,

@@ -298,22 +298,17 @@ impl LycorisAdapter<LoKrConfig> {
         let (r, alpha) = config.lycoris.rank_and_alpha(module)?;
         let expected = KronForm::of(base, r, &config)?.expected_params(r);
         let dtype = adapter_dtype(base.dtype());
-        let (given, seed) = match source {
-            ParamSource::Given(tensors) => (tensors, 0),
-            ParamSource::Init { seed } => (
-                init_params(&config.init_weights, &expected, seed, dtype)?,
-                seed,
-            ),
+        let given = match source {
+            ParamSource::Given(tensors) => tensors,
+            ParamSource::Init { seed } => {
+                init_params(&config.init_weights, &expected, seed, dtype)?
+            }
         };
         let what = format!("LoKr {:?} r={r}", base.kind());
         let params = take_params(module, &what, given, &expected, dtype, base.device())?;
         let l = &config.lycoris;
-        let dropout = TrainingDropout::new(
-            l.rank_dropout,
-            l.module_dropout,
-            config.rank_dropout_scale,
-            seed,
-        );
+        let dropout =
+            TrainingDropout::new(l.rank_dropout, l.module_dropout, config.rank_dropout_scale);
         Ok(Self {
             // alpha / r even when both factors are full matrices, as in PEFT.
             scaling: alpha / r as f64,

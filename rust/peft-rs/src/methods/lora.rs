@@ -475,16 +475,6 @@ impl LoraAdapter {
         self.scaling
     }
 
-    /// Dropout on the adapter input, in training mode only.
-    fn dropout(&self, x: &Tensor, training: bool) -> Result<Tensor> {
-        let p = self.config.lora_dropout;
-        if training && p > 0.0 {
-            Ok(candle_nn::ops::dropout(x, p as f32)?)
-        } else {
-            Ok(x.clone())
-        }
-    }
-
     /// The adapter's contribution `s · B A x` for an input already in the adapter dtype (and
     /// dropped out); token ids for Embedding.
     fn lora_path(&self, x: &Tensor) -> Result<Tensor> {
@@ -615,7 +605,7 @@ impl LayerAdapter for LoraAdapter {
         let x_d = if is_embedding {
             x.clone()
         } else {
-            self.dropout(&x.to_dtype(dtype)?, below.training())?
+            below.dropout(&x.to_dtype(dtype)?, self.config.lora_dropout)?
         };
         let lora = self.lora_path(&x_d)?;
         if !self.config.use_dora {
@@ -652,19 +642,15 @@ impl LayerAdapter for LoraAdapter {
         Ok(out.to_dtype(out_dtype)?)
     }
 
-    fn additive_term(
-        &self,
-        x: &Tensor,
-        base: &BaseLayer,
-        training: bool,
-    ) -> Result<Option<Tensor>> {
+    fn additive_term(&self, x: &Tensor, base: &BaseLayer) -> Result<Option<Tensor>> {
         if self.config.use_dora {
             return Ok(None);
         }
+        // Mixed batches are inference only: no dropout.
         let x = if self.kind == ModuleKind::Embedding {
             x.clone()
         } else {
-            self.dropout(&x.to_dtype(adapter_dtype(base.dtype()))?, training)?
+            x.to_dtype(adapter_dtype(base.dtype()))?
         };
         Ok(Some(self.lora_path(&x)?))
     }

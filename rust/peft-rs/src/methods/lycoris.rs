@@ -5,11 +5,9 @@
 //! `W += ΔW`. In training, `rank_dropout` zeroes output rows of `ΔW` and `module_dropout` skips
 //! the adapter for a whole forward.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::Tensor;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -22,6 +20,7 @@ use crate::method::{LayerAdapter, MergeRule, MethodConfig};
 use crate::methods::lora::Patterns;
 use crate::module::Below;
 use crate::params::Params;
+use crate::rng::DropoutRng;
 
 /// The fields `LoHaConfig` and `LoKrConfig` share, with PEFT's names and defaults (besides the
 /// [`crate::config::CommonFields`] of every config). Each config writes them flattened into its
@@ -182,8 +181,8 @@ pub(crate) fn check_kind(method: &str, base: &BaseLayer) -> Result<()> {
     }
 }
 
-/// `rank_dropout` and `module_dropout`, which act in training only. The draws come from a seeded
-/// generator of this adapter (PEFT uses torch's global one, so the masks differ, not the law).
+/// `rank_dropout` and `module_dropout`, which act in training only. The draws come from the
+/// model's training stream (PEFT uses torch's global generator, so the masks differ, not the law).
 #[derive(Debug)]
 pub(crate) struct TrainingDropout {
     rank: f64,
@@ -191,39 +190,39 @@ pub(crate) struct TrainingDropout {
     /// Whether kept rows are divided by the fraction kept (LoHa always, LoKr with
     /// `rank_dropout_scale`).
     rescale: bool,
-    rng: Mutex<StdRng>,
 }
 
 impl TrainingDropout {
-    pub fn new(rank: f64, module: f64, rescale: bool, seed: u64) -> Self {
+    pub fn new(rank: f64, module: f64, rescale: bool) -> Self {
         Self {
             rank,
             module,
             rescale,
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
         }
     }
 
-    fn uniform(&self, n: usize) -> Vec<f64> {
-        // A poisoned lock only means another forward panicked; the generator is still usable.
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        (0..n).map(|_| rng.random::<f64>()).collect()
-    }
-
-    /// Whether this training forward skips the adapter: PEFT applies it when `rand() > p`.
-    pub fn skip_module(&self, training: bool) -> bool {
-        training && self.module > 0.0 && self.uniform(1)[0] <= self.module
+    /// Whether this training forward (`rng` is the training stream, `None` in eval) skips the
+    /// adapter: PEFT applies it when `rand() > p`.
+    pub fn skip_module(&self, rng: Option<&DropoutRng>) -> bool {
+        match rng {
+            Some(rng) if self.module > 0.0 => f64::from(rng.uniform(1)[0]) <= self.module,
+            _ => false,
+        }
     }
 
     /// `delta` with each output row (dimension 0) kept when `rand() > rank_dropout`, in training
     /// only. PEFT divides the 0/1 mask by its mean when rescaling, which is 0/0 when every row
     /// is dropped; here such a delta is zero instead of NaN.
-    pub fn drop_rows(&self, delta: Tensor, training: bool) -> Result<Tensor> {
-        if !training || self.rank == 0.0 {
+    pub fn drop_rows(&self, delta: Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let Some(rng) = rng.filter(|_| self.rank > 0.0) else {
             return Ok(delta);
-        }
+        };
         let rows = delta.dim(0)?;
-        let keep: Vec<bool> = self.uniform(rows).iter().map(|u| *u > self.rank).collect();
+        let keep: Vec<bool> = rng
+            .uniform(rows)
+            .iter()
+            .map(|u| f64::from(*u) > self.rank)
+            .collect();
         let kept = keep.iter().filter(|k| **k).count();
         let value = if self.rescale && kept > 0 {
             rows as f64 / kept as f64
@@ -287,13 +286,13 @@ impl<C: LycorisMethod + std::fmt::Debug> LayerAdapter for LycorisAdapter<C> {
     }
 
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        let training = below.training();
-        if self.dropout.skip_module(training) {
+        let rng = below.training_rng();
+        if self.dropout.skip_module(rng) {
             return below.forward(x);
         }
         let delta = self
             .dropout
-            .drop_rows(self.delta_weight(below.base())?, training)?;
+            .drop_rows(self.delta_weight(below.base())?, rng)?;
         forward_with_delta(x, below, &delta)
     }
 
@@ -425,11 +424,12 @@ mod tests {
     #[test]
     fn rank_dropout_keeps_rows_with_the_right_rescale() {
         let delta = Tensor::ones((4000, 3), DType::F32, &Device::Cpu).unwrap();
-        let d = TrainingDropout::new(0.25, 0.0, true, 1);
+        let d = TrainingDropout::new(0.25, 0.0, true);
+        let rng = DropoutRng::new(1);
         // Not in training: untouched.
-        let same = d.drop_rows(delta.clone(), false).unwrap();
+        let same = d.drop_rows(delta.clone(), None).unwrap();
         assert_eq!(same.sum_all().unwrap().to_scalar::<f32>().unwrap(), 12000.0);
-        let dropped = d.drop_rows(delta.clone(), true).unwrap();
+        let dropped = d.drop_rows(delta.clone(), Some(&rng)).unwrap();
         let rows: Vec<Vec<f32>> = dropped.to_vec2().unwrap();
         let kept = rows.iter().filter(|r| r[0] != 0.0).count();
         assert!((kept as f64 / 4000.0 - 0.75).abs() < 0.03, "kept {kept}");
@@ -437,8 +437,8 @@ mod tests {
         let mean = dropped.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((mean - 1.0).abs() < 1e-5);
         assert!(rows.iter().all(|r| r.iter().all(|v| *v == r[0])));
-        let plain = TrainingDropout::new(0.25, 0.0, false, 1)
-            .drop_rows(delta, true)
+        let plain = TrainingDropout::new(0.25, 0.0, false)
+            .drop_rows(delta, Some(&rng))
             .unwrap();
         assert!(
             plain
@@ -451,11 +451,12 @@ mod tests {
 
     #[test]
     fn module_dropout_only_in_training() {
-        let d = TrainingDropout::new(0.0, 0.5, true, 3);
-        assert!((0..100).all(|_| !d.skip_module(false)));
-        let skipped = (0..2000).filter(|_| d.skip_module(true)).count();
+        let d = TrainingDropout::new(0.0, 0.5, true);
+        let rng = DropoutRng::new(3);
+        assert!((0..100).all(|_| !d.skip_module(None)));
+        let skipped = (0..2000).filter(|_| d.skip_module(Some(&rng))).count();
         assert!((skipped as f64 / 2000.0 - 0.5).abs() < 0.05, "{skipped}");
-        let never = TrainingDropout::new(0.0, 0.0, true, 3);
-        assert!((0..100).all(|_| !never.skip_module(true)));
+        let never = TrainingDropout::new(0.0, 0.0, true);
+        assert!((0..100).all(|_| !never.skip_module(Some(&rng))));
     }
 }

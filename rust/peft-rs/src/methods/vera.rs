@@ -364,11 +364,7 @@ impl LayerAdapter for VeraAdapter {
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
         let result = below.forward(x)?;
         let dtype = self.a.dtype();
-        let mut x = x.to_dtype(dtype)?;
-        let p = self.config.vera_dropout;
-        if below.training() && p > 0.0 {
-            x = candle_nn::ops::dropout(&x, p as f32)?;
-        }
+        let x = below.dropout(&x.to_dtype(dtype)?, self.config.vera_dropout)?;
         let h = linear_rows(&x, &self.a.t()?, None, self.a.dim(1)?)?;
         let h = h.broadcast_mul(&self.params.get(VERA_LAMBDA_D)?)?;
         let y = linear_rows(&h, &self.b.t()?, None, self.config.r as usize)?;

@@ -9,14 +9,17 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::checkpoint::{read_model_config, var_builder};
+use super::ops::{LayerNorm, softmax_last_dim};
 use super::{HiddenAct, Layer, Model, ModelBuilder, ModelInput, Modules};
+use crate::base::ModuleKind;
 use crate::error::{PeftError, Result};
+use crate::init::Initializer;
 
 /// The `config.json` fields the forward depends on, with `BertConfig`'s defaults. Other keys
 /// (dropout rates, `initializer_range`, `pad_token_id`...) only matter for training or init and
@@ -40,6 +43,8 @@ pub struct BertConfig {
     pub add_cross_attention: bool,
     pub id2label: Option<BTreeMap<String, Value>>,
     pub num_labels: Option<usize>,
+    /// The std of a newly initialised classification head.
+    pub initializer_range: f64,
 }
 
 impl Default for BertConfig {
@@ -59,6 +64,7 @@ impl Default for BertConfig {
             add_cross_attention: false,
             id2label: None,
             num_labels: None,
+            initializer_range: 0.02,
         }
     }
 }
@@ -202,7 +208,7 @@ impl Embeddings {
             .contiguous()?;
         let x = (self.word.forward(input_ids)? + self.token_type.forward(token_type_ids)?)?;
         let x = (x + self.position.forward(&positions)?)?;
-        Ok(self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 }
 
@@ -247,7 +253,7 @@ impl EncoderLayer {
         let a = self.attention_norm.forward(&(attended + x)?)?;
         let i = self.act.apply(&self.intermediate.forward(&a)?)?;
         let out = self.output.forward(&i)?;
-        Ok(self.output_norm.forward(&(out + a)?)?)
+        self.output_norm.forward(&(out + a)?)
     }
 
     /// Scaled dot-product attention over all (unmasked) positions. Scores and softmax are
@@ -269,7 +275,7 @@ impl EncoderLayer {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
         let context = probs.matmul(&v)?.transpose(1, 2)?;
         Ok(context.reshape((batch, seq, hidden))?)
     }
@@ -277,11 +283,7 @@ impl EncoderLayer {
 
 fn layer_norm(b: &ModelBuilder, name: &str, cfg: &BertConfig) -> Result<LayerNorm> {
     // candle's fused layer norm computes in f32 and rounds once, as nn.LayerNorm does in f16/bf16.
-    Ok(candle_nn::layer_norm(
-        cfg.hidden_size,
-        cfg.layer_norm_eps,
-        b.vb().pp(name),
-    )?)
+    LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, b.vb().pp(name))
 }
 
 /// The additive mask `(batch, 1, 1, seq)` in f32: 0 where `attention_mask` is nonzero (keep),
@@ -412,20 +414,48 @@ pub struct BertForSequenceClassification {
 
 impl BertForSequenceClassification {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg = BertConfig::from_dir(dir)?;
+        Self::load_with_head(dir, dtype, device, None)
+    }
+
+    /// transformers' `from_pretrained(dir, num_labels=n)` for a fine-tuning start: a
+    /// `classifier` missing from the checkpoint (a plain `BertModel` directory) is initialised
+    /// as transformers does (weight `N(0, initializer_range²)`, bias 0), drawn from `seed`; a
+    /// checkpoint head of another size is an error.
+    pub fn load_with_head(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        new_head: Option<(usize, u64)>,
+    ) -> Result<Self> {
+        let mut cfg = BertConfig::from_dir(dir)?;
+        if let Some((num_labels, _)) = new_head {
+            cfg.num_labels = Some(num_labels);
+            cfg.id2label = None;
+        }
         let b = ModelBuilder::new(checkpoint_weights(dir, dtype, device, true)?);
         let bert = Bert::new(&b.pp(BASE_PREFIX), &cfg, true)?;
         let head = b.pp("classifier");
-        if !head.vb().contains_tensor("weight") {
-            return Err(PeftError::MissingKey {
-                key: "classifier.weight".into(),
-                context: format!(
-                    "{}: a BertForSequenceClassification checkpoint needs its classification head",
-                    dir.display()
-                ),
-            });
-        }
-        let classifier = head.linear(cfg.hidden_size, cfg.num_labels()?, true)?;
+        let num_labels = cfg.num_labels()?;
+        let classifier = match new_head {
+            Some((_, seed)) if !head.vb().contains_tensor("weight") => {
+                let mut init = Initializer::new(seed);
+                let weight = init
+                    .normal(&[num_labels, cfg.hidden_size], cfg.initializer_range, dtype)?
+                    .to_device(device)?;
+                let bias = Tensor::zeros(num_labels, dtype, device)?;
+                head.new_layer(ModuleKind::Linear, weight, Some(bias))?
+            }
+            _ if !head.vb().contains_tensor("weight") => {
+                return Err(PeftError::MissingKey {
+                    key: "classifier.weight".into(),
+                    context: format!(
+                        "{}: a BertForSequenceClassification checkpoint needs its classification head (or give num_labels to start a new one)",
+                        dir.display()
+                    ),
+                });
+            }
+            _ => head.linear(cfg.hidden_size, num_labels, true)?,
+        };
         Ok(Self {
             bert,
             classifier,

@@ -246,6 +246,16 @@ impl<'a> ModelBuilder<'a> {
     }
 
     fn layer(&self, kind: ModuleKind, weight: Tensor, bias: Option<Tensor>) -> Result<Layer> {
+        self.new_layer(kind, weight, bias)
+    }
+
+    /// A targetable layer at this path from given tensors (a newly initialised task head).
+    pub fn new_layer(
+        &self,
+        kind: ModuleKind,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<Layer> {
         let base = BaseLayer::new(kind, weight, bias)?;
         self.modules.register(self.vb.prefix(), base)
     }

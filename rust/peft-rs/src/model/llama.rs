@@ -870,8 +870,8 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let q = super::ops::rope(&q, cos, sin)?;
+        let k = super::ops::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
             Some((past_k, past_v)) => (
                 Tensor::cat(&[&past_k, &k], 2)?,
@@ -907,7 +907,7 @@ impl Attention {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        let probs = super::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
         let probs = probs.reshape((batch, self.kv_heads, group * seq, kv_len))?;
         Ok(probs.matmul(v)?.reshape((batch, self.heads, seq, d))?)
     }

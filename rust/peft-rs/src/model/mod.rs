@@ -62,6 +62,7 @@ pub mod bert;
 pub mod checkpoint;
 mod layers;
 pub mod llama;
+mod ops;
 mod peft_model;
 pub mod tokenizer;
 
@@ -73,7 +74,7 @@ use crate::error::{PeftError, Result};
 
 pub use activation::HiddenAct;
 pub use layers::{Layer, ModelBuilder, Modules};
-pub use peft_model::{BASE_ROWS, PeftModel};
+pub use peft_model::{BASE_ROWS, PeftModel, TrainableParam};
 pub use tokenizer::Tokenizer;
 
 /// What a model's forward takes: token ids `(batch, seq)` and the optional masks transformers
@@ -164,4 +165,38 @@ pub fn load(name: &str, dir: &Path, dtype: DType, device: &Device) -> Result<Box
         });
     }
     (arch.load)(dir, dtype, device)
+}
+
+/// Loads `dir` as the sequence-classification model `name` with a `num_labels`-way head, a new
+/// one (drawn from `seed`) when the checkpoint has none: transformers' `from_pretrained(dir,
+/// num_labels=n)` for fine-tuning.
+pub fn load_for_labels(
+    name: &str,
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    num_labels: usize,
+    seed: u64,
+) -> Result<Box<dyn Model>> {
+    if name != "BertForSequenceClassification" {
+        return Err(PeftError::InvalidOperation(format!(
+            "num_labels applies to sequence classification models (BertForSequenceClassification), not {name}"
+        )));
+    }
+    if num_labels == 0 {
+        return Err(PeftError::config("num_labels", "must be >= 1, found 0"));
+    }
+    if !dir.is_dir() {
+        return Err(PeftError::FileNotFound {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(Box::new(
+        bert::BertForSequenceClassification::load_with_head(
+            dir,
+            dtype,
+            device,
+            Some((num_labels, seed)),
+        )?,
+    ))
 }

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
+use crate::base::ModuleKind;
 use crate::config::ModuleSelector;
 use crate::config::PeftConfig;
 use crate::error::{PeftError, Result};
@@ -17,6 +18,7 @@ use crate::model::{Layer, Model, ModelInput};
 use crate::module::Below;
 use crate::params::{Params, take_params};
 use crate::peft_adapter::PeftAdapter;
+use crate::rng::DropoutRng;
 
 /// Layer names PEFT treats as embedding layers when saving (`EMBEDDING_LAYER_NAMES`).
 const EMBEDDING_LAYER_NAMES: &[&str] = &["embed_tokens", "lm_head"];
@@ -622,7 +624,8 @@ impl PeftModel {
                     replaced.insert(format!("{}.{name}", layer.path()), t);
                 }
             } else {
-                layers.insert(layer.path().to_string(), tensors);
+                let saved = config.tensors_to_save(layer.path(), tensors)?;
+                layers.insert(layer.path().to_string(), saved);
             }
         }
         let shared = self.shared.get(adapter_name).cloned().unwrap_or_default();
@@ -647,6 +650,94 @@ impl PeftModel {
             .collect()
     }
 
+    /// The tensors of `adapter_name` as trainable variables, in model order (the order PEFT's
+    /// `named_parameters()` visits them), keyed as in PEFT's saved files. The layers compute with
+    /// these variables from now on, so an optimiser updating them updates the model. Base
+    /// weights are never variables: they are frozen by construction.
+    pub fn trainable_parameters(&self, adapter_name: &str) -> Result<Vec<TrainableParam>> {
+        self.config(adapter_name)?;
+        let mut out = Vec::new();
+        for layer in self.layers() {
+            let mut module = layer.module_mut();
+            let kind = module.base().kind();
+            let Some(adapter) = module.get_mut(adapter_name) else {
+                continue;
+            };
+            let is_copy = self.is_copy(adapter_name, layer.path());
+            let params = adapter.params_mut();
+            for (name, var) in params.vars()? {
+                out.push(TrainableParam {
+                    key: crate::params::file_key(layer.path(), &name),
+                    frozen: params.is_tensor_frozen(&name),
+                    module: layer.path().to_string(),
+                    name,
+                    var,
+                    kind,
+                    is_copy,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Freezes or unfreezes tensors of `adapter_name`: all of them, or those named `tensor`
+    /// (`"lora_A"`) in every module.
+    pub fn set_frozen(&self, adapter_name: &str, tensor: Option<&str>, frozen: bool) -> Result<()> {
+        self.config(adapter_name)?;
+        for layer in self.layers() {
+            let mut module = layer.module_mut();
+            let Some(adapter) = module.get_mut(adapter_name) else {
+                continue;
+            };
+            let params = adapter.params_mut();
+            match tensor {
+                None => params.set_frozen(frozen),
+                Some(name) if params.entries().iter().any(|(n, _)| n == name) => {
+                    params.set_tensor_frozen(name, frozen)?
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Training mode (dropouts on) or eval mode for every adapted layer; training draws from
+    /// `rng`, one stream for the whole model.
+    pub fn set_training(&self, training: bool, rng: &Arc<DropoutRng>) {
+        for layer in self.layers() {
+            let mut module = layer.module_mut();
+            module.set_training(training);
+            module.set_dropout_rng(rng.clone());
+        }
+    }
+
+    /// Whether any layer has a merged adapter (training needs none).
+    pub fn is_merged(&self) -> bool {
+        self.layers().iter().any(|l| l.module().is_merged())
+    }
+
+    /// Replaces the config of `adapter_name` by one of the same method (AdaLoRA's trainer
+    /// records the final `rank_pattern` so).
+    pub fn replace_config(&mut self, adapter_name: &str, config: PeftConfig) -> Result<()> {
+        let slot = self
+            .configs
+            .iter_mut()
+            .find(|(n, _)| n == adapter_name)
+            .map(|(_, c)| c);
+        match slot {
+            Some(c) if c.peft_type() == config.peft_type() => {
+                *c = config;
+                Ok(())
+            }
+            Some(c) => Err(PeftError::InvalidOperation(format!(
+                "cannot replace the {} config of {adapter_name:?} by a {} config",
+                c.peft_type(),
+                config.peft_type()
+            ))),
+            None => Err(self.unknown(adapter_name)),
+        }
+    }
+
     /// `(trainable, all)` scalars: adapters' tensors, and those plus the base layers' weights.
     pub fn num_parameters(&self) -> (usize, usize) {
         let mut adapters = 0;
@@ -664,6 +755,23 @@ impl PeftModel {
         }
         (adapters, adapters + base)
     }
+}
+
+/// One trainable tensor of an adapter ([`PeftModel::trainable_parameters`]).
+#[derive(Debug, Clone)]
+pub struct TrainableParam {
+    /// The key in PEFT's saved files (`base_model.model.<module>.lora_A.weight`).
+    pub key: String,
+    /// The module path and the tensor's name in it (`"lora_A.weight"`, or `"weight"` for a
+    /// `modules_to_save` copy).
+    pub module: String,
+    pub name: String,
+    pub var: Var,
+    /// The module's kind (LoRA+ gives embeddings their own learning rate).
+    pub kind: ModuleKind,
+    /// Whether the tensor belongs to a `modules_to_save` copy rather than the method.
+    pub is_copy: bool,
+    pub frozen: bool,
 }
 
 /// PEFT's task wrappers (`PeftModelForSequenceClassification`...) add the task head to
