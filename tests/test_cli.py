@@ -21,7 +21,7 @@ from conftest import MLP, make_model, model_input
 from peft_rs import cli as peft_rs_cli
 from peft_rs.cli import Progress
 
-SUBCOMMANDS = ("inspect", "convert", "merge", "combine")
+SUBCOMMANDS = ("inspect", "convert", "merge", "combine", "finetune")
 CONFIGS = {
     "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights=False),
     "lora-patterns": LoraConfig(

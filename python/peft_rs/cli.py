@@ -1,4 +1,5 @@
-"""``peft-rs``: inspect, convert, merge and combine PEFT adapter files from the command line.
+"""``peft-rs``: inspect, convert, merge and combine PEFT adapter files, and fine-tune a classifier
+(``finetune``, in :mod:`peft_rs.finetune`), from the command line.
 
 Every subcommand prints ``peft-rs: error: <one line>`` on stderr and exits with status 2 for bad
 arguments or files; progress bars are drawn only when stderr is a terminal.
@@ -581,7 +582,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Inspect, convert, merge and combine PEFT adapter files (peft_rs).",
+        description="Inspect, convert, merge and combine PEFT adapter files; fine-tune a classifier "
+        "(peft_rs).",
         epilog="Errors print one line 'peft-rs: error: ...' and exit with status 2.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {peft_rs.__version__}")
@@ -652,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--majority-sign-method", choices=("total", "frequency"), help="ties sign election")
     p.add_argument("--seed", type=int, help="seed of DARE's random masks")
     p.set_defaults(run=cmd_combine)
+
+    from peft_rs import finetune  # imports this module: registered last
+
+    finetune.add_parser(sub)
     return parser
 
 

@@ -55,6 +55,15 @@ pub fn candle_err(e: candle_core::Error) -> PyErr {
     to_pyerr(PeftError::Candle(e))
 }
 
+/// [`run`] for inference: no autograd graph is recorded (`torch.no_grad()`), so outputs handed
+/// to Python keep no intermediate tensors alive.
+pub fn run_inference<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> peft_rs::Result<T> + Send,
+) -> PyResult<T> {
+    run(py, || peft_rs::params::no_grad(f))
+}
+
 /// Runs `f` without the GIL, turning errors into Python exceptions and panics into
 /// `RuntimeError` (a panic must never unwind into the interpreter).
 pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> peft_rs::Result<T> + Send) -> PyResult<T> {

@@ -9,7 +9,7 @@ use pyo3::types::{PyDict, PyString};
 
 use crate::config::{config_from_py, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
-use crate::errors::{run, to_pyerr, type_error, value_error};
+use crate::errors::{run, run_inference, to_pyerr, type_error, value_error};
 
 #[pyclass(name = "AdaptedLayer", module = "peft_rs._core")]
 pub struct PyAdaptedLayer {
@@ -239,7 +239,7 @@ impl PyAdaptedLayer {
         let out_kind = ArrayKind::of(x)?;
         let x = tensor_from_py(x)?;
         let inner = &self.inner;
-        let y = run(py, || inner.forward(&x))?;
+        let y = run_inference(py, || inner.forward(&x))?;
         out_kind.wrap(py, y)
     }
 

@@ -9,7 +9,7 @@ use peft_rs::model::{self, Model, ModelInput};
 use pyo3::prelude::*;
 
 use crate::dlpack::{ArrayKind, tensor_from_py};
-use crate::errors::{run, value_error};
+use crate::errors::{run, run_inference, value_error};
 
 #[pyclass(name = "Model", module = "peft_rs._core", frozen)]
 pub struct PyModel {
@@ -82,7 +82,7 @@ impl PyModel {
         let kind = ArrayKind::of(input_ids)?;
         let input = input(input_ids, attention_mask, token_type_ids)?;
         let model = &self.inner;
-        let out = run(py, || model.forward(&input))?;
+        let out = run_inference(py, || model.forward(&input))?;
         kind.wrap(py, out)
     }
 
@@ -109,7 +109,7 @@ impl PyModel {
         let kind = ArrayKind::of(input_ids)?;
         let input = input(input_ids, attention_mask, None)?;
         let model = &self.inner;
-        let out = run(py, || model.generate(&input, max_new_tokens))?;
+        let out = run_inference(py, || model.generate(&input, max_new_tokens))?;
         kind.wrap(py, out)
     }
 

@@ -8,7 +8,7 @@ use pyo3::types::{PyDict, PyString};
 
 use crate::config::{config_from_py, config_to_py};
 use crate::dlpack::{ArrayKind, tensor_from_py};
-use crate::errors::{run, to_pyerr, type_error};
+use crate::errors::{run, run_inference, to_pyerr, type_error};
 use crate::model::PyModel;
 
 #[pyclass(name = "PeftModel", module = "peft_rs._core")]
@@ -198,7 +198,7 @@ impl PyPeftModel {
         let kind = ArrayKind::of(input_ids)?;
         let input = input(input_ids, attention_mask, token_type_ids)?;
         let inner = self.get()?;
-        let out = run(py, || match &adapter_names {
+        let out = run_inference(py, || match &adapter_names {
             Some(names) => inner.forward_mixed(&input, names),
             None => inner.forward(&input),
         })?;
@@ -230,7 +230,7 @@ impl PyPeftModel {
         let kind = ArrayKind::of(input_ids)?;
         let input = input(input_ids, attention_mask, None)?;
         let inner = self.get()?;
-        let out = run(py, || {
+        let out = run_inference(py, || {
             inner.generate(&input, max_new_tokens, adapter_names.as_deref())
         })?;
         kind.wrap(py, out)

@@ -166,10 +166,12 @@ impl PyTrainer {
     }
 
     /// Trains for `epochs` over the rows of the arrays in batches of `batch_size`, shuffled per
-    /// epoch from the seed; `callback(stats)` after every step (an exception it raises, or
-    /// Ctrl-C, stops training and propagates). With `checkpoint_dir`, writes
-    /// `checkpoint-<step>` every `save_every` steps and at the end. After `load_checkpoint`,
-    /// continues where the checkpoint stopped. Returns every step's stats.
+    /// epoch from the seed; `callback(stats)` after every step, with the model free to use (an
+    /// exception it raises, or Ctrl-C, stops training and propagates; the trainer stays
+    /// consistent and a later `train` call with the same data continues). With
+    /// `checkpoint_dir`, writes `checkpoint-<step>` every `save_every` steps (before the
+    /// callback of that step) and at the end. After `load_checkpoint`, continues where the
+    /// checkpoint stopped. Returns every step's stats.
     #[pyo3(signature = (
         input_ids, labels, attention_mask=None, token_type_ids=None, *, epochs=1, batch_size=16,
         callback=None, checkpoint_dir=None, save_every=None
@@ -193,30 +195,28 @@ impl PyTrainer {
             dir,
             every: save_every,
         });
-        let mut guard = self.model.borrow_mut(py);
-        let peft = guard.get_mut()?;
         let trainer = &mut self.inner;
-        // A Python error from the callback (or a signal) is kept here and re-raised as is.
-        let mut py_error: Option<PyErr> = None;
-        let result = run(py, || {
-            let mut on_step = |stats: &StepStats| -> peft_rs::Result<()> {
-                Python::attach(|py| {
-                    let outcome = py.check_signals().and_then(|()| match &callback {
-                        Some(cb) => cb.call1(py, (stats_dict(py, stats)?,)).map(|_| ()),
-                        None => Ok(()),
-                    });
-                    outcome.map_err(|e| {
-                        py_error = Some(e);
-                        peft_rs::PeftError::InvalidOperation("training stopped by Python".into())
-                    })
-                })
+        let fit = run(py, || trainer.start_fit(&data, epochs, batch_size, plan))?;
+        let mut history = Vec::new();
+        loop {
+            // The model is borrowed for one step only: the callback may use it (evaluate, save).
+            let stats = {
+                let mut guard = self.model.borrow_mut(py);
+                let peft = guard.get_mut()?;
+                let trainer = &mut self.inner;
+                run(py, || trainer.fit_step(peft, &fit))?
             };
-            trainer.fit(peft, &data, epochs, batch_size, plan.as_ref(), &mut on_step)
-        });
-        if let Some(e) = py_error {
-            return Err(e);
+            let Some(stats) = stats else {
+                break;
+            };
+            let d = stats_dict(py, &stats)?;
+            history.push(d.clone());
+            py.check_signals()?;
+            if let Some(cb) = &callback {
+                cb.call1(py, (d,))?;
+            }
         }
-        result?.iter().map(|s| stats_dict(py, s)).collect()
+        Ok(history)
     }
 
     /// Writes a checkpoint directory (PEFT-loadable adapter + optimiser and trainer state)

@@ -15,7 +15,13 @@ const BLOCK: usize = 64;
 
 /// `x (n, k) @ w_t (k, m)` where `w_t` may be the transposed view of a contiguous `(m, k)`
 /// weight; uses the row-dot kernel for small f32 `n` on the CPU, candle's matmul otherwise.
+/// A weight that carries no gradient (a frozen base weight) while `x` does goes through
+/// [`FrozenRhs`], whose backward skips the weight's gradient: candle's own matmul backward
+/// computes it anyway, a whole extra GEMM per layer in training.
 pub(crate) fn matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+    if x.track_op() && !w_t.track_op() {
+        return Ok(x.contiguous()?.apply_op2(w_t, FrozenRhs)?);
+    }
     let w = w_t.t()?;
     let fits = x.device().is_cpu()
         && x.dtype() == DType::F32
@@ -182,6 +188,61 @@ impl CustomOp2 for RowsDotRows {
     }
 }
 
+/// `x @ w` with `w` constant: candle's matmul forward on each backend, backward only for `x`.
+struct FrozenRhs;
+
+impl FrozenRhs {
+    fn bmnk(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (k2, n) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("matmul: inner dimensions {k} and {k2} differ");
+        }
+        Ok((1, m, n, k))
+    }
+}
+
+impl CustomOp2 for FrozenRhs {
+    fn name(&self) -> &'static str {
+        "matmul-frozen-rhs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (b, m, n, k) = Self::bmnk(l1, l2)?;
+        Ok((s1.matmul(s2, (b, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (b, m, n, k) = Self::bmnk(l1, l2)?;
+        Ok((s1.matmul(s2, (b, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&w.t()?)?), None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +318,29 @@ mod tests {
         {
             check(unsafe { simd::dot4_avx2(&x, w) }, "avx2");
         }
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient_and_the_input_the_right_one() {
+        let x = candle_core::Var::randn(0f32, 1., (37, 20), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1., (9, 20), &Device::Cpu).unwrap();
+        let w_t = w.t().unwrap();
+        let frozen = matmul(x.as_tensor(), &w_t).unwrap();
+        let plain = x.as_tensor().matmul(&w_t).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&frozen, &plain) < 1e-5);
+        let g_frozen = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_plain = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(g_frozen.get(&x).unwrap(), g_plain.get(&x).unwrap()) < 1e-3);
+        assert!(g_frozen.get(&w_t).is_none() && g_frozen.get(&w).is_none());
     }
 }

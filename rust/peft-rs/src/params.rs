@@ -73,6 +73,29 @@ pub fn take_params(
     Ok(Params::new(entries))
 }
 
+thread_local! {
+    static GRAD_ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` without recording gradients, as PyTorch's `torch.no_grad()`: adapter tensors enter
+/// the computation detached, so no autograd graph holds the intermediate tensors (inference
+/// frees each one as soon as it is used, and an output kept by the caller keeps nothing else
+/// alive). Per thread; nests.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
+    f()
+}
+
+fn grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Params {
     entries: Vec<(String, Tensor)>,
@@ -88,7 +111,7 @@ impl Params {
         }
     }
 
-    /// The tensor for `name`, detached from the graph when frozen.
+    /// The tensor for `name`, detached from the graph when frozen or under [`no_grad`].
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let t = self.raw(name)?;
         Ok(self.tracked(name, t))
@@ -99,7 +122,7 @@ impl Params {
     }
 
     fn tracked(&self, name: &str, t: &Tensor) -> Tensor {
-        if self.frozen.contains(name) {
+        if self.frozen.contains(name) || !grad_enabled() {
             t.detach()
         } else {
             t.clone()

@@ -76,11 +76,16 @@ impl DropoutRng {
 
     /// `n` values uniform in `[0, 1)`.
     pub fn uniform(&self, n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
         let start = self
             .drawn
             .fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
-        (0..n as u64)
+        // Each draw depends only on its index, so large masks fill in parallel.
+        (0..n)
+            .into_par_iter()
+            .with_min_len(1 << 14)
             .map(|i| {
+                let i = i as u64;
                 // 24 random bits: every f32 in [0, 1) with that spacing is equally likely.
                 (splitmix64(self.seed ^ splitmix64(start + i)) >> 40) as f32 / (1u64 << 24) as f32
             })

@@ -12,7 +12,7 @@ mod trainer;
 pub use loss::Task;
 pub use optim::{AdamW, ParamGroup};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainer::{Batch, CheckpointPlan, LoraPlus, StepStats, Trainer, TrainerOptions};
+pub use trainer::{Batch, CheckpointPlan, Fit, LoraPlus, StepStats, Trainer, TrainerOptions};
 
 use std::collections::HashMap;
 

@@ -127,6 +127,54 @@ impl Batch {
         })
     }
 
+    /// Without the trailing columns that are padding in every row (`attention_mask` 0): with
+    /// right padding the real tokens' outputs do not depend on them, and a batch of short
+    /// texts padded for the longest text of the whole dataset runs much faster.
+    fn without_trailing_padding(self) -> Result<Self> {
+        let Some(mask) = &self.input.attention_mask else {
+            return Ok(self);
+        };
+        let seq = mask.dim(1)?;
+        let used = mask
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max(0)?
+            .to_vec1::<f32>()?
+            .iter()
+            .rposition(|v| *v != 0.0)
+            .map_or(0, |last| last + 1);
+        if used == seq || used == 0 {
+            return Ok(self);
+        }
+        // Token labels on the dropped positions must carry no loss.
+        if self.labels.rank() == 2 {
+            let dropped = self
+                .labels
+                .narrow(1, used, seq - used)?
+                .to_dtype(DType::I64)?;
+            let ignored = dropped.flatten_all()?.to_vec1::<i64>()?;
+            if ignored
+                .iter()
+                .any(|l| *l != crate::train::loss::IGNORE_INDEX)
+            {
+                return Ok(self);
+            }
+        }
+        let cut = |t: &Tensor| t.narrow(1, 0, used);
+        Ok(Self {
+            input: ModelInput {
+                input_ids: cut(&self.input.input_ids)?,
+                attention_mask: Some(cut(mask)?),
+                token_type_ids: self.input.token_type_ids.as_ref().map(cut).transpose()?,
+            },
+            labels: if self.labels.rank() == 2 {
+                cut(&self.labels)?
+            } else {
+                self.labels
+            },
+        })
+    }
+
     /// The rows `idx`, in that order.
     fn select(&self, idx: &[u32]) -> Result<Self> {
         let idx = Tensor::new(idx, self.input.input_ids.device())?;
@@ -157,6 +205,15 @@ pub struct StepStats {
     /// The epoch (from 0) when training with [`Trainer::fit`].
     pub epoch: usize,
     pub seconds: f64,
+}
+
+/// A run of [`Trainer::fit_step`]s ([`Trainer::start_fit`]).
+#[derive(Debug, Clone)]
+pub struct Fit<'a> {
+    data: &'a Batch,
+    epochs: usize,
+    batch_size: usize,
+    checkpoints: Option<CheckpointPlan>,
 }
 
 /// Where [`Trainer::fit`] writes checkpoints: `dir/checkpoint-<step>` every `every` steps (if
@@ -361,6 +418,10 @@ impl Trainer {
 
     /// The batch's mean loss in eval mode (no dropout), as the training step reports it.
     pub fn evaluate_loss(&self, model: &PeftModel, batch: &Batch) -> Result<f64> {
+        crate::params::no_grad(|| self.loss_without_grad(model, batch))
+    }
+
+    fn loss_without_grad(&self, model: &PeftModel, batch: &Batch) -> Result<f64> {
         batch.rows()?;
         let (sum, count) = self
             .task
@@ -486,10 +547,28 @@ impl Trainer {
         checkpoints: Option<&CheckpointPlan>,
         on_step: &mut dyn FnMut(&StepStats) -> Result<()>,
     ) -> Result<Vec<StepStats>> {
+        let fit = self.start_fit(data, epochs, batch_size, checkpoints.cloned())?;
+        let mut history = Vec::new();
+        while let Some(stats) = self.fit_step(model, &fit)? {
+            history.push(stats);
+            on_step(&stats)?;
+        }
+        Ok(history)
+    }
+
+    /// Checks a run of [`Trainer::fit_step`] over `data` (the same data and batch size as the
+    /// checkpoint it resumes, if any) and describes it.
+    pub fn start_fit<'a>(
+        &mut self,
+        data: &'a Batch,
+        epochs: usize,
+        batch_size: usize,
+        checkpoints: Option<CheckpointPlan>,
+    ) -> Result<Fit<'a>> {
         if batch_size == 0 {
             return Err(PeftError::config("batch_size", "must be >= 1, found 0"));
         }
-        if checkpoints.is_some_and(|p| p.every == Some(0)) {
+        if checkpoints.as_ref().is_some_and(|p| p.every == Some(0)) {
             return Err(PeftError::config("save_every", "must be >= 1, found 0"));
         }
         let rows = data.rows()?;
@@ -505,46 +584,49 @@ impl Trainer {
             }
             _ => self.data_fingerprint = Some(fingerprint),
         }
-        let per_epoch = rows.div_ceil(batch_size);
-        let mut history = Vec::new();
-        let (mut epoch, mut done) = self.position;
-        while epoch < epochs {
-            let order = permutation(rows, self.options.seed, epoch as u64);
-            while done < per_epoch {
-                let idx: Vec<u32> = order[done * batch_size..((done + 1) * batch_size).min(rows)]
-                    .iter()
-                    .map(|&i| i as u32)
-                    .collect();
-                let batch = data.select(&idx)?;
-                let mut stats = self.step(model, &batch)?;
-                done += 1;
-                self.position = if done == per_epoch {
-                    (epoch + 1, 0)
-                } else {
-                    (epoch, done)
-                };
-                stats.epoch = epoch;
-                history.push(stats);
-                if let Some(plan) = checkpoints
-                    && plan.every.is_some_and(|n| self.step.is_multiple_of(n))
-                {
-                    self.save_checkpoint(
-                        model,
-                        &plan.dir.join(format!("checkpoint-{}", self.step)),
-                    )?;
+        Ok(Fit {
+            data,
+            epochs,
+            batch_size,
+            checkpoints,
+        })
+    }
+
+    /// The next step of `fit` (the batch at the trainer's data position), with its checkpoint
+    /// when one is due; `None` once every epoch is done (after writing the final checkpoint).
+    /// The model is free between steps, for evaluation or saving.
+    pub fn fit_step(&mut self, model: &mut PeftModel, fit: &Fit<'_>) -> Result<Option<StepStats>> {
+        let rows = fit.data.rows()?;
+        let per_epoch = rows.div_ceil(fit.batch_size);
+        let (epoch, done) = self.position;
+        if epoch >= fit.epochs {
+            if let Some(plan) = &fit.checkpoints {
+                let last = plan.dir.join(format!("checkpoint-{}", self.step));
+                if !last.exists() {
+                    self.save_checkpoint(model, &last)?;
                 }
-                on_step(&stats)?;
             }
-            epoch += 1;
-            done = 0;
+            return Ok(None);
         }
-        if let Some(plan) = checkpoints {
-            let last = plan.dir.join(format!("checkpoint-{}", self.step));
-            if !last.exists() {
-                self.save_checkpoint(model, &last)?;
-            }
+        let order = permutation(rows, self.options.seed, epoch as u64);
+        let idx: Vec<u32> = order[done * fit.batch_size..((done + 1) * fit.batch_size).min(rows)]
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let batch = fit.data.select(&idx)?.without_trailing_padding()?;
+        let mut stats = self.step(model, &batch)?;
+        stats.epoch = epoch;
+        self.position = if done + 1 == per_epoch {
+            (epoch + 1, 0)
+        } else {
+            (epoch, done + 1)
+        };
+        if let Some(plan) = &fit.checkpoints
+            && plan.every.is_some_and(|n| self.step.is_multiple_of(n))
+        {
+            self.save_checkpoint(model, &plan.dir.join(format!("checkpoint-{}", self.step)))?;
         }
-        Ok(history)
+        Ok(Some(stats))
     }
 
     /// Writes a checkpoint directory atomically: the adapter as PEFT saves it (loadable by
