@@ -27,7 +27,8 @@
 //! embeddings) override the checkpoint's, later adapters over earlier ones; adapters targeting
 //! a module then merge into it in the order given.
 //!
-//! Crash safety. Each shard is written to a temporary file and renamed; the shard index is
+//! Crash safety. Each shard is written to a temporary file, flushed to disk (`fsync`, in the
+//! background while the next shard is written) and only then renamed; the shard index is
 //! removed first and written last, so an interrupted merge never leaves a directory that looks
 //! complete. Each written shard records a fingerprint of the merge (adapters, weights, dtype,
 //! source layout) in its metadata; `resume` skips shards whose header has the expected tensors,
@@ -365,6 +366,9 @@ pub struct SafetensorsDirSink {
     dir: PathBuf,
     /// The source's index (its other fields are kept); `None` for a single file.
     index: Option<Value>,
+    /// Shards written to their temporary file, being flushed to disk and renamed in the
+    /// background while the next shard is written.
+    finishing: Vec<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl SafetensorsDirSink {
@@ -373,7 +377,32 @@ impl SafetensorsDirSink {
         Ok(Self {
             dir: dir.to_path_buf(),
             index,
+            finishing: Vec::new(),
         })
+    }
+
+    /// Waits until every shard written so far is on disk under its final name.
+    fn settle(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for job in self.finishing.drain(..) {
+            let outcome = job.join().unwrap_or_else(|_| {
+                Err(PeftError::InvalidOperation(
+                    "a shard's flush to disk panicked".into(),
+                ))
+            });
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for SafetensorsDirSink {
+    /// A shard handed to the background is completed even when the merge stops early, so
+    /// that what is on disk is either a whole shard or nothing.
+    fn drop(&mut self) {
+        let _ = self.settle();
     }
 }
 
@@ -407,10 +436,14 @@ impl TensorSink for SafetensorsDirSink {
         shard: &Shard,
         next: &mut dyn FnMut(&TensorInfo) -> Result<OutputTensor<'a>>,
     ) -> Result<()> {
-        write_shard_file(&self.dir.join(&shard.file_name), shard, next)
+        let written = write_shard_file(&self.dir.join(&shard.file_name), shard, next)?;
+        self.finishing
+            .push(std::thread::spawn(move || written.flush_and_rename()));
+        Ok(())
     }
 
     fn finish(&mut self, shards: &[Shard]) -> Result<()> {
+        self.settle()?;
         let Some(index) = &self.index else {
             return Ok(());
         };
@@ -449,13 +482,38 @@ fn sorted_by_name(tensors: &[TensorInfo]) -> Vec<TensorInfo> {
     sorted
 }
 
+/// A shard's complete temporary file, to be flushed to disk and given its name.
+struct WrittenShard {
+    file: std::fs::File,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl WrittenShard {
+    /// `fsync`, then the rename: the name appears only once every byte is on disk.
+    fn flush_and_rename(self) -> Result<()> {
+        let result = self
+            .file
+            .sync_all()
+            .map_err(|e| PeftError::io(&self.tmp, e))
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &self.path).map_err(|e| PeftError::io(&self.path, e))
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
+    }
+}
+
 /// Writes a safetensors file tensor by tensor: the header first (sizes are known from the
-/// shapes), then each tensor as `next` produces it, into a temporary file renamed at the end.
+/// shapes), then each tensor as `next` produces it, into a temporary file that
+/// [`WrittenShard::flush_and_rename`] completes.
 fn write_shard_file<'a>(
     path: &Path,
     shard: &Shard,
     next: &mut dyn FnMut(&TensorInfo) -> Result<OutputTensor<'a>>,
-) -> Result<()> {
+) -> Result<WrittenShard> {
     let header = shard_header(shard)?;
     let tmp = path.with_file_name(format!(".{}.tmp-{}", shard.file_name, std::process::id()));
     let result = (|| {
@@ -494,8 +552,11 @@ fn write_shard_file<'a>(
             }
         }
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| PeftError::io(path, e))
+        Ok(WrittenShard {
+            file,
+            tmp: tmp.clone(),
+            path: path.to_path_buf(),
+        })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
