@@ -114,3 +114,38 @@ pub fn permutation(n: usize, seed: u64, stream: u64) -> Vec<usize> {
     }
     order
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_stream_is_uniform_and_resumable() {
+        let rng = DropoutRng::new(7);
+        let draws = rng.uniform(200_000);
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().map(|u| f64::from(*u)).sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.005, "{mean}");
+        let below = draws.iter().filter(|u| **u < 0.1).count() as f64 / draws.len() as f64;
+        assert!((below - 0.1).abs() < 0.005, "{below}");
+        // The position is the whole state: a new stream set there draws the same values.
+        let next = rng.uniform(5);
+        let resumed = DropoutRng::new(7);
+        resumed.set_position(200_000);
+        assert_eq!(resumed.uniform(5), next);
+        assert_ne!(DropoutRng::new(8).uniform(5), DropoutRng::new(7).uniform(5));
+    }
+
+    #[test]
+    fn epoch_orders_are_permutations_that_depend_on_seed_and_epoch() {
+        let a = permutation(1000, 3, 0);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, permutation(1000, 3, 0));
+        assert_ne!(a, permutation(1000, 3, 1));
+        assert_ne!(a, permutation(1000, 4, 0));
+        assert_eq!(permutation(1, 3, 0), vec![0]);
+        assert!(permutation(0, 3, 0).is_empty());
+    }
+}
