@@ -119,10 +119,11 @@ mod simd {
 /// `y = x · wᵀ` for contiguous `x (n, k)` and `w (m, k)`.
 struct RowsDotRows;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The data of a contiguous f32 CPU tensor (what the CPU kernels here take).
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("row-dot matmul needs contiguous f32 inputs"),
+        _ => candle_core::bail!("this CPU kernel needs a contiguous f32 tensor"),
     }
 }
 

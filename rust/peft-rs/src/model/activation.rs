@@ -32,7 +32,7 @@ impl HiddenAct {
         let y = match self {
             Self::Silu => x32.silu()?,
             // The CPU kernel here; candle's elsewhere.
-            Self::Gelu if x32.device().is_cpu() => x32.apply_op1(GeluErf)?,
+            Self::Gelu if x32.device().is_cpu() => x32.contiguous()?.apply_op1(GeluErf)?,
             Self::Gelu => x32.gelu_erf()?,
             Self::GeluTanh => x32.gelu()?,
             Self::Relu => x32.relu()?,
@@ -71,13 +71,6 @@ fn normal_cdf(x: f32) -> f32 {
     if z >= 0.0 { 1.0 - tail } else { tail }
 }
 
-fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("gelu: expected a contiguous f32 tensor"),
-    }
-}
-
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "gelu-erf"
@@ -88,7 +81,7 @@ impl CustomOp1 for GeluErf {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_input(storage, layout)?;
+        let x = crate::kernels::contiguous_f32(storage, layout)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
