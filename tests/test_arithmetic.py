@@ -222,6 +222,196 @@ def test_exact_mode_is_the_weighted_sum_of_deltas(model_key, tmp_path):
     torch.testing.assert_close(delta(ours, prefix), delta(theirs_model_sd, prefix), **DET_TOL)
 
 
+def weighted_sum_of_deltas(model, prefix, weights, names=("one", "two")):
+    """Σ wᵢ sᵢ Bᵢ Aᵢ of one module, in float64, from the source adapters' own tensors."""
+    layer = model.base_model.model.get_submodule(prefix.removeprefix("base_model.model."))
+    return sum(
+        w * layer.scaling[n] * delta(get_peft_model_state_dict(model, adapter_name=n), prefix).double()
+        for n, w in zip(names, weights, strict=True)
+    )
+
+
+def relative(x, y):
+    return float(torch.linalg.norm(x - y) / torch.linalg.norm(y))
+
+
+def module_path(prefix):
+    """The module path of a saved key prefix: the name the truncation errors are reported under."""
+    return prefix.removeprefix("base_model.model.")
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+def test_exact_svd_at_full_rank_is_the_weighted_sum(model_key, tmp_path):
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path, r_b=2, use_rslora=True)
+    weights = (0.7, -0.4)
+    result = peft_rs.combine_adapters(
+        [dir_a, dir_b], list(weights), tmp_path / "ours", combination_type="exact_svd", svd_rank=6
+    )
+    path, errors = result
+    ours = load_file(Path(path) / "adapter_model.safetensors")
+    config = peft_rs.PeftAdapter.from_pretrained(path).config.to_dict()
+    assert config["use_rslora"] is False and config["r"] == config["lora_alpha"] == 6
+    assert sorted(errors) == [module_path(p) for p in modules(ours)]
+    for prefix in modules(ours):
+        expected = weighted_sum_of_deltas(model, prefix, weights)
+        assert relative(delta(ours, prefix).double(), expected) < 1e-5, prefix
+        assert errors[module_path(prefix)] < 1e-6  # nothing truncated: R = 4 + 2 components at most
+    # Saved factors are PEFT's layout: the directory loads in PEFT and, with scaling 1 and no
+    # rsLoRA in the sources' place, gives PEFT's `cat` output (cat = exact without rsLoRA).
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path / "plain", r_b=2)
+    theirs_model, _ = peft_combined(model, "cat", weights=weights)
+    path, _ = peft_rs.combine_adapters(
+        [dir_a, dir_b], list(weights), tmp_path / "plain_ours", combination_type="exact_svd", svd_rank=6
+    )
+    theirs_out, ours_out = outputs_in_peft(theirs_model, path, model_key)
+    torch.testing.assert_close(ours_out, theirs_out, **DET_TOL)
+
+
+@pytest.mark.parametrize("model_key", sorted(MODELS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_svd_truncation_error_and_eckart_young(model_key, k, tmp_path):
+    model, dir_a, dir_b = two_adapters(model_key, tmp_path, r_b=2)
+    weights = (0.7, -0.4)
+    path, errors = peft_rs.combine_adapters(
+        [dir_a, dir_b], list(weights), tmp_path / "ours", combination_type="exact_svd", svd_rank=k
+    )
+    ours = load_file(Path(path) / "adapter_model.safetensors")
+    assert peft_rs.PeftAdapter.from_pretrained(path).config.to_dict()["r"] == k
+    assert sorted(errors) == [module_path(p) for p in modules(ours)]
+    for prefix in modules(ours):
+        dw = weighted_sum_of_deltas(model, prefix, weights)
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+        from_torch = float(torch.sqrt((s[k:] ** 2).sum() / (s**2).sum()))
+        ba = delta(ours, prefix).double()
+        assert abs(errors[module_path(prefix)] - from_torch) < 1e-6, prefix
+        assert abs(errors[module_path(prefix)] - relative(ba, dw) * 1.0) < 1e-5, prefix  # measured directly
+        assert errors[module_path(prefix)] > 1e-3  # something was dropped
+        best = u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+        assert float(torch.linalg.norm(ba - best) / torch.linalg.norm(dw)) < 1e-5, prefix
+    # The saved directory loads in PEFT.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.load_adapter(path, adapter_name="ours")
+    model.set_adapter("ours")
+    with torch.no_grad():
+        assert torch.isfinite(model(model_input(model.base_model.model))).all()
+
+
+def test_exact_svd_of_one_adapter_reduces_its_rank(tmp_path):
+    model, dir_a, _ = two_adapters("mlp", tmp_path)
+    path, errors = peft_rs.combine_adapters(
+        [dir_a], [1.0], tmp_path / "ours", combination_type="exact_svd", svd_rank=2
+    )
+    ours = load_file(Path(path) / "adapter_model.safetensors")
+    for prefix in modules(ours):
+        dw = weighted_sum_of_deltas(model, prefix, (1.0,), names=("one",))
+        s = torch.linalg.svdvals(dw)
+        assert abs(errors[module_path(prefix)] - float(torch.sqrt((s[2:] ** 2).sum() / (s**2).sum()))) < 1e-6
+        assert abs(errors[module_path(prefix)] - relative(delta(ours, prefix).double(), dw)) < 1e-5
+
+
+def test_exact_svd_rank_errors(tmp_path):
+    _, dir_a, dir_b = two_adapters("mlp", tmp_path, r_b=2)
+    dirs = [dir_a, dir_b]
+    with pytest.raises(peft_rs.errors.ConfigError, match="svd_rank 7 is above the combined rank R = 6"):
+        peft_rs.combine_adapters(dirs, [1.0, 1.0], tmp_path / "x", combination_type="exact_svd", svd_rank=7)
+    with pytest.raises(ValueError, match="svd_rank"):
+        peft_rs.combine_adapters(dirs, [1.0, 1.0], tmp_path / "x", combination_type="exact_svd", svd_rank=0)
+    with pytest.raises(ValueError, match="svd_clamp"):
+        peft_rs.combine_adapters(
+            dirs, [1.0, 1.0], tmp_path / "x", combination_type="exact_svd", svd_clamp=0.9
+        )
+    # Default rank: the largest source rank.
+    path, errors = peft_rs.combine_adapters(dirs, [1.0, 1.0], tmp_path / "d", combination_type="exact_svd")
+    assert peft_rs.PeftAdapter.from_pretrained(path).config.to_dict()["r"] == 4
+    assert all(0.0 <= e < 1.0 for e in errors.values())
+    # Other types keep returning the directory alone.
+    assert isinstance(
+        peft_rs.combine_adapters(dirs, [1.0, 1.0], tmp_path / "e", combination_type="exact"), Path
+    )
+
+
+def test_peft_model_add_weighted_adapter_exact_svd_on_minilm(minilm_pair, batch, tmp_path):
+    model, path = minilm_pair
+    ours = peft_rs.PeftModel.from_pretrained(
+        peft_rs.models.BertModel.from_pretrained(MINILM), path / "one", "one"
+    )
+    ours.load_adapter(path / "two", "two")
+    assert ours.add_weighted_adapter(["one", "two"], [0.6, 0.8], "c", combination_type="cat") is None
+    with pytest.raises(ValueError, match="svd_rank 9 is above"):
+        ours.add_weighted_adapter(["one", "two"], [0.6, 0.8], "x", combination_type="exact_svd", svd_rank=9)
+    errors = ours.add_weighted_adapter(
+        ["one", "two"], [0.6, 0.8], "k", combination_type="exact_svd", svd_rank=3
+    )
+    _, from_files = peft_rs.combine_adapters(
+        [path / "one", path / "two"], [0.6, 0.8], tmp_path / "f", combination_type="exact_svd", svd_rank=3
+    )
+    assert len(errors) == len(from_files) > 0
+    # Modules held by both sources (query) lose something; the others (rank 4 > 3) too.
+    for (name, e), (file_name, f) in zip(sorted(errors.items()), sorted(from_files.items()), strict=True):
+        assert file_name.endswith(name)
+        assert e == pytest.approx(f, abs=1e-12) and 0.0 < e < 1.0
+    # As PEFT: an existing name is left alone (and nothing is reported).
+    assert ours.add_weighted_adapter(["one"], [1.0], "k", combination_type="exact_svd") is None
+    # At full rank, the model's output is PEFT's `cat` (exact: no rsLoRA here).
+    ours.add_weighted_adapter(["one", "two"], [0.6, 0.8], "full", combination_type="exact_svd", svd_rank=8)
+    ours.set_adapter("full")
+    theirs = copy.deepcopy(model)
+    theirs.add_weighted_adapter(["one", "two"], [0.6, 0.8], "c", combination_type="cat")
+    theirs.set_adapter("c")
+    with torch.no_grad():
+        expected = theirs(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    actual = ours(batch["input_ids"], attention_mask=batch["attention_mask"])
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(torch.as_tensor(actual)[keep], expected[keep], **DET_TOL)
+
+
+def test_cli_combine_prints_the_truncation_error(tmp_path):
+    import subprocess
+    import sys
+
+    _, dir_a, dir_b = two_adapters("mlp", tmp_path, r_b=2)
+    _, errors = peft_rs.combine_adapters(
+        [dir_a, dir_b], [0.7, -0.4], tmp_path / "api", combination_type="exact_svd", svd_rank=2
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "peft_rs.cli",
+        "combine",
+        str(dir_a),
+        str(dir_b),
+        "--weights",
+        "0.7",
+        "-0.4",
+    ]
+    args = [*base, "--combination-type", "exact_svd", "--svd-rank", "2"]
+    proc = subprocess.run(
+        [*args, "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    largest, mean = max(errors.values()), sum(errors.values()) / len(errors)
+    assert f"max {largest:.3e}" in proc.stdout and f"mean {mean:.3e}" in proc.stdout, proc.stdout
+    proc = subprocess.run(
+        [*args, "--out", str(tmp_path / "json"), "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["truncation_errors"] == pytest.approx(errors, abs=1e-12)
+    assert report["max_relative_error"] == pytest.approx(largest)
+    assert report["mean_relative_error"] == pytest.approx(mean)
+    assert (tmp_path / "json" / "adapter_model.safetensors").is_file()
+    proc = subprocess.run(
+        [*base, "--combination-type", "exact_svd", "--svd-rank", "99", "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "svd_rank 99" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_errors_like_peft(tmp_path):
     model, dir_a, dir_b = two_adapters("mlp", tmp_path, r_b=2)
     message = "All adapters must have the same r value"

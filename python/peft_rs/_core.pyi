@@ -3,7 +3,7 @@
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, Self, TypedDict, TypeVar, final
+from typing import Any, Literal, Self, TypedDict, TypeVar, final, overload
 
 from typing_extensions import disjoint_base
 
@@ -195,6 +195,7 @@ class PeftAdapter:
     def config(self) -> PeftConfig: ...
     def module_names(self) -> list[str]: ...
     def module_ranks(self) -> dict[str, int]: ...
+    def check(self) -> list[tuple[str, str]]: ...
     def merge_into(
         self, state_dict: Mapping[str, _Array], module_types: _ModuleTypes, *, safe_merge: bool = False
     ) -> dict[str, _Array]: ...
@@ -266,7 +267,9 @@ class PeftModel:
         density: float | None = None,
         majority_sign_method: Literal["total", "frequency"] = "total",
         seed: int = 0,
-    ) -> None: ...
+    ) -> dict[str, float] | None:
+        """`None`; for `combination_type="exact_svd"` the per-module relative truncation error
+        `‖ΔW - B A‖_F / ‖ΔW‖_F` (`None` if `adapter_name` already existed)."""
     def set_adapter(self, adapter_name: str | list[str]) -> None: ...
     @property
     def active_adapters(self) -> list[str]: ...
@@ -442,6 +445,24 @@ def merge_checkpoint(
     resume: bool = False,
     progress: Callable[[int, int], object] | None = None,
 ) -> _MergeSummary: ...
+@overload
+def combine_adapters(  # type: ignore[overload-overlap]
+    adapter_dirs: Sequence[str | PathLike[str]],
+    weights: Sequence[float],
+    out_dir: str | PathLike[str],
+    combination_type: Literal["exact_svd"],
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    density: float | None = None,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+    seed: int = 0,
+    adapter_name: str = "default",
+) -> tuple[Path, dict[str, float]]:
+    """`exact_svd`: the directory written and, per module, the relative truncation error
+    `‖ΔW - B A‖_F / ‖ΔW‖_F` of the best rank-`svd_rank` approximation."""
+
+@overload
 def combine_adapters(
     adapter_dirs: Sequence[str | PathLike[str]],
     weights: Sequence[float],

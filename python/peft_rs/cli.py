@@ -315,6 +315,13 @@ def inspect_adapter(adapter_dir: Path) -> dict[str, Any]:
                 problems.append(f"unknown key {key}")
         others[key] = (info, role)
 
+    if adapter is not None:
+        # Tensors inconsistent with each other or with the config (each names the key and the
+        # expected and found shapes), checked by building each module's adapter on the base
+        # layer its tensors imply.
+        for module, message in adapter.check():
+            where = f" in {module}" if module else ""
+            problems.append(f"shape mismatch{where}: {message}")
     ranks = adapter.module_ranks() if adapter is not None else {}
     module_rows = []
     for name, tensors in sorted(modules.items()):
@@ -558,8 +565,26 @@ def cmd_combine(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     given = {k: v for k, v in options.items() if v is not None}
-    written = peft_rs.combine_adapters(args.adapter_dirs, args.weights, args.out, **given)
+    result = peft_rs.combine_adapters(args.adapter_dirs, args.weights, args.out, **given)
+    # exact_svd returns (directory, {module: relative truncation error}).
+    written, errors = result if isinstance(result, tuple) else (result, None)
+    if args.json:
+        report: dict[str, object] = {"out": str(written), "combination_type": args.combination_type}
+        if errors is not None:
+            report["truncation_errors"] = errors
+            report["max_relative_error"] = max(errors.values(), default=0.0)
+            report["mean_relative_error"] = sum(errors.values()) / len(errors) if errors else 0.0
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
     print(f"wrote {written}")
+    if errors is not None:
+        largest = max(errors.values(), default=0.0)
+        mean = sum(errors.values()) / len(errors) if errors else 0.0
+        worst = max(errors, key=errors.__getitem__) if errors else "-"
+        print(
+            f"truncation error ||dW - BA||_F / ||dW||_F over {len(errors)} modules: "
+            f"max {largest:.3e} ({worst}), mean {mean:.3e}"
+        )
     return EXIT_OK
 
 
@@ -568,7 +593,8 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 COMBINATION_TYPES = (
     "svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
-    "magnitude_prune, magnitude_prune_svd"
+    "magnitude_prune, magnitude_prune_svd, exact (ΔW = Σ wᵢ ΔWᵢ exactly, rank Σ rᵢ), "
+    "exact_svd (its best approximation of rank --svd-rank; prints the truncation error)"
 )
 
 
@@ -648,11 +674,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE",
         help=f"LoRA: one of {COMBINATION_TYPES} (default svd); IA³ adapters take none",
     )
-    p.add_argument("--svd-rank", type=int, metavar="R", help="rank of the SVD types' result")
+    p.add_argument(
+        "--svd-rank",
+        type=int,
+        metavar="R",
+        help="rank of the SVD types' result (default the largest source rank; exact_svd: at most Σ rᵢ)",
+    )
     p.add_argument("--svd-clamp", type=float, metavar="Q", help="quantile clamp of the SVD types")
     p.add_argument("--density", type=float, help="fraction kept by ties / dare / magnitude_prune")
     p.add_argument("--majority-sign-method", choices=("total", "frequency"), help="ties sign election")
     p.add_argument("--seed", type=int, help="seed of DARE's random masks")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON object (output directory; for exact_svd the per-module, largest and mean "
+        "relative truncation errors)",
+    )
     p.set_defaults(run=cmd_combine)
 
     from peft_rs import finetune  # imports this module: registered last

@@ -142,6 +142,19 @@ impl PyPeftAdapter {
         Ok(ranks)
     }
 
+    /// Checks the tensors against each other and the config without a model (shape
+    /// mismatches, ranks that differ from the config's): `[(module, problem), ...]`, each
+    /// problem naming the key and the expected and found shapes; empty when nothing is wrong.
+    fn check(&self, py: Python<'_>) -> Vec<(String, String)> {
+        py.detach(|| {
+            self.inner
+                .check()
+                .into_iter()
+                .map(|p| (p.module, p.message))
+                .collect()
+        })
+    }
+
     /// Paths of the adapted modules relative to the model (`modules_to_save` not included).
     fn module_names(&self) -> Vec<String> {
         self.inner

@@ -1,6 +1,7 @@
 //! `peft_rs.combine_adapters` and the options of `PeftModel.add_weighted_adapter`: adapter
 //! arithmetic of `peft_rs::arithmetic` (PEFT's `add_weighted_adapter`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use peft_rs::PeftAdapter;
@@ -38,7 +39,9 @@ pub fn combine_options(
 /// Combines the LoRA or IA³ adapters in `adapter_dirs` with `weights` as PEFT's
 /// `add_weighted_adapter` does (LoRA's `combination_type` defaults to "svd"; IA³ takes none),
 /// without a model, and saves the result in `out_dir` (in `out_dir/<adapter_name>` for a
-/// name other than "default", as PEFT saves). Returns the directory written.
+/// name other than "default", as PEFT saves). Returns the directory written; for
+/// `combination_type="exact_svd"`, `(directory, {module: relative truncation error})` with
+/// `‖ΔW − B A‖_F / ‖ΔW‖_F` per module.
 #[pyfunction]
 #[pyo3(signature = (
     adapter_dirs, weights, out_dir, combination_type=None, svd_rank=None, svd_clamp=None,
@@ -59,7 +62,7 @@ pub fn combine_adapters(
     majority_sign_method: &str,
     seed: u64,
     adapter_name: &str,
-) -> PyResult<PathBuf> {
+) -> PyResult<Py<PyAny>> {
     let (combination, options) = combine_options(
         combination_type,
         svd_rank,
@@ -69,19 +72,25 @@ pub fn combine_adapters(
         majority_sign_method,
         seed,
     )?;
-    run(py, || {
+    let (path, report) = run(py, || {
         let adapters = adapter_dirs
             .iter()
             .map(|dir| PeftAdapter::from_pretrained(Path::new(dir), None))
             .collect::<peft_rs::Result<Vec<_>>>()?;
         let refs: Vec<&PeftAdapter> = adapters.iter().collect();
-        let combined = peft_rs::arithmetic::combine_adapters(
+        let (combined, report) = peft_rs::arithmetic::combine_adapters_with_report(
             adapter_name,
             &refs,
             &weights,
             combination,
             &options,
         )?;
-        combined.save_pretrained(&out_dir)
-    })
+        Ok((combined.save_pretrained(&out_dir)?, report))
+    })?;
+    if combination == Some(Combination::ExactSvd) {
+        let errors: BTreeMap<String, f64> = report.truncation_errors;
+        Ok((path, errors).into_pyobject(py)?.into_any().unbind())
+    } else {
+        Ok(path.into_pyobject(py)?.into_any().unbind())
+    }
 }

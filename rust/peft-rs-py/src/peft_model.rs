@@ -108,7 +108,9 @@ impl PyPeftModel {
 
     /// PEFT's `add_weighted_adapter`: a new LoRA or IA³ adapter combining `adapters` with
     /// `weights` (inactive; nothing happens if `adapter_name` exists). `combination_type`: LoRA's
-    /// (default "svd"); IA³ takes none. `seed` seeds DARE's masks.
+    /// (default "svd"); IA³ takes none. `seed` seeds DARE's masks. Returns `None`, or for
+    /// "exact_svd" `{module: relative truncation error ‖ΔW − B A‖_F / ‖ΔW‖_F}` (`None` if
+    /// `adapter_name` existed).
     #[pyo3(signature = (
         adapters, weights, adapter_name, combination_type=None, svd_rank=None, svd_clamp=None,
         svd_full_matrices=true, density=None, majority_sign_method="total", seed=0
@@ -127,7 +129,7 @@ impl PyPeftModel {
         density: Option<f64>,
         majority_sign_method: &str,
         seed: u64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Option<std::collections::BTreeMap<String, f64>>> {
         let (combination, options) = crate::arithmetic::combine_options(
             combination_type,
             svd_rank,
@@ -139,9 +141,12 @@ impl PyPeftModel {
         )?;
         let inner = self.get_mut()?;
         let names: Vec<&str> = adapters.iter().map(String::as_str).collect();
-        run(py, || {
+        let report = run(py, || {
             inner.add_weighted_adapter(&names, &weights, adapter_name, combination, &options)
-        })
+        })?;
+        Ok(report
+            .filter(|_| combination == Some(peft_rs::arithmetic::Combination::ExactSvd))
+            .map(|r| r.truncation_errors))
     }
 
     /// Activates one adapter, or several (a list: they combine on every layer, in order).

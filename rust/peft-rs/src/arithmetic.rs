@@ -16,6 +16,26 @@
 //! [`Combination::Exact`] (not in PEFT) is `cat` without that quirk: the merged ΔW is exactly
 //! `Σ wᵢ ΔWᵢ` whatever the sources' scalings.
 //!
+//! [`Combination::ExactSvd`] (`"exact_svd"`, not in PEFT) is the best rank-`k` approximation of
+//! that exact sum (Eckart–Young), with `k = svd_rank` (default the largest source rank), and
+//! reports how much it drops. It never forms ΔW: `Σ wᵢ sᵢ Bᵢ Aᵢ = B_cat A_cat` with
+//! `R = Σ rᵢ` columns/rows, so with thin Householder QRs `B_cat = Q_B R_B`, `A_catᵀ = Q_A R_A`
+//! (in f64) the SVD of the small core `R_B R_Aᵀ = U_c Σ V_cᵀ` gives the exact SVD
+//! `ΔW = (Q_B U_c) Σ (Q_A V_c)ᵀ` in `O((out + in) R²)` ([`Svd::factored`]). The result is
+//! `B = U_k Σ_k`, `A = V_kᵀ` (signs as below), with the config of `exact` (`r = lora_alpha = k`,
+//! scaling 1 whatever rsLoRA). [`CombineReport::truncation_errors`] holds, per module, the
+//! relative Frobenius error `‖ΔW − B A‖_F / ‖ΔW‖_F = sqrt(Σ_{i>k} σᵢ²) / sqrt(Σ σᵢ²)` (0 for a
+//! zero ΔW), exact from the core's singular values. `svd_rank` above `R = Σ rᵢ` (the sum of the
+//! sources' ranks) is an error (there are at most `R` components: use `exact` for all of them); a
+//! module held by fewer sources keeps all its components (error 0), zero-padded to `k`.
+//! `svd_clamp` is rejected (it breaks the approximation); `svd_full_matrices` and `density` are
+//! ignored. Linear, Conv1D, Conv2d (non-grouped; sources of one kernel shape) and Embedding LoRA
+//! are supported, as for `exact`; one source may be given (rank reduction of one adapter).
+//!
+//! PEFT's plain `svd` uses the same factored SVD (its ΔW is also `Σ wᵢ sᵢ Bᵢ Aᵢ`): same singular
+//! triplets and signs, hence the same factors up to rounding, when the rank does not exceed the
+//! number of components (else, and for the pruning `*_svd` types, the dense Jacobi SVD of ΔW).
+//!
 //! Differences from PEFT, each an error rather than a different result: adapters and weights of
 //! different lengths (PEFT's `zip` drops the extra ones), DoRA / `lora_bias` sources (PEFT leaves
 //! the new magnitude/bias at their initial values), `modules_to_save` or trained biases, grouped
@@ -69,6 +89,9 @@ pub enum Combination {
     MagnitudePruneSvd,
     /// `cat` with scaling 1 whatever the first adapter's `use_rslora`: ΔW = Σ wᵢ ΔWᵢ exactly.
     Exact,
+    /// The best rank-`svd_rank` approximation of `exact`'s ΔW, with its truncation error
+    /// reported ([`CombineReport`]).
+    ExactSvd,
 }
 
 const COMBINATIONS: &[(&str, Combination)] = &[
@@ -84,6 +107,7 @@ const COMBINATIONS: &[(&str, Combination)] = &[
     ("magnitude_prune", Combination::MagnitudePrune),
     ("magnitude_prune_svd", Combination::MagnitudePruneSvd),
     ("exact", Combination::Exact),
+    ("exact_svd", Combination::ExactSvd),
 ];
 
 /// How the task tensors (A's, B's or deltas) of one module are merged (`merge_utils.py`).
@@ -97,7 +121,7 @@ enum TaskMerge {
 }
 
 impl Combination {
-    /// PEFT's name (`"svd"`, `"dare_ties"`...), or `"exact"`.
+    /// PEFT's name (`"svd"`, `"dare_ties"`...), or `"exact"` / `"exact_svd"`.
     pub fn from_name(name: &str) -> Result<Self> {
         COMBINATIONS
             .iter()
@@ -128,7 +152,7 @@ impl Combination {
             Self::DareLinear | Self::DareLinearSvd => TaskMerge::DareLinear,
             Self::DareTies | Self::DareTiesSvd => TaskMerge::DareTies,
             Self::MagnitudePrune | Self::MagnitudePruneSvd => TaskMerge::MagnitudePrune,
-            Self::Svd | Self::Linear | Self::Cat | Self::Exact => TaskMerge::Sum,
+            Self::Svd | Self::Linear | Self::Cat | Self::Exact | Self::ExactSvd => TaskMerge::Sum,
         }
     }
 }
@@ -184,6 +208,27 @@ impl Default for CombineOptions {
     }
 }
 
+/// What a combination reports besides the new adapter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CombineReport {
+    /// [`Combination::ExactSvd`]: per module, the relative Frobenius truncation error
+    /// `‖ΔW − B A‖_F / ‖ΔW‖_F` (0 for a zero ΔW). Empty for the other types.
+    pub truncation_errors: BTreeMap<String, f64>,
+}
+
+impl CombineReport {
+    /// The largest truncation error (`None` without any).
+    pub fn max_error(&self) -> Option<f64> {
+        self.truncation_errors.values().copied().reduce(f64::max)
+    }
+
+    /// The mean truncation error over the modules (`None` without any).
+    pub fn mean_error(&self) -> Option<f64> {
+        let n = self.truncation_errors.len();
+        (n > 0).then(|| self.truncation_errors.values().sum::<f64>() / n as f64)
+    }
+}
+
 /// PEFT's `add_weighted_adapter` over LoRA adapter files: a new adapter `adapter_name` whose
 /// modules are those of the sources that the new config selects (in sorted order).
 pub fn combine_lora(
@@ -193,7 +238,18 @@ pub fn combine_lora(
     combination: Combination,
     options: &CombineOptions,
 ) -> Result<PeftAdapter> {
-    combine_modules(
+    Ok(combine_lora_with_report(adapter_name, adapters, weights, combination, options)?.0)
+}
+
+/// [`combine_lora`] with its [`CombineReport`] (the truncation errors of `exact_svd`).
+pub fn combine_lora_with_report(
+    adapter_name: &str,
+    adapters: &[&PeftAdapter],
+    weights: &[f64],
+    combination: Combination,
+    options: &CombineOptions,
+) -> Result<(PeftAdapter, CombineReport)> {
+    combine_modules_with_report(
         adapter_name,
         adapters,
         weights,
@@ -225,6 +281,17 @@ pub fn combine_adapters(
     combination: Option<Combination>,
     options: &CombineOptions,
 ) -> Result<PeftAdapter> {
+    Ok(combine_adapters_with_report(adapter_name, adapters, weights, combination, options)?.0)
+}
+
+/// [`combine_adapters`] with its [`CombineReport`] (the truncation errors of `exact_svd`).
+pub fn combine_adapters_with_report(
+    adapter_name: &str,
+    adapters: &[&PeftAdapter],
+    weights: &[f64],
+    combination: Option<Combination>,
+    options: &CombineOptions,
+) -> Result<(PeftAdapter, CombineReport)> {
     let candidates = module_union(adapters);
     combine_candidates(
         adapter_name,
@@ -236,7 +303,7 @@ pub fn combine_adapters(
     )
 }
 
-/// [`combine_adapters`] over `candidates` (a model's module paths, in its order).
+/// [`combine_adapters_with_report`] over `candidates` (a model's module paths, in its order).
 pub(crate) fn combine_candidates(
     adapter_name: &str,
     adapters: &[&PeftAdapter],
@@ -244,13 +311,14 @@ pub(crate) fn combine_candidates(
     combination: Option<Combination>,
     options: &CombineOptions,
     candidates: &[String],
-) -> Result<PeftAdapter> {
+) -> Result<(PeftAdapter, CombineReport)> {
     if method_of(adapters)? == Some(crate::methods::ia3::PEFT_TYPE) {
         check_ia3_arguments(combination, options)?;
-        return combine_ia3_modules(adapter_name, adapters, weights, candidates);
+        let adapter = combine_ia3_modules(adapter_name, adapters, weights, candidates)?;
+        return Ok((adapter, CombineReport::default()));
     }
     let combination = combination.unwrap_or(Combination::Svd);
-    combine_modules(
+    combine_modules_with_report(
         adapter_name,
         adapters,
         weights,
@@ -477,17 +545,18 @@ fn weighted_ia3(module: &str, sources: &[Ia3Source], feedforward: bool) -> Resul
 
 /// [`combine_lora`] over `candidates` (a model's module paths, in its order): the new adapter
 /// holds every candidate its config selects, each of which some source must hold.
-pub(crate) fn combine_modules(
+fn combine_modules_with_report(
     adapter_name: &str,
     adapters: &[&PeftAdapter],
     weights: &[f64],
     combination: Combination,
     options: &CombineOptions,
     candidates: &[String],
-) -> Result<PeftAdapter> {
+) -> Result<(PeftAdapter, CombineReport)> {
     let sources = sources(adapters, weights)?;
-    // A single adapter can only be combined linearly (PEFT).
-    let combination = if adapters.len() == 1 && combination != Combination::Exact {
+    // A single adapter can only be combined linearly (PEFT); the exact modes are not PEFT's.
+    let exact = matches!(combination, Combination::Exact | Combination::ExactSvd);
+    let combination = if adapters.len() == 1 && !exact {
         Combination::Linear
     } else {
         combination
@@ -497,6 +566,7 @@ pub(crate) fn combine_modules(
     let config = new_config(&sources, combination, new_rank)?;
     let mut rng = TorchGenerator::new(options.seed);
     let mut layers = BTreeMap::new();
+    let mut report = CombineReport::default();
     for module in candidates {
         if !config.selection().is_target(module)? {
             continue;
@@ -507,8 +577,11 @@ pub(crate) fn combine_modules(
             combination,
             options,
         };
-        let tensors = ctx.combine(&sources, &mut rng)?;
+        let (tensors, error) = ctx.combine(&sources, &mut rng)?;
         layers.insert(module.clone(), tensors);
+        if let Some(error) = error {
+            report.truncation_errors.insert(module.clone(), error);
+        }
     }
     if layers.is_empty() {
         return Err(PeftError::InvalidOperation(
@@ -517,13 +590,8 @@ pub(crate) fn combine_modules(
         ));
     }
     let replaced = embedding_base_weights(adapters, &layers);
-    Ok(PeftAdapter::from_parts(
-        adapter_name,
-        config,
-        layers,
-        replaced,
-        BTreeMap::new(),
-    ))
+    let adapter = PeftAdapter::from_parts(adapter_name, config, layers, replaced, BTreeMap::new());
+    Ok((adapter, report))
 }
 
 /// One source adapter: its file, LoRA config and weight.
@@ -624,6 +692,13 @@ fn check_options(combination: Combination, options: &CombineOptions) -> Result<(
             Some(_) => {}
         }
     }
+    if combination == Combination::ExactSvd && options.svd_clamp.is_some() {
+        return Err(PeftError::config(
+            "svd_clamp",
+            "exact_svd does not clamp (clamping breaks the best rank-k approximation and its \
+             reported error); use svd with svd_clamp",
+        ));
+    }
     if combination.uses_svd()
         && let Some(q) = options.svd_clamp
         && !(0.0..=1.0).contains(&q)
@@ -653,6 +728,20 @@ fn new_rank(
         })
         .collect();
     let max = ranks.iter().copied().max().unwrap_or(0);
+    if combination == Combination::ExactSvd {
+        let total: usize = ranks.iter().sum();
+        let k = svd_rank.unwrap_or(max);
+        if k > total {
+            return Err(PeftError::config(
+                "svd_rank",
+                format!(
+                    "exact_svd: svd_rank {k} is above the combined rank R = {total} (the sum of \
+                     the sources' ranks), the most components ΔW has; use exact to keep them all"
+                ),
+            ));
+        }
+        return Ok(k);
+    }
     if combination.uses_svd() {
         return Ok(svd_rank.unwrap_or(max));
     }
@@ -679,7 +768,7 @@ fn new_config(sources: &[Source], combination: Combination, new_rank: usize) -> 
     })?;
     value["rank_pattern"] = Value::Object(Default::default());
     value["alpha_pattern"] = Value::Object(Default::default());
-    if combination == Combination::Exact {
+    if matches!(combination, Combination::Exact | Combination::ExactSvd) {
         value["use_rslora"] = Value::Bool(false);
     }
     value["peft_type"] = Value::from(crate::methods::lora::PEFT_TYPE);
@@ -868,12 +957,20 @@ struct ModuleCombine<'a> {
     options: &'a CombineOptions,
 }
 
+/// A module's new tensors, with the truncation error of `exact_svd`.
+type Combined = (Vec<(String, Tensor)>, Option<f64>);
+
+/// `B_cat` (`out × rank`) and `A_cat` (`rank × inp`), row-major.
+struct Concat {
+    b: Vec<f64>,
+    a: Vec<f64>,
+    out: usize,
+    rank: usize,
+    inp: usize,
+}
+
 impl ModuleCombine<'_> {
-    fn combine(
-        &self,
-        sources: &[Source],
-        rng: &mut TorchGenerator,
-    ) -> Result<Vec<(String, Tensor)>> {
+    fn combine(&self, sources: &[Source], rng: &mut TorchGenerator) -> Result<Combined> {
         let mut factors = Vec::new();
         for source in sources {
             factors.extend(source_factors(source, self.module)?);
@@ -886,17 +983,110 @@ impl ModuleCombine<'_> {
             )));
         };
         let (names, dtype) = (first.names, first.dtype);
+        let mut error = None;
         let (a, b) = match self.combination {
             Combination::Cat | Combination::Exact => self.cat(&factors)?,
+            Combination::ExactSvd => {
+                let (a, b, e) = self.exact_svd(&factors)?;
+                error = Some(e);
+                (a, b)
+            }
             c if c.uses_svd() => self.svd(&factors, rng)?,
             _ => self.separately(&factors, rng)?,
         };
         let a = pad_rank(&a, 0, self.new_rank);
         let b = pad_rank(&b, 1, self.new_rank);
-        Ok(vec![
+        let tensors = vec![
             (names.0.to_string(), a.to_tensor(dtype)?),
             (names.1.to_string(), b.to_tensor(dtype)?),
-        ])
+        ];
+        Ok((tensors, error))
+    }
+
+    /// `B_cat = [B₁ … Bₙ]` (`out × R`) and `A_cat = [c₁A₁; …; cₙAₙ]` (`R × in`) with
+    /// `cᵢ = coefficient(f)`, so that `B_cat A_cat = Σ cᵢ Bᵢ Aᵢ`.
+    fn concatenated(
+        &self,
+        factors: &[Factors],
+        coefficient: impl Fn(&Factors) -> f64,
+    ) -> Result<Concat> {
+        let (out, _, inp) = factors[0].matrices(self.module)?;
+        let a_tail = &factors[0].a.shape[1..];
+        for f in factors {
+            let (o, _, i) = f.matrices(self.module)?;
+            if o != out || i != inp || f.a.shape[1..] != *a_tail {
+                return Err(PeftError::shape(
+                    format!(
+                        "`{}`: the adapters' LoRA factors must fit one ΔW to be combined",
+                        self.module
+                    ),
+                    &factors[0].a.shape,
+                    &f.a.shape,
+                ));
+            }
+        }
+        let total: usize = factors.iter().map(Factors::rank).sum();
+        let mut a = Vec::with_capacity(total * inp);
+        for f in factors {
+            let c = coefficient(f);
+            a.extend(f.a.data.iter().map(|v| v * c));
+        }
+        let mut b = Vec::with_capacity(out * total);
+        for i in 0..out {
+            for f in factors {
+                let r = f.rank();
+                b.extend_from_slice(&f.b.data[i * r..(i + 1) * r]);
+            }
+        }
+        Ok(Concat {
+            b,
+            a,
+            out,
+            rank: total,
+            inp,
+        })
+    }
+
+    /// `B = U_k Σ_k`, `A = V_kᵀ` of `svd` (k = `min(new_rank, components)`) in the sources'
+    /// layouts.
+    fn truncated(&self, svd: &Svd, factors: &[Factors], m: usize, n: usize) -> (Dense, Dense) {
+        let k = svd.s.len();
+        let r = self.new_rank.min(k);
+        let mut b = Vec::with_capacity(m * r);
+        for i in 0..m {
+            b.extend((0..r).map(|j| svd.u[i * k + j] * svd.s[j]));
+        }
+        let a = svd.vt[..r * n].to_vec();
+        let mut a_shape = factors[0].a.shape.clone();
+        a_shape[0] = r;
+        let mut b_shape = factors[0].b.shape.clone();
+        b_shape[1] = r;
+        (
+            Dense {
+                shape: a_shape,
+                data: a,
+            },
+            Dense {
+                shape: b_shape,
+                data: b,
+            },
+        )
+    }
+
+    /// The best rank-`new_rank` approximation of `Σ wᵢ sᵢ Bᵢ Aᵢ` from the SVD of its factors,
+    /// and its relative Frobenius error.
+    fn exact_svd(&self, factors: &[Factors]) -> Result<(Dense, Dense, f64)> {
+        let Concat {
+            b,
+            a,
+            out: m,
+            rank: r,
+            inp: n,
+        } = self.concatenated(factors, |f| f.weight * f.scaling)?;
+        let svd = Svd::factored(&b, &a, m, r, n);
+        let error = svd.truncation_error(self.new_rank);
+        let (a, b) = self.truncated(&svd, factors, m, n);
+        Ok((a, b, error))
     }
 
     /// `A = cat(wᵢ sᵢ Aᵢ)` (rows), `B = cat(Bᵢ)` (columns).
@@ -952,6 +1142,9 @@ impl ModuleCombine<'_> {
 
     /// The deltas merged, then factored by a truncated SVD: `B = U Σ`, `A = Vᴴ`.
     fn svd(&self, factors: &[Factors], rng: &mut TorchGenerator) -> Result<(Dense, Dense)> {
+        if let Some(found) = self.factored_svd(factors)? {
+            return Ok(found);
+        }
         let deltas: Vec<Dense> = factors
             .iter()
             .map(|f| f.delta(self.module))
@@ -977,12 +1170,7 @@ impl ModuleCombine<'_> {
         }
         let mut a = svd.vt[..r * n].to_vec();
         if let Some(q) = self.options.svd_clamp {
-            let mut dist: Vec<f64> = b.iter().chain(&a).copied().collect();
-            let hi = quantile(&mut dist, q);
-            // torch.clamp(x, -hi, hi) = min(max(x, -hi), hi), also when -hi > hi.
-            for v in b.iter_mut().chain(a.iter_mut()) {
-                *v = v.max(-hi).min(hi);
-            }
+            clamp_at_quantile(&mut b, &mut a, q);
         }
         let mut a_shape = factors[0].a.shape.clone();
         a_shape[0] = r;
@@ -998,6 +1186,36 @@ impl ModuleCombine<'_> {
                 data: b,
             },
         ))
+    }
+
+    /// Plain `svd` (ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ, no pruning) from the SVD of the factors: the same
+    /// singular triplets and signs as the dense SVD of ΔW, in `O((out + in) R²)`. `None` where
+    /// the dense path is needed: pruning types, or a rank above the number of components (the
+    /// dense SVD then fills the rest with null-space vectors, which `svd_clamp`'s quantile sees).
+    fn factored_svd(&self, factors: &[Factors]) -> Result<Option<(Dense, Dense)>> {
+        if self.combination != Combination::Svd {
+            return Ok(None);
+        }
+        // PEFT's weights are an f32 tensor.
+        let Concat {
+            b,
+            a,
+            out: m,
+            rank: r,
+            inp: n,
+        } = self.concatenated(factors, |f| f32_value(f.weight) * f.scaling)?;
+        if self.new_rank > r.min(m).min(n) {
+            return Ok(None);
+        }
+        let svd = Svd::factored(&b, &a, m, r, n);
+        if svd.s.len() < self.new_rank {
+            return Ok(None);
+        }
+        let (mut a, mut b) = self.truncated(&svd, factors, m, n);
+        if let Some(q) = self.options.svd_clamp {
+            clamp_at_quantile(&mut b.data, &mut a.data, q);
+        }
+        Ok(Some((a, b)))
     }
 
     /// `merge_utils`' task merge of equally shaped tensors.
@@ -1038,6 +1256,16 @@ impl ModuleCombine<'_> {
             _ => weighted_sum(&pruned, weights),
         };
         Ok(Dense { shape, data })
+    }
+}
+
+/// PEFT's `svd_clamp`: both factors clamped at the `q` quantile of their entries.
+fn clamp_at_quantile(b: &mut [f64], a: &mut [f64], q: f64) {
+    let mut dist: Vec<f64> = b.iter().chain(a.iter()).copied().collect();
+    let hi = quantile(&mut dist, q);
+    // torch.clamp(x, -hi, hi) = min(max(x, -hi), hi), also when -hi > hi.
+    for v in b.iter_mut().chain(a.iter_mut()) {
+        *v = v.max(-hi).min(hi);
     }
 }
 
@@ -1220,10 +1448,66 @@ impl Svd {
         out
     }
 
+    /// The exact SVD of `B A` from `B` (`m × r`) and `A` (`r × n`), row-major, without forming
+    /// the product: thin Householder QRs `B = Q_B R_B`, `Aᵀ = Q_A R_A`, the Jacobi SVD of the
+    /// small core `R_B R_Aᵀ = U_c Σ V_cᵀ`, and `U = Q_B U_c`, `Vᵀ = V_cᵀ Q_Aᵀ`;
+    /// `O((m + n) r²)`. It has `min(m, n, r)` components, signed as [`Svd::new`]'s.
+    pub fn factored(b: &[f64], a: &[f64], m: usize, r: usize, n: usize) -> Self {
+        let (qb, rb, pb) = thin_qr(b, m, r);
+        let (qa, ra, pa) = thin_qr(&transpose(a, r, n), n, r);
+        // core = R_B R_Aᵀ (pb × pa).
+        let mut core = vec![0.0; pb * pa];
+        for i in 0..pb {
+            for j in 0..pa {
+                core[i * pa + j] = dot(&rb[i * r..(i + 1) * r], &ra[j * r..(j + 1) * r]);
+            }
+        }
+        let c = Self::new(&core, pb, pa);
+        let k = c.s.len();
+        let mut u = vec![0.0; m * k];
+        for i in 0..m {
+            for l in 0..pb {
+                let q = qb[i * pb + l];
+                if q != 0.0 {
+                    for (o, x) in u[i * k..(i + 1) * k]
+                        .iter_mut()
+                        .zip(&c.u[l * k..(l + 1) * k])
+                    {
+                        *o += q * x;
+                    }
+                }
+            }
+        }
+        let mut vt = vec![0.0; k * n];
+        for j in 0..k {
+            let row = &mut vt[j * n..(j + 1) * n];
+            for l in 0..pa {
+                let v = c.vt[j * pa + l];
+                for (o, i) in row.iter_mut().zip(0..n) {
+                    *o += v * qa[i * pa + l];
+                }
+            }
+        }
+        let mut out = Self { u, s: c.s, vt };
+        out.fix_signs(m, n);
+        out
+    }
+
+    /// `‖M − U_k Σ_k V_kᵀ‖_F / ‖M‖_F = sqrt(Σ_{i≥k} σᵢ²) / sqrt(Σ σᵢ²)`; 0 for `M = 0`.
+    pub fn truncation_error(&self, k: usize) -> f64 {
+        let total: f64 = self.s.iter().map(|s| s * s).sum();
+        let tail: f64 = self.s.iter().skip(k).map(|s| s * s).sum();
+        if total > 0.0 {
+            (tail / total).sqrt()
+        } else {
+            0.0
+        }
+    }
+
     /// Signs each pair so the largest-magnitude entry of its left vector (first among equals)
     /// is positive.
     fn fix_signs(&mut self, m: usize, n: usize) {
-        let k = m.min(n);
+        let k = self.s.len();
         for j in 0..k {
             let mut best = 0;
             for i in 0..m {
@@ -1241,6 +1525,68 @@ impl Svd {
             }
         }
     }
+}
+
+/// Thin Householder QR of an `m × n` row-major matrix: `Q` (`m × p`, orthonormal columns,
+/// row-major), `R` (`p × n`, upper trapezoidal, row-major) and `p = min(m, n)`.
+fn thin_qr(data: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>, usize) {
+    let p = m.min(n);
+    let mut cols: Vec<Vec<f64>> = (0..n)
+        .map(|j| (0..m).map(|i| data[i * n + j]).collect())
+        .collect();
+    let mut reflectors: Vec<(Vec<f64>, f64)> = Vec::with_capacity(p);
+    for j in 0..p {
+        let x = &cols[j][j..];
+        let norm = dot(x, x).sqrt();
+        let mut v = x.to_vec();
+        let mut beta = 0.0;
+        if norm > 0.0 {
+            v[0] += if x[0] >= 0.0 { norm } else { -norm };
+            let vv = dot(&v, &v);
+            if vv > 0.0 {
+                beta = 2.0 / vv;
+            }
+        }
+        if beta != 0.0 {
+            for col in &mut cols[j..] {
+                let seg = &mut col[j..];
+                let t = beta * dot(&v, seg);
+                for (c, vi) in seg.iter_mut().zip(&v) {
+                    *c -= t * vi;
+                }
+            }
+        }
+        reflectors.push((v, beta));
+    }
+    let mut r = vec![0.0; p * n];
+    for i in 0..p {
+        for j in i..n {
+            r[i * n + j] = cols[j][i];
+        }
+    }
+    // Q = H₀ H₁ … H_{p−1} [I_p; 0], applied from the last reflector.
+    let mut q: Vec<Vec<f64>> = (0..p)
+        .map(|j| (0..m).map(|i| f64::from(u8::from(i == j))).collect())
+        .collect();
+    for (j, (v, beta)) in reflectors.iter().enumerate().rev() {
+        if *beta == 0.0 {
+            continue;
+        }
+        for col in &mut q {
+            let seg = &mut col[j..];
+            let t = beta * dot(v, seg);
+            for (c, vi) in seg.iter_mut().zip(v) {
+                *c -= t * vi;
+            }
+        }
+    }
+    let mut q_rows = vec![0.0; m * p];
+    for (j, col) in q.iter().enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            q_rows[i * p + j] = *v;
+        }
+    }
+    (q_rows, r, p)
 }
 
 /// One Jacobi rotation making columns `p` and `q` orthogonal; false when they already are.
@@ -1364,6 +1710,59 @@ mod tests {
         let data = matmul(&b, &a, 6, 2, 5);
         let svd = Svd::new(&data, 6, 5);
         assert!(svd.s[2] < 1e-12 && svd.s[1] > 1e-3);
+    }
+
+    #[test]
+    fn factored_svd_equals_dense_svd() {
+        // (m, r, n): tall, wide, r above m or n (rank-deficient core), square.
+        for (m, r, n) in [(9, 3, 6), (5, 4, 11), (3, 5, 7), (8, 6, 4), (6, 2, 6)] {
+            let b = pseudo_random(m * r, (m * 100 + r * 10 + n) as u64);
+            let a = pseudo_random(r * n, (n * 100 + r) as u64);
+            let dense = Svd::new(&matmul(&b, &a, m, r, n), m, n);
+            let fact = Svd::factored(&b, &a, m, r, n);
+            let (kd, kf) = (dense.s.len(), fact.s.len());
+            assert_eq!(kf, m.min(n).min(r), "{m}x{r}x{n}");
+            for j in 0..kf {
+                assert!((fact.s[j] - dense.s[j]).abs() < 1e-12, "{m}x{r}x{n}: σ{j}");
+                // Nonzero singular values are distinct here: the pairs, signs included, agree.
+                for i in 0..m {
+                    let (x, y) = (fact.u[i * kf + j], dense.u[i * kd + j]);
+                    assert!((x - y).abs() < 1e-9, "{m}x{r}x{n}: u[{i},{j}] {x} vs {y}");
+                }
+                for i in 0..n {
+                    let (x, y) = (fact.vt[j * n + i], dense.vt[j * n + i]);
+                    assert!((x - y).abs() < 1e-9, "{m}x{r}x{n}: vt[{j},{i}] {x} vs {y}");
+                }
+            }
+            assert!(dense.s[kf..].iter().all(|s| *s < 1e-12));
+            for k in 0..=kf {
+                let (ef, ed) = (fact.truncation_error(k), dense.truncation_error(k));
+                assert!((ef - ed).abs() < 1e-12, "{m}x{r}x{n}: error at {k}");
+            }
+            assert_eq!(fact.truncation_error(kf), 0.0);
+        }
+    }
+
+    #[test]
+    fn thin_qr_is_orthonormal_and_reconstructs() {
+        for (m, n) in [(7, 3), (3, 7), (4, 4)] {
+            let data = pseudo_random(m * n, (m + 7 * n) as u64);
+            let (q, r, p) = thin_qr(&data, m, n);
+            let back = matmul(&q, &r, m, p, n);
+            for (x, y) in back.iter().zip(&data) {
+                assert!((x - y).abs() < 1e-13);
+            }
+            let qtq = matmul(&transpose(&q, m, p), &q, p, m, p);
+            for i in 0..p {
+                for j in 0..p {
+                    let eye = f64::from(u8::from(i == j));
+                    assert!((qtq[i * p + j] - eye).abs() < 1e-13);
+                    if j < i && j < n {
+                        assert_eq!(r[i * n + j], 0.0);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -133,6 +133,98 @@ pub trait MethodConfig: std::fmt::Debug + Send + Sync {
     fn generate_shared(&self, _out_max: usize, _in_max: usize) -> Result<BTreeMap<String, Tensor>> {
         Ok(BTreeMap::new())
     }
+
+    /// The base layer that `module`'s tensors (`tensors`, named relative to the module, as in
+    /// [`MethodConfig::param_names`]) and the adapter-wide `shared` tensors imply, for checking
+    /// an adapter without its model ([`crate::PeftAdapter::check`]): [`MethodConfig::build`] on a
+    /// base of that shape then checks every tensor against every other and against the config.
+    /// Read as few tensors as pinning the shape takes, so that `build`, not this, names the
+    /// inconsistent one. `Ok(None)` (the default): the method cannot tell. An error: the tensors
+    /// needed to tell are missing or of the wrong rank (name the key).
+    fn infer_base(
+        &self,
+        _module: &str,
+        _tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        Ok(None)
+    }
+}
+
+/// A base layer as far as an adapter's tensors tell it ([`MethodConfig::infer_base`]): its kind
+/// and weight shape in PyTorch's layout. A transformers `Conv1D` cannot be told from an
+/// `nn.Linear` by shapes (a config's `fan_in_fan_out` tells it); a Conv2d's stride, padding and
+/// dilation never show, and its groups are taken to be 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferredBase {
+    pub kind: ModuleKind,
+    pub dims: Vec<usize>,
+}
+
+impl InferredBase {
+    /// `out` outputs, `inp` inputs: a Conv1D `(in, out)` when `fan_in_fan_out`, else a Linear
+    /// `(out, in)`.
+    pub fn linear(out: usize, inp: usize, fan_in_fan_out: bool) -> Self {
+        if fan_in_fan_out {
+            Self {
+                kind: ModuleKind::Conv1D,
+                dims: vec![inp, out],
+            }
+        } else {
+            Self {
+                kind: ModuleKind::Linear,
+                dims: vec![out, inp],
+            }
+        }
+    }
+
+    pub fn embedding(num_embeddings: usize, embedding_dim: usize) -> Self {
+        Self {
+            kind: ModuleKind::Embedding,
+            dims: vec![num_embeddings, embedding_dim],
+        }
+    }
+
+    /// A Conv2d of weight `(out, in, kh, kw)`, ungrouped, with default stride and padding.
+    pub fn conv2d(out: usize, inp: usize, kh: usize, kw: usize) -> Self {
+        Self {
+            kind: ModuleKind::Conv2d(crate::base::Conv2dParams::default()),
+            dims: vec![out, inp, kh, kw],
+        }
+    }
+}
+
+/// The shape of the tensor `name` among one module's tensors, if it is there.
+pub fn dims_of<'a>(tensors: &'a [(String, Tensor)], name: &str) -> Option<&'a [usize]> {
+    tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t.dims())
+}
+
+/// The shape of `name` if it is there with `rank` dimensions; an error naming `module`'s key
+/// otherwise ([`MethodConfig::infer_base`]).
+pub fn dims_with_rank<'a>(
+    module: &str,
+    tensors: &'a [(String, Tensor)],
+    name: &str,
+    rank: &[usize],
+) -> Result<&'a [usize]> {
+    let key = crate::params::file_key(module, name);
+    let dims = dims_of(tensors, name).ok_or_else(|| crate::error::PeftError::MissingKey {
+        key: key.clone(),
+        context: "needed to tell the base layer's shape".into(),
+    })?;
+    if !rank.contains(&dims.len()) {
+        return Err(crate::error::PeftError::InvalidOperation(format!(
+            "{key} must have {} dimensions, found shape {dims:?}",
+            rank.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    }
+    Ok(dims)
 }
 
 /// One method's adapter on one module: its tensors and its math. It never owns the base layer:

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CONFIG_NAME, PeftConfig, config_to_file_json, read_config};
@@ -407,6 +407,87 @@ impl PeftAdapter {
         Ok(out)
     }
 
+    /// Checks the tensors against each other and against the config without a model: for each
+    /// adapted module, the base layer its tensors imply ([`MethodConfig::infer_base`]) is built
+    /// as a shape only (a broadcast scalar, never allocated), and the method's adapter is built
+    /// on it from the module's tensors, exactly as loading onto a model would. Every error that
+    /// build reports (it names the key, the expected and the found shape; a rank that differs
+    /// from the config's `r` / `rank_pattern` shows there) is one problem of that module. Empty
+    /// when nothing is wrong or the method cannot tell. Never fails.
+    ///
+    /// What shapes cannot tell is not checked: a tensor consistent with a base of another width
+    /// than the model's, or the model's module kinds (Linear and Conv1D look alike).
+    ///
+    /// [`MethodConfig::infer_base`]: crate::method::MethodConfig::infer_base
+    pub fn check(&self) -> Vec<ShapeProblem> {
+        let mut problems = Vec::new();
+        let mut bases = Vec::new();
+        for (module, tensors) in &self.layers {
+            let problem = |message: String| ShapeProblem {
+                module: module.clone(),
+                message,
+            };
+            let inferred = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.config.infer_base(module, tensors, &self.shared)
+            }));
+            match inferred {
+                Ok(Ok(Some(base))) if base.dims.contains(&0) => problems.push(problem(format!(
+                    "the tensors imply an empty base weight of shape {:?} ({:?})",
+                    base.dims, base.kind
+                ))),
+                Ok(Ok(Some(base))) => match shape_only_base(base.kind, &base.dims) {
+                    Ok(layer) => bases.push((module, tensors, layer)),
+                    Err(e) => problems.push(problem(e.to_string())),
+                },
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => problems.push(problem(e.to_string())),
+                Err(_) => problems.push(problem("the tensors' shapes could not be read".into())),
+            }
+        }
+        // A VeRA file without its projections: regenerated to the widest inferred layer, as
+        // loading does from the model's.
+        let generated;
+        let shared = if self.needs_model_shapes() && !bases.is_empty() {
+            let out_max = bases.iter().map(|b| b.2.out_features()).max().unwrap_or(0);
+            let in_max = bases.iter().map(|b| b.2.in_features()).max().unwrap_or(0);
+            match self.config.generate_shared(out_max, in_max) {
+                Ok(g) => {
+                    generated = g;
+                    &generated
+                }
+                Err(e) => {
+                    problems.push(ShapeProblem {
+                        module: String::new(),
+                        message: format!("the shared tensors cannot be regenerated: {e}"),
+                    });
+                    return problems;
+                }
+            }
+        } else {
+            &self.shared
+        };
+        for (module, tensors, base) in bases {
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let source = ParamSource::Given(tensors.clone());
+                self.config.build(module, &base, source, shared).map(drop)
+            }));
+            let message = match built {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "building the adapter on the {:?} base of shape {:?} its tensors imply failed",
+                    base.kind(),
+                    base.weight_dims()
+                ),
+            };
+            problems.push(ShapeProblem {
+                module: module.clone(),
+                message,
+            });
+        }
+        problems
+    }
+
     /// The tensors under PEFT's file keys.
     pub fn to_state_dict(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self
@@ -453,6 +534,21 @@ impl PeftAdapter {
         write_atomic(&dir.join(CONFIG_NAME), json.as_bytes())?;
         Ok(dir)
     }
+}
+
+/// One problem [`PeftAdapter::check`] found: the module (empty for the adapter-wide tensors) and
+/// what is wrong, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeProblem {
+    pub module: String,
+    pub message: String,
+}
+
+/// A base layer of `kind` whose weight has shape `dims` but no storage of that size: a scalar
+/// zero broadcast (all strides zero), for building adapters to check their shapes.
+fn shape_only_base(kind: ModuleKind, dims: &[usize]) -> Result<BaseLayer> {
+    let weight = Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as(dims)?;
+    BaseLayer::new(kind, weight, None)
 }
 
 /// Splits `"<module>.<param>"` where `param` is one of `names`.

@@ -18,7 +18,10 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{
+    BiasMode, InferredBase, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource,
+    dims_with_rank,
+};
 use crate::methods::lora::{LoraConfig, LoraInit};
 use crate::module::Below;
 use crate::params::{Params, take_params};
@@ -302,6 +305,24 @@ impl MethodConfig for AdaLoraConfig {
         let mut config = self.clone();
         crate::methods::adapt_fan_in_fan_out(&mut config.lora.fan_in_fan_out, kinds)?;
         Ok(Some(Arc::new(config)))
+    }
+
+    /// Outputs from `lora_B`'s rows, inputs from `lora_A`'s columns (the kept ranks do not
+    /// matter: `build` checks them against `rank_pattern`). A Conv2d's flattened
+    /// `in · kh · kw` cannot be split, so it is told as a Linear of that many inputs.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let a = dims_with_rank(module, tensors, ADALORA_A, &[2])?;
+        let b = dims_with_rank(module, tensors, ADALORA_B, &[2])?;
+        Ok(Some(InferredBase::linear(
+            b[0],
+            a[1],
+            self.lora.fan_in_fan_out,
+        )))
     }
 }
 

@@ -31,7 +31,8 @@ use crate::linalg::{block_diag, cayley};
 use crate::matching::Selection;
 use crate::merge::{adapter_dtype, apply_rule};
 use crate::method::{
-    BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource, Side,
+    BiasMode, InferredBase, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource, Side,
+    dims_with_rank,
 };
 use crate::module::Below;
 use crate::params::{Params, take_params};
@@ -226,6 +227,24 @@ impl MethodConfig for BoftConfig {
             config.fan_in_fan_out = false;
         }
         Ok(Some(Arc::new(config)))
+    }
+
+    /// The rotated width `block_num · block_size` from `boft_R`, the outputs from `boft_s`,
+    /// whose orientation tells a Conv2d (`(1, out)`) from a Linear (`(out, 1)`). A Conv2d's
+    /// rotated `in · k · k` cannot be split: it is told as a 1×1 kernel.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let r = dims_with_rank(module, tensors, BOFT_R, &[4])?;
+        let s = dims_with_rank(module, tensors, BOFT_S, &[2])?;
+        let dim = r[1] * r[2];
+        Ok(Some(match s {
+            [1, out] if *out != 1 => InferredBase::conv2d(*out, dim, 1, 1),
+            _ => InferredBase::linear(s[0], dim, false),
+        }))
     }
 }
 

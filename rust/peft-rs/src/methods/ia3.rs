@@ -15,7 +15,9 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{
+    InferredBase, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource, dims_with_rank,
+};
 use crate::module::Below;
 use crate::params::{Params, take_params};
 
@@ -150,6 +152,24 @@ impl MethodConfig for Ia3Config {
         let mut config = self.clone();
         crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
         Ok(Some(Arc::new(config)))
+    }
+
+    /// `ia3_l` gives one width only (the input's for feed-forward modules, the output's
+    /// otherwise); the other is taken equal to it, so that only the vector's orientation and
+    /// the config's `feedforward_modules` decide whether it fits.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let l = dims_with_rank(module, tensors, IA3_L, &[2, 4])?;
+        let n = l.iter().copied().max().unwrap_or(0);
+        Ok(Some(if l.len() == 4 {
+            InferredBase::conv2d(n, n, 1, 1)
+        } else {
+            InferredBase::linear(n, n, self.fan_in_fan_out)
+        }))
     }
 }
 

@@ -17,7 +17,9 @@ use crate::error::Result;
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{LayerAdapter, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{
+    InferredBase, LayerAdapter, MethodConfig, MethodEntry, ParamSource, dims_of, dims_with_rank,
+};
 use crate::methods::lycoris::{
     LycorisAdapter, LycorisFields, LycorisMethod, TrainingDropout, check_kind, config_object,
     cp_weight, take_field, take_fields,
@@ -128,6 +130,27 @@ impl MethodConfig for LoHaConfig {
             self.clone(),
             source,
         )?))
+    }
+
+    /// The CP form (`hada_t1`) tells a Conv2d and its kernel, with outputs from `hada_w1_a`'s
+    /// columns and inputs from `hada_w1_b`'s; otherwise outputs from `hada_w1_a`'s rows and
+    /// inputs from `hada_w1_b`'s columns (a Conv2d's flattened `in · kh · kw` cannot be split,
+    /// so it is told as a Linear of that many inputs).
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let w1_a = dims_with_rank(module, tensors, HADA_W1_A, &[2])?;
+        let w1_b = dims_with_rank(module, tensors, HADA_W1_B, &[2])?;
+        Ok(Some(match dims_of(tensors, HADA_T1) {
+            Some(_) => {
+                let t1 = dims_with_rank(module, tensors, HADA_T1, &[4])?;
+                InferredBase::conv2d(w1_a[1], w1_b[1], t1[2], t1[3])
+            }
+            None => InferredBase::linear(w1_a[0], w1_b[1], false),
+        }))
     }
 }
 

@@ -18,7 +18,9 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{LayerAdapter, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{
+    InferredBase, LayerAdapter, MethodConfig, MethodEntry, ParamSource, dims_of, dims_with_rank,
+};
 use crate::methods::lycoris::{
     LycorisAdapter, LycorisFields, LycorisMethod, TrainingDropout, check_kind, config_object,
     cp_weight, take_field, take_fields,
@@ -168,6 +170,52 @@ impl MethodConfig for LoKrConfig {
             self.clone(),
             source,
         )?))
+    }
+
+    /// `out = a·b`, `in = c·d`: `(a, c)` from `lokr_w1` (or `lokr_w1_a`'s rows and
+    /// `lokr_w1_b`'s columns), `(b, d)` and the kernel from `lokr_w2` (or its factors, with
+    /// `lokr_t2` in the CP form). A factored flat Conv2d `lokr_w2_b` holds `d · kh · kw`
+    /// columns: read as a Linear unless only a square kernel makes `(c, d)` PEFT's
+    /// factorization of the input width.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let (a, c) = match dims_of(tensors, LOKR_W1) {
+            Some(_) => {
+                let w1 = dims_with_rank(module, tensors, LOKR_W1, &[2])?;
+                (w1[0], w1[1])
+            }
+            None => (
+                dims_with_rank(module, tensors, LOKR_W1_A, &[2])?[0],
+                dims_with_rank(module, tensors, LOKR_W1_B, &[2])?[1],
+            ),
+        };
+        let (b, d, kernel) = if dims_of(tensors, LOKR_W2).is_some() {
+            match dims_with_rank(module, tensors, LOKR_W2, &[2, 4])? {
+                [b, d, kh, kw] => (*b, *d, Some((*kh, *kw))),
+                w2 => (w2[0], w2[1], None),
+            }
+        } else if dims_of(tensors, LOKR_T2).is_some() {
+            let t2 = dims_with_rank(module, tensors, LOKR_T2, &[4])?;
+            let b = dims_with_rank(module, tensors, LOKR_W2_A, &[2])?[1];
+            let d = dims_with_rank(module, tensors, LOKR_W2_B, &[2])?[1];
+            (b, d, Some((t2[2], t2[3])))
+        } else {
+            let b = dims_with_rank(module, tensors, LOKR_W2_A, &[2])?[0];
+            let cols = dims_with_rank(module, tensors, LOKR_W2_B, &[2])?[1];
+            let fits = |d: usize| factorization(c * d, self.decompose_factor) == (c, d);
+            match (2..=7).find(|k| cols % (k * k) == 0 && !fits(cols) && fits(cols / (k * k))) {
+                Some(k) => (b, cols / (k * k), Some((k, k))),
+                None => (b, cols, None),
+            }
+        };
+        Ok(Some(match kernel {
+            Some((kh, kw)) => InferredBase::conv2d(a * b, c * d, kh, kw),
+            None => InferredBase::linear(a * b, c * d, false),
+        }))
     }
 }
 

@@ -17,7 +17,10 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::merge::{adapter_dtype, row_norms};
-use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{
+    BiasMode, InferredBase, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource,
+    dims_of, dims_with_rank,
+};
 use crate::module::Below;
 use crate::params::{Params, take_params};
 
@@ -407,6 +410,29 @@ impl MethodConfig for LoraConfig {
         crate::methods::adapt_fan_in_fan_out(&mut config.fan_in_fan_out, kinds)?;
         Ok(Some(Arc::new(config)))
     }
+
+    /// Inputs (and kernel) from `lora_A`, outputs from `lora_B`; `lora_embedding_*` tell an
+    /// Embedding.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        if dims_of(tensors, LORA_EMBEDDING_A).is_some()
+            || dims_of(tensors, LORA_EMBEDDING_B).is_some()
+        {
+            let a = dims_with_rank(module, tensors, LORA_EMBEDDING_A, &[2])?;
+            let b = dims_with_rank(module, tensors, LORA_EMBEDDING_B, &[2])?;
+            return Ok(Some(InferredBase::embedding(a[1], b[0])));
+        }
+        let a = dims_with_rank(module, tensors, LORA_A, &[2, 4])?;
+        let b = dims_with_rank(module, tensors, LORA_B, &[2, 4])?;
+        Ok(Some(match a {
+            [_, inp, kh, kw] => InferredBase::conv2d(b[0], *inp, *kh, *kw),
+            _ => InferredBase::linear(b[0], a[1], self.fan_in_fan_out),
+        }))
+    }
 }
 
 /// DoRA's magnitude shape in PEFT's files: `(out,)`, or `(1, out, 1, 1)` for Conv2d.
@@ -709,4 +735,98 @@ fn init_params(
         weights.push((name.to_string(), t));
     }
     Ok(weights)
+}
+
+#[cfg(test)]
+mod infer_tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::config::PeftConfig;
+    use crate::method::InferredBase;
+    use crate::peft_adapter::{BaseModule, PeftAdapter};
+
+    fn zeros(dims: &[usize]) -> Tensor {
+        Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn named(items: &[(&str, &[usize])]) -> Vec<(String, Tensor)> {
+        items
+            .iter()
+            .map(|(n, d)| (n.to_string(), zeros(d)))
+            .collect()
+    }
+
+    #[test]
+    fn infer_base_reads_every_layer_kind() {
+        let config = LoraConfig::default();
+        let none = BTreeMap::new();
+        let infer = |c: &LoraConfig, t: &[(String, Tensor)]| c.infer_base("m", t, &none).unwrap();
+        let linear = named(&[(LORA_A, &[8, 10]), (LORA_B, &[20, 8])]);
+        assert_eq!(
+            infer(&config, &linear),
+            Some(InferredBase::linear(20, 10, false))
+        );
+        let gpt2 = LoraConfig {
+            fan_in_fan_out: true,
+            ..LoraConfig::default()
+        };
+        let conv1d = infer(&gpt2, &linear).unwrap();
+        assert_eq!(
+            (conv1d.kind, conv1d.dims),
+            (ModuleKind::Conv1D, vec![10, 20])
+        );
+        let emb = named(&[(LORA_EMBEDDING_A, &[8, 50]), (LORA_EMBEDDING_B, &[12, 8])]);
+        assert_eq!(infer(&config, &emb), Some(InferredBase::embedding(50, 12)));
+        let conv = named(&[(LORA_A, &[8, 3, 3, 3]), (LORA_B, &[4, 8, 1, 1])]);
+        assert_eq!(
+            infer(&config, &conv),
+            Some(InferredBase::conv2d(4, 3, 3, 3))
+        );
+        // A missing or flat tensor is named.
+        let err = config
+            .infer_base("m", &named(&[(LORA_A, &[8])]), &none)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("base_model.model.m.lora_A.weight"), "{err}");
+    }
+
+    #[test]
+    fn check_finds_rank_mismatch_without_a_model() {
+        let config = LoraConfig {
+            r: 8,
+            target_modules: Some(crate::config::ModuleSelector::Names(vec!["q".into()])),
+            use_dora: true,
+            ..LoraConfig::default()
+        };
+        let config = PeftConfig::new(Arc::new(config)).unwrap();
+        let base = BaseLayer::new(ModuleKind::Linear, zeros(&[384, 384]), None).unwrap();
+        let modules = vec![BaseModule {
+            name: "q".into(),
+            layer: base,
+        }];
+        let adapter =
+            PeftAdapter::create("default", config.clone(), modules, &HashMap::new(), 0).unwrap();
+        assert!(adapter.check().is_empty(), "{:?}", adapter.check());
+        let tensors = adapter
+            .to_state_dict()
+            .into_iter()
+            .map(|(k, t)| match k.ends_with("lora_B.weight") {
+                true => (k, zeros(&[384, 4])),
+                false => (k, t),
+            })
+            .collect();
+        let bad = PeftAdapter::from_state_dict("default", config, tensors).unwrap();
+        let problems = bad.check();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].module, "q");
+        let msg = &problems[0].message;
+        assert!(msg.contains("base_model.model.q.lora_B.weight"), "{msg}");
+        assert!(
+            msg.contains("[384, 8]") && msg.contains("[384, 4]"),
+            "{msg}"
+        );
+    }
 }

@@ -45,7 +45,8 @@ use crate::linalg;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
-    BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource, Side,
+    BiasMode, InferredBase, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource, Side,
+    dims_of, dims_with_rank,
 };
 use crate::module::Below;
 use crate::params::{Params, take_params};
@@ -252,6 +253,35 @@ impl MethodConfig for OftConfig {
             config.fan_in_fan_out = false;
         }
         Ok(Some(Arc::new(config)))
+    }
+
+    /// The rotated width `blocks · block_size`: the block size whose strict upper triangle
+    /// holds the packed row length (the nearest one when none does, so that `build` reports
+    /// it), the blocks from the rows (`r`, or 1 with `block_share`). `oft_embedding_R` tells an
+    /// Embedding (the width is its `embedding_dim`); `oft_R` a Linear (the width is its input;
+    /// a Conv2d's `in · k · k` cannot be split). The other width is free: taken equal.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        _shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let embedding = dims_of(tensors, OFT_EMBEDDING_R).is_some();
+        let name = if embedding { OFT_EMBEDDING_R } else { OFT_R };
+        let r = dims_with_rank(module, tensors, name, &[2])?;
+        // b(b − 1)/2 = packed → b = (1 + √(1 + 8·packed)) / 2.
+        let block_size = ((1.0 + (1.0 + 8.0 * r[1] as f64).sqrt()) / 2.0).round() as usize;
+        let blocks = match (self.block_share, self.r) {
+            (false, _) => r[0],
+            (true, 0) => 1,
+            (true, r) => r,
+        };
+        let dim = blocks * block_size.max(1);
+        Ok(Some(if embedding {
+            InferredBase::embedding(dim, dim)
+        } else {
+            InferredBase::linear(dim, dim, false)
+        }))
     }
 }
 

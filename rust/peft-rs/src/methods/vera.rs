@@ -20,7 +20,10 @@ use crate::error::{PeftError, Result};
 use crate::init::Initializer;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
-use crate::method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource};
+use crate::method::{
+    BiasMode, InferredBase, LayerAdapter, MergeRule, MethodConfig, MethodEntry, ParamSource,
+    dims_with_rank,
+};
 use crate::module::Below;
 use crate::params::{Params, take_params};
 use crate::rng::TorchGenerator;
@@ -229,6 +232,23 @@ impl MethodConfig for VeraConfig {
 
     fn generate_shared(&self, out_max: usize, in_max: usize) -> Result<BTreeMap<String, Tensor>> {
         self.generate_projections(out_max, in_max)
+    }
+
+    /// Outputs from `vera_lambda_b`; inputs from the shared `vera_A`'s columns (the widest
+    /// targeted input, which every module's slice fits), or 1 when the file leaves the
+    /// projections out.
+    fn infer_base(
+        &self,
+        module: &str,
+        tensors: &[(String, Tensor)],
+        shared: &BTreeMap<String, Tensor>,
+    ) -> Result<Option<InferredBase>> {
+        let out = dims_with_rank(module, tensors, VERA_LAMBDA_B, &[1])?[0];
+        let inp = match shared.get(VERA_A).map(Tensor::dims) {
+            Some([_, inp]) => *inp,
+            _ => 1,
+        };
+        Ok(Some(InferredBase::linear(out, inp, self.fan_in_fan_out)))
     }
 }
 

@@ -124,8 +124,8 @@ impl PeftModel {
 
     /// PEFT's `add_weighted_adapter`: a new LoRA or IA³ adapter (the sources' method) combining
     /// `adapters` with `weights` ([`crate::arithmetic`]), added inactive. `combination`: LoRA's
-    /// type (default `svd`); IA³ takes none (or `linear`). Does nothing if `adapter_name` exists
-    /// (as PEFT).
+    /// type (default `svd`); IA³ takes none (or `linear`). Does nothing and returns `None` if
+    /// `adapter_name` exists (as PEFT); otherwise the report (`exact_svd`'s truncation errors).
     pub fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
@@ -133,9 +133,9 @@ impl PeftModel {
         adapter_name: &str,
         combination: Option<crate::arithmetic::Combination>,
         options: &crate::arithmetic::CombineOptions,
-    ) -> Result<()> {
+    ) -> Result<Option<crate::arithmetic::CombineReport>> {
         if self.config(adapter_name).is_ok() {
-            return Ok(());
+            return Ok(None);
         }
         let sources = adapters
             .iter()
@@ -143,7 +143,7 @@ impl PeftModel {
             .collect::<Result<Vec<_>>>()?;
         let sources: Vec<&PeftAdapter> = sources.iter().collect();
         let paths: Vec<String> = self.layers().iter().map(|l| l.path().to_string()).collect();
-        let combined = crate::arithmetic::combine_candidates(
+        let (combined, report) = crate::arithmetic::combine_candidates(
             adapter_name,
             &sources,
             weights,
@@ -153,7 +153,8 @@ impl PeftModel {
         )?;
         let source =
             |_: usize, path: &str| Ok(ParamSource::Given(combined.tensors(path)?.to_vec()));
-        self.inject(adapter_name, combined.config().clone(), source, None)
+        self.inject(adapter_name, combined.config().clone(), source, None)?;
+        Ok(Some(report))
     }
 
     /// The adapter saved in `dir` (by PEFT or by peft-rs) as `adapter_name` (inactive unless it is
