@@ -687,3 +687,20 @@ def test_bf16_base_trains_with_f32_master_weights(classifier_dir, tmp_path):
     torch.testing.assert_close(master.to(torch.bfloat16), param, rtol=0, atol=0)
     lora_a = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
     assert state[f"param.{lora_a}"].dtype == torch.float32
+
+
+def test_a_trained_adapter_merges_and_unmerges(classifier_dir):
+    """After training, merging folds the trained tensors in (merged forward == unmerged forward),
+    unmerging restores the weights, and training goes on."""
+    base = peft_rs.models.BertForSequenceClassification.from_pretrained(classifier_dir)
+    model = peft_rs.get_peft_model(base, peft_rs.LoraConfig(task_type="SEQ_CLS", target_modules=TARGETS, r=4))
+    trainer = peft_rs.Trainer(model, lr=1e-2, total_steps=6)
+    ids, mask, labels = batch(rows=8, seed=11)
+    for _ in range(3):
+        trainer.step(ids, labels, attention_mask=mask)
+    unmerged = model.forward(ids, mask)
+    model.merge_adapter()
+    np.testing.assert_allclose(model.forward(ids, mask), unmerged, atol=2e-5)
+    model.unmerge_adapter()
+    np.testing.assert_allclose(model.forward(ids, mask), unmerged, atol=2e-5)
+    assert trainer.step(ids, labels, attention_mask=mask)["step"] == 4

@@ -24,6 +24,7 @@ use crate::base::BaseLayer;
 use crate::error::{PeftError, Result};
 use crate::merge::{apply_rule, check_finite, undo_rule};
 use crate::method::{LayerAdapter, MethodConfig, ParamSource};
+use crate::params::no_grad;
 use crate::rng::DropoutRng;
 
 /// An adapter merged into the base weight, with what its unmerge needs besides its tensors.
@@ -434,6 +435,11 @@ impl AdaptedModule {
     /// modules that hold different adapters. With `safe_merge` each new weight is checked for
     /// NaN/inf before it is written, so a failing merge leaves the weights as they were.
     pub fn merge(&mut self, names: Option<&[&str]>, safe_merge: bool) -> Result<MergeOutcome> {
+        // Merged weights are plain tensors: no autograd graph back to trained adapters.
+        no_grad(|| self.fold_in(names, safe_merge))
+    }
+
+    fn fold_in(&mut self, names: Option<&[&str]>, safe_merge: bool) -> Result<MergeOutcome> {
         let names: Vec<String> = match names {
             Some(n) => n.iter().map(|s| s.to_string()).collect(),
             None => self.active.clone(),
@@ -470,6 +476,10 @@ impl AdaptedModule {
     /// Undoes every merge, last merged first, with the adapters' current tensors (as PEFT).
     /// Returns the adapters unmerged, in that order (empty: nothing was merged).
     pub fn unmerge(&mut self) -> Result<Vec<String>> {
+        no_grad(|| self.fold_out())
+    }
+
+    fn fold_out(&mut self) -> Result<Vec<String>> {
         let mut done = Vec::new();
         while let Some(top) = self.merged.last() {
             let adapter = self.adapter(&top.name)?;
@@ -487,6 +497,10 @@ impl AdaptedModule {
     /// The weight and bias [`AdaptedModule::merge`] would write for these names: the current
     /// weight with those not merged yet folded in, in order; nothing is written.
     pub fn merged_weights(&self, names: &[&str]) -> Result<(Tensor, Option<Tensor>)> {
+        no_grad(|| self.fold_in_copy(names))
+    }
+
+    fn fold_in_copy(&self, names: &[&str]) -> Result<(Tensor, Option<Tensor>)> {
         let adapters = names
             .iter()
             .filter(|n| !self.merged.iter().any(|m| m.name == **n))
