@@ -31,7 +31,8 @@ pub fn parse_dtype(dtype: &Bound<'_, PyAny>) -> PyResult<DType> {
     })
 }
 
-fn input(
+/// A model input from Python arrays (token ids and the optional masks).
+pub fn input(
     input_ids: &Bound<'_, PyAny>,
     attention_mask: Option<&Bound<'_, PyAny>>,
     token_type_ids: Option<&Bound<'_, PyAny>>,

@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use peft_rs::model::{ModelInput, PeftModel};
+use peft_rs::model::PeftModel;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
 use crate::config::{config_from_py, config_to_py};
-use crate::dlpack::{ArrayKind, tensor_from_py};
+use crate::dlpack::ArrayKind;
 use crate::errors::{run, run_inference, to_pyerr, type_error};
-use crate::model::PyModel;
+use crate::model::{PyModel, input};
 
 #[pyclass(name = "PeftModel", module = "peft_rs._core")]
 pub struct PyPeftModel {
@@ -23,18 +23,6 @@ fn names(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     }
     obj.extract::<Vec<String>>()
         .map_err(|_| type_error("adapter names must be a str or a list of str"))
-}
-
-fn input(
-    input_ids: &Bound<'_, PyAny>,
-    attention_mask: Option<&Bound<'_, PyAny>>,
-    token_type_ids: Option<&Bound<'_, PyAny>>,
-) -> PyResult<ModelInput> {
-    Ok(ModelInput {
-        input_ids: tensor_from_py(input_ids)?,
-        attention_mask: attention_mask.map(tensor_from_py).transpose()?,
-        token_type_ids: token_type_ids.map(tensor_from_py).transpose()?,
-    })
 }
 
 impl PyPeftModel {

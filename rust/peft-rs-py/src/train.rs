@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use peft_rs::model::ModelInput;
 use peft_rs::train::{Batch, CheckpointPlan, LoraPlus, StepStats, Trainer, TrainerOptions};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::dlpack::{ArrayKind, tensor_from_py};
 use crate::errors::{run, to_pyerr};
+use crate::model::input;
 use crate::peft_model::PyPeftModel;
 
 #[pyclass(name = "Trainer", module = "peft_rs._core")]
@@ -25,11 +25,7 @@ fn batch(
     token_type_ids: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Batch> {
     Ok(Batch {
-        input: ModelInput {
-            input_ids: tensor_from_py(input_ids)?,
-            attention_mask: attention_mask.map(tensor_from_py).transpose()?,
-            token_type_ids: token_type_ids.map(tensor_from_py).transpose()?,
-        },
+        input: input(input_ids, attention_mask, token_type_ids)?,
         labels: tensor_from_py(labels)?,
     })
 }

@@ -329,17 +329,18 @@ pub fn clip_grad_norm(grads: &mut Gradients, params: &[&Tensor], max_norm: f64) 
     Ok(total)
 }
 
-/// The 2-norm of every gradient together.
+/// The 2-norm of every gradient together, summed on the device and read once.
 pub fn grad_norm(grads: &Gradients, params: &[&Tensor]) -> Result<f64> {
-    let mut sum = 0f64;
-    for p in params {
-        if let Some(g) = grads.get(p) {
-            sum += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
+    let mut sum: Option<Tensor> = None;
+    for g in params.iter().filter_map(|p| grads.get(p)) {
+        let sq = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        sum = Some(match sum {
+            Some(s) => (s + sq)?,
+            None => sq,
+        });
     }
-    Ok(sum.sqrt())
+    Ok(match sum {
+        Some(s) => s.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    })
 }

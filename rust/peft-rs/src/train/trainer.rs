@@ -383,9 +383,8 @@ impl Trainer {
             Some(max) => clip_grad_norm(&mut grads, &tensors, max)?,
             None => grad_norm(&grads, &tensors)?,
         };
-        let factor = self.schedule.factor(self.step);
-        let lr = self.options.lr * factor;
-        self.optimizer.step(&grads, factor)?;
+        let lr = self.learning_rate();
+        self.optimizer.step(&grads, self.schedule.factor(self.step))?;
         if let Some((allocator, config)) = &mut self.allocator {
             let modules = adalora_modules(&self.params)?;
             if let Some(pattern) =
