@@ -384,7 +384,8 @@ impl Trainer {
             None => grad_norm(&grads, &tensors)?,
         };
         let lr = self.learning_rate();
-        self.optimizer.step(&grads, self.schedule.factor(self.step))?;
+        self.optimizer
+            .step(&grads, self.schedule.factor(self.step))?;
         if let Some((allocator, config)) = &mut self.allocator {
             let modules = adalora_modules(&self.params)?;
             if let Some(pattern) =
