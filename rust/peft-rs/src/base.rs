@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{PeftError, Result};
+use crate::kernels::linear::Extras;
 
 /// Hyper-parameters of a 2-D convolution. candle's convolution takes one value per parameter for
 /// both spatial dimensions, so asymmetric PyTorch settings are rejected when a layer is built.
@@ -274,6 +275,27 @@ impl BaseLayer {
         self.forward_with(x, &self.weight()?.to_dtype(x.dtype())?, None)
     }
 
+    /// The layer's output with an adapter's `extras` computed in the same pass (one output
+    /// buffer, see [`crate::kernels::linear`]); `None` where that kernel does not apply (not a
+    /// Linear or Conv1D layer, not on the CPU, gradients recorded, f16/f64): the caller then
+    /// takes its plain path, which computes the same values.
+    pub(crate) fn forward_fused(&self, x: &Tensor, extras: &Extras) -> Result<Option<Tensor>> {
+        if !matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {
+            return Ok(None);
+        }
+        let weight = self.weight()?;
+        check_input_dtype(x, &weight)?;
+        let w_t = match self.kind {
+            ModuleKind::Linear => weight.t()?,
+            _ => weight,
+        };
+        let (rows, lead) = as_rows(x, self.in_features())?;
+        match crate::kernels::linear::linear(&rows, &w_t, self.bias.as_ref(), extras)? {
+            Some(y) => Ok(Some(unflatten_rows(y, lead)?)),
+            None => Ok(None),
+        }
+    }
+
     /// A per-output-feature vector shaped to broadcast against this layer's output of rank
     /// `rank` (channels-first for Conv2d).
     pub fn per_output(&self, v: &Tensor, rank: usize) -> Result<Tensor> {
@@ -306,6 +328,22 @@ pub(crate) fn linear_rows(
     bias: Option<&Tensor>,
     in_features: usize,
 ) -> Result<Tensor> {
+    let (rows, lead) = as_rows(x, in_features)?;
+    let y = match crate::kernels::linear::linear(&rows, w, bias, &Extras::default())? {
+        Some(y) => y,
+        None => {
+            let y = crate::kernels::matmul(&rows, w)?;
+            match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        }
+    };
+    unflatten_rows(y, lead)
+}
+
+/// `x` as `(rows, in_features)` and its leading dimensions.
+fn as_rows(x: &Tensor, in_features: usize) -> Result<(Tensor, Vec<usize>)> {
     let dims = x.dims();
     let Some((&last, lead)) = dims.split_last() else {
         return Err(PeftError::shape("layer input", &[in_features], dims));
@@ -320,14 +358,12 @@ pub(crate) fn linear_rows(
         ));
     }
     let rows: usize = lead.iter().product();
-    let y = crate::kernels::matmul(&x.reshape((rows, last))?, w)?;
-    let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = lead.to_vec();
-    out.push(y.dim(1)?);
-    Ok(y.reshape(out)?)
+    Ok((x.reshape((rows, last))?, lead.to_vec()))
+}
+
+fn unflatten_rows(y: Tensor, mut lead: Vec<usize>) -> Result<Tensor> {
+    lead.push(y.dim(1)?);
+    Ok(y.reshape(lead)?)
 }
 
 /// Embedding lookup for integer ids of any shape; output `(*ids.shape, dim)`.

@@ -8,6 +8,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+pub(crate) mod linear;
+
 /// Row counts up to which the kernel beats the general matmul.
 const MAX_ROWS: usize = 16;
 /// Output features per parallel task.

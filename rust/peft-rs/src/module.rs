@@ -22,6 +22,7 @@ use candle_core::Tensor;
 
 use crate::base::BaseLayer;
 use crate::error::{PeftError, Result};
+use crate::kernels::linear::Extras;
 use crate::merge::{apply_rule, check_finite, undo_rule};
 use crate::method::{LayerAdapter, MethodConfig, ParamSource};
 use crate::params::no_grad;
@@ -546,6 +547,22 @@ impl Below<'_> {
             (weight, bias) = (w, b);
         }
         Ok((weight, bias))
+    }
+
+    /// The base layer and an adapter's `extras` computed in one pass on the CPU (see
+    /// `kernels::linear`), when nothing lies between the adapter and the base and its dropout
+    /// (probability `dropout`) draws nothing; `None` otherwise, or where that kernel does not
+    /// apply: the adapter then runs its plain path. `extras` is built only when it is used.
+    pub(crate) fn fused(
+        &self,
+        x: &Tensor,
+        dropout: f64,
+        extras: impl FnOnce() -> Result<Extras>,
+    ) -> Result<Option<Tensor>> {
+        if !self.adapters.is_empty() || (self.training && dropout > 0.0) {
+            return Ok(None);
+        }
+        self.base.forward_fused(x, &extras()?)
     }
 
     /// The module's base layer (its kind, shapes and hyper-parameters).

@@ -16,6 +16,7 @@ use crate::base::{BaseLayer, ModuleKind, conv2d, linear_rows};
 use crate::config::{deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
+use crate::kernels::linear::{Extras, LowRank};
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -447,10 +448,23 @@ impl LayerAdapter for AdaLoraAdapter {
     /// PEFT's forward: the adapter path runs in the adapter dtype on the dropped-out input, is
     /// added to the output below and the sum cast back to that output's dtype.
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        let result = below.forward(x)?;
         if self.r == 0 {
-            return Ok(result);
+            return below.forward(x);
         }
+        if matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {
+            let fused = below.fused(x, self.config.lora.lora_dropout, || {
+                Ok(Extras::low_rank(LowRank {
+                    a: self.scaled_a()?,
+                    b: self.params.get(ADALORA_B)?,
+                    bias: None,
+                    scale: self.scaling,
+                }))
+            })?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        let result = below.forward(x)?;
         let base = below.base();
         let dtype = adapter_dtype(base.dtype());
         let x = below.dropout(&x.to_dtype(dtype)?, self.config.lora.lora_dropout)?;

@@ -13,6 +13,7 @@ use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CommonFields, ModuleSelector, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
+use crate::kernels::linear::Extras;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -283,6 +284,23 @@ impl LayerAdapter for Ia3Adapter {
     /// PEFT's forward: the scaling is computed in `ia3_l`'s dtype and the result cast back to
     /// the dtype of the tensor it scaled.
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        let fused = below.fused(x, 0.0, || {
+            let l = Some(self.params.get(IA3_L)?.flatten_all()?);
+            Ok(if self.feedforward {
+                Extras {
+                    in_scale: l,
+                    ..Extras::default()
+                }
+            } else {
+                Extras {
+                    out_scale: l,
+                    ..Extras::default()
+                }
+            })
+        })?;
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         if self.feedforward {
             let l = self.scale_for_activations(x.rank())?;
             let scaled = x

@@ -15,6 +15,7 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
+use crate::kernels::linear::{Extras, LowRank};
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::merge::{adapter_dtype, row_norms};
 use crate::method::{
@@ -597,6 +598,22 @@ impl LoraAdapter {
     }
 
     /// `s · lora_B.bias` (`lora_bias`).
+    /// The base layer and this adapter in one pass where the fused kernel applies (not DoRA,
+    /// which rescales by a norm of the whole weight).
+    fn fused_forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Option<Tensor>> {
+        if self.config.use_dora || !matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {
+            return Ok(None);
+        }
+        below.fused(x, self.config.lora_dropout, || {
+            Ok(Extras::low_rank(LowRank {
+                a: self.params.get(LORA_A)?,
+                b: self.params.get(LORA_B)?,
+                bias: self.params.get_opt(LORA_B_BIAS),
+                scale: self.scaling,
+            }))
+        })
+    }
+
     fn bias_delta(&self) -> Result<Option<Tensor>> {
         Ok(self
             .params
@@ -622,6 +639,9 @@ impl LayerAdapter for LoraAdapter {
     /// PEFT's forward: the LoRA path runs in the adapter dtype, is added to the output below in
     /// that (promoted) dtype, and the sum is cast back to that output's dtype.
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        if let Some(y) = self.fused_forward(x, below)? {
+            return Ok(y);
+        }
         let result = below.forward(x)?;
         let base = below.base();
         let dtype = adapter_dtype(base.dtype());

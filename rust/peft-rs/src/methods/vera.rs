@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
+use crate::kernels::linear::{Extras, LowRank};
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -382,6 +383,19 @@ impl LayerAdapter for VeraAdapter {
     /// PEFT's forward: `λ_b ⊙ B_s (λ_d ⊙ A_s dropout(x))` in the adapter dtype, added to the
     /// output below and cast back to that output's dtype.
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
+        // As one low-rank term: (λ_d ⊙ A_s) and (λ_b ⊙ B_s) are r×in and out×r, cheap to form.
+        let fused = below.fused(x, self.config.vera_dropout, || {
+            let column = |name| -> Result<Tensor> { Ok(self.params.get(name)?.unsqueeze(1)?) };
+            Ok(Extras::low_rank(LowRank {
+                a: self.a.broadcast_mul(&column(VERA_LAMBDA_D)?)?,
+                b: self.b.broadcast_mul(&column(VERA_LAMBDA_B)?)?,
+                bias: None,
+                scale: 1.0,
+            }))
+        })?;
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         let result = below.forward(x)?;
         let dtype = self.a.dtype();
         let x = below.dropout(&x.to_dtype(dtype)?, self.config.vera_dropout)?;
