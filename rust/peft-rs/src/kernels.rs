@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+pub(crate) mod elementwise;
 pub(crate) mod linear;
 
 /// Row counts up to which the kernel beats the general matmul.

@@ -153,6 +153,9 @@ pub(crate) fn add_to(target: &Tensor, delta: &Tensor, factor: f64) -> Result<Ten
             delta.dims(),
         ));
     }
+    if let Some(sum) = crate::kernels::elementwise::add_scaled(target, delta, factor)? {
+        return Ok(sum);
+    }
     let scaled = if factor == 1.0 {
         delta.clone()
     } else {
@@ -181,6 +184,9 @@ fn add_bias(
 }
 
 fn scale(t: &Tensor, s: &Tensor, undo: bool) -> Result<Tensor> {
+    if let Some(scaled) = crate::kernels::elementwise::scale_2d(t, s, undo, UNSCALE_EPS)? {
+        return Ok(scaled);
+    }
     let t32 = t.to_dtype(s.dtype())?;
     let out = if undo {
         t32.broadcast_div(&(s + UNSCALE_EPS)?)?

@@ -105,6 +105,12 @@ pub(crate) fn linear(
         let rhs = Strided::new(cpu_slice::<f32>(&ws, wl)?, wl);
         sgemm(&mut out, m, lhs, rhs, has_bias, 1.0);
     }
+    let adapted = !extras.low_rank.is_empty() || extras.out_scale.is_some();
+    if x.dtype() == DType::BF16 && adapted {
+        // PEFT adds the adapter's f32 terms to the base layer's bf16 output: round it first.
+        out.par_chunks_mut(1 << 15)
+            .for_each(|o| o.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()));
+    }
 
     {
         let (xs, xl) = x32.storage_and_layout();
@@ -150,6 +156,32 @@ pub(crate) fn linear(
     Ok(Some(y))
 }
 
+/// `scale · lhs·rhs` for 2-D tensors (any strides): one parallel f32 GEMM on the CPU with the
+/// scale applied in it, candle's matmul and a scaling pass elsewhere.
+pub(crate) fn matmul_scaled(lhs: &Tensor, rhs: &Tensor, scale: f64) -> Result<Tensor> {
+    let fits = [lhs, rhs]
+        .iter()
+        .all(|t| t.device().is_cpu() && !t.track_op() && t.dtype() == DType::F32 && t.rank() == 2);
+    if !fits || lhs.dim(1)? != rhs.dim(0)? {
+        let product = lhs.matmul(rhs)?;
+        return Ok(if scale == 1.0 {
+            product
+        } else {
+            product.affine(scale, 0.0)?
+        });
+    }
+    let (n, m) = (lhs.dim(0)?, rhs.dim(1)?);
+    let mut out = vec![0f32; n * m];
+    {
+        let (ls, ll) = lhs.storage_and_layout();
+        let (rs, rl) = rhs.storage_and_layout();
+        let a = Strided::new(cpu_slice::<f32>(&ls, ll)?, ll);
+        let b = Strided::new(cpu_slice::<f32>(&rs, rl)?, rl);
+        sgemm(&mut out, m, a, b, false, scale as f32);
+    }
+    Ok(Tensor::from_vec(out, (n, m), &Device::Cpu)?)
+}
+
 /// The elements of a CPU tensor from its storage's start offset on.
 fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
     match s {
@@ -180,6 +212,23 @@ impl<'a> Strided<'a> {
         }
     }
 
+    fn as_faer(&self) -> faer::MatRef<'a, f32> {
+        let last = |len: usize, stride: usize| len.saturating_sub(1) * stride;
+        let end = last(self.rows, self.row_stride) + last(self.cols, self.col_stride);
+        assert!(self.rows * self.cols == 0 || end < self.data.len());
+        // SAFETY: every element the view describes lies in `data` (checked above), which
+        // outlives the returned view.
+        unsafe {
+            faer::MatRef::from_raw_parts(
+                self.data.as_ptr(),
+                self.rows,
+                self.cols,
+                self.row_stride as isize,
+                self.col_stride as isize,
+            )
+        }
+    }
+
     fn t(self) -> Self {
         Self {
             rows: self.cols,
@@ -194,37 +243,43 @@ impl<'a> Strided<'a> {
 /// `out (n, m) = [out +] scale · lhs·rhs`, row-major `out`.
 fn sgemm(out: &mut [f32], m: usize, lhs: Strided, rhs: Strided, accumulate: bool, scale: f32) {
     let (n, k) = (lhs.rows, lhs.cols);
-    assert!(rhs.rows == k && rhs.cols == m && out.len() >= n * m);
-    let last = |v: Strided| (v.rows.max(1) - 1) * v.row_stride + (v.cols.max(1) - 1) * v.col_stride;
-    assert!(n * k == 0 || (last(lhs) < lhs.data.len() && last(rhs) < rhs.data.len()));
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    assert!(rhs.rows == k && rhs.cols == m);
+    let dst = faer::MatMut::from_row_major_slice_mut(&mut out[..n * m], n, m);
+    let accum = if accumulate {
+        faer::Accum::Add
     } else {
-        gemm::Parallelism::None
+        faer::Accum::Replace
     };
-    // SAFETY: the asserts above keep every index the views and `out` describe in bounds.
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            out.as_mut_ptr(),
-            1,
-            m as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+    let par = match rayon::current_num_threads() {
+        1 => faer::Par::Seq,
+        threads => faer::Par::rayon(threads),
+    };
+    faer::linalg::matmul::matmul(dst, accum, lhs.as_faer(), rhs.as_faer(), scale, par);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Initializer;
+
+    #[test]
+    fn matmul_scaled_equals_candles_matmul_on_strided_operands() {
+        let mut init = Initializer::new(7);
+        for (n, k, m) in [(1, 1, 1), (5, 3, 7), (65, 17, 130)] {
+            let a = init.uniform(&[k, n], 1.0, DType::F32).unwrap();
+            let b = init.uniform(&[k, m], 1.0, DType::F32).unwrap();
+            let (lhs, rhs) = (a.t().unwrap(), b);
+            let fast = matmul_scaled(&lhs, &rhs, 0.5).unwrap();
+            let plain = lhs.matmul(&rhs).unwrap().affine(0.5, 0.0).unwrap();
+            let diff = (fast - plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{n}x{k}x{m}: {diff}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use crate::base::{BaseLayer, ModuleKind, conv2d, linear_rows};
 use crate::config::{deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
-use crate::kernels::linear::{Extras, LowRank};
+use crate::kernels::linear::{Extras, LowRank, matmul_scaled};
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -419,11 +419,11 @@ impl AdaLoraAdapter {
                 base.device(),
             )?);
         }
-        let delta = self
-            .params
-            .get(ADALORA_B)?
-            .matmul(&self.scaled_a()?)?
-            .affine(self.scaling, 0.0)?;
+        let delta = matmul_scaled(
+            &self.params.get(ADALORA_B)?,
+            &self.scaled_a()?,
+            self.scaling,
+        )?;
         Ok(match self.kind {
             ModuleKind::Conv1D => delta.t()?.contiguous()?,
             ModuleKind::Conv2d(_) => delta.reshape(dims)?,

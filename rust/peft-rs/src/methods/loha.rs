@@ -15,6 +15,7 @@ use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CommonFields, check_extra_fields};
 use crate::error::Result;
 use crate::init::Initializer;
+use crate::kernels::linear::matmul_scaled;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -265,16 +266,17 @@ impl LycorisMethod for LoHaConfig {
                 cp_weight(&p.get(HADA_T2)?, &p.get(HADA_W2_A)?, &p.get(HADA_W2_B)?)?,
             ),
             None => (
-                p.get(HADA_W1_A)?.matmul(&p.get(HADA_W1_B)?)?,
-                p.get(HADA_W2_A)?.matmul(&p.get(HADA_W2_B)?)?,
+                matmul_scaled(&p.get(HADA_W1_A)?, &p.get(HADA_W1_B)?, 1.0)?,
+                matmul_scaled(&p.get(HADA_W2_A)?, &p.get(HADA_W2_B)?, 1.0)?,
             ),
         };
         // PEFT passes the scaling as a float32 tensor, so an f64 adapter sees it rounded.
         let scale = adapter.scaling as f32 as f64;
-        Ok(w1
-            .mul(&w2)?
-            .affine(scale, 0.0)?
-            .reshape(base.weight_dims())?)
+        let delta = match crate::kernels::elementwise::mul_scaled(&w1, &w2, scale)? {
+            Some(delta) => delta,
+            None => w1.mul(&w2)?.affine(scale, 0.0)?,
+        };
+        Ok(delta.reshape(base.weight_dims())?)
     }
 }
 

@@ -16,6 +16,7 @@ use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CommonFields, check_extra_fields};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
+use crate::kernels::linear::matmul_scaled;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -374,12 +375,12 @@ impl LycorisMethod for LoKrConfig {
         let p = &adapter.params;
         let w1 = match p.get_opt(LOKR_W1) {
             Some(w1) => w1,
-            None => p.get(LOKR_W1_A)?.matmul(&p.get(LOKR_W1_B)?)?,
+            None => matmul_scaled(&p.get(LOKR_W1_A)?, &p.get(LOKR_W1_B)?, 1.0)?,
         };
         let w2 = match (p.get_opt(LOKR_W2), p.get_opt(LOKR_T2)) {
             (Some(w2), _) => w2,
             (None, Some(t2)) => cp_weight(&t2, &p.get(LOKR_W2_A)?, &p.get(LOKR_W2_B)?)?,
-            (None, None) => p.get(LOKR_W2_A)?.matmul(&p.get(LOKR_W2_B)?)?,
+            (None, None) => matmul_scaled(&p.get(LOKR_W2_A)?, &p.get(LOKR_W2_B)?, 1.0)?,
         };
         // A 4-D w2 (Conv2d kernel) pairs with w1 as a (a, c, 1, 1) kernel.
         let w1 = if w2.rank() == 4 {
@@ -387,7 +388,10 @@ impl LycorisMethod for LoKrConfig {
         } else {
             w1
         };
-        let delta = kron(&w1, &w2)?.affine(adapter.scaling, 0.0)?;
+        let delta = match crate::kernels::elementwise::kron_scaled(&w1, &w2, adapter.scaling)? {
+            Some(delta) => delta,
+            None => kron(&w1, &w2)?.affine(adapter.scaling, 0.0)?,
+        };
         Ok(delta.reshape(base.weight_dims())?)
     }
 }

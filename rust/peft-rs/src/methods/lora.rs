@@ -15,7 +15,7 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
-use crate::kernels::linear::{Extras, LowRank};
+use crate::kernels::linear::{Extras, LowRank, matmul_scaled};
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::merge::{adapter_dtype, row_norms};
 use crate::method::{
@@ -566,13 +566,14 @@ impl LoraAdapter {
         let s = self.scaling;
         match self.kind {
             ModuleKind::Linear => {
-                let ba = self.params.get(LORA_B)?.matmul(&self.params.get(LORA_A)?)?;
-                Ok(ba.affine(s, 0.0)?)
+                matmul_scaled(&self.params.get(LORA_B)?, &self.params.get(LORA_A)?, s)
             }
-            ModuleKind::Conv1D => {
-                let ba = self.params.get(LORA_B)?.matmul(&self.params.get(LORA_A)?)?;
-                Ok(ba.t()?.contiguous()?.affine(s, 0.0)?)
-            }
+            // (B·A)ᵀ = Aᵀ·Bᵀ, computed in Conv1D's `(in, out)` layout directly.
+            ModuleKind::Conv1D => matmul_scaled(
+                &self.params.get(LORA_A)?.t()?,
+                &self.params.get(LORA_B)?.t()?,
+                s,
+            ),
             ModuleKind::Embedding => {
                 let a = self.params.get(LORA_EMBEDDING_A)?;
                 let b = self.params.get(LORA_EMBEDDING_B)?;
@@ -589,10 +590,7 @@ impl LoraAdapter {
                 let b = self.params.get(LORA_B)?;
                 let b2 = b.reshape((b.dim(0)?, self.r))?;
                 let a2 = a.reshape((self.r, ()))?;
-                Ok(b2
-                    .matmul(&a2)?
-                    .reshape(base.weight_dims())?
-                    .affine(s, 0.0)?)
+                Ok(matmul_scaled(&b2, &a2, s)?.reshape(base.weight_dims())?)
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::config::{
 };
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
-use crate::kernels::linear::{Extras, LowRank};
+use crate::kernels::linear::{Extras, LowRank, matmul_scaled};
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -356,10 +356,11 @@ impl VeraAdapter {
     fn delta_weight(&self) -> Result<Tensor> {
         let lambda_b = self.params.get(VERA_LAMBDA_B)?.unsqueeze(1)?;
         let lambda_d = self.params.get(VERA_LAMBDA_D)?.unsqueeze(1)?;
-        let delta = self
-            .b
-            .broadcast_mul(&lambda_b)?
-            .matmul(&self.a.broadcast_mul(&lambda_d)?)?;
+        let delta = matmul_scaled(
+            &self.b.broadcast_mul(&lambda_b)?,
+            &self.a.broadcast_mul(&lambda_d)?,
+            1.0,
+        )?;
         Ok(match self.kind {
             ModuleKind::Conv1D => delta.t()?.contiguous()?,
             _ => delta,

@@ -1,0 +1,252 @@
+//! Parallel element-wise passes over whole weights (merging and unmerging): candle's CPU
+//! element-wise ops run on one thread, which leaves a merge memory-bound on one core.
+//! Each returns `None` where it does not apply (not CPU, gradients recorded, other layouts or
+//! dtypes) and the caller uses candle's ops, which compute the same values.
+
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
+const CHUNK: usize = 1 << 15;
+
+/// Elements of a contiguous f32 or bf16 CPU tensor, widened to f32 on the fly.
+enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
+    if !t.device().is_cpu() || t.track_op() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    match cpu {
+        candle_core::CpuStorage::F32(v) => Some(f(Values::F32(&v[start..end]))),
+        candle_core::CpuStorage::BF16(v) => Some(f(Values::Bf16(&v[start..end]))),
+        _ => None,
+    }
+}
+
+/// `op(i, target[i])` for every element, in f32, in parallel.
+fn map_indexed(target: Values, op: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f32> {
+    let n = match &target {
+        Values::F32(v) => v.len(),
+        Values::Bf16(v) => v.len(),
+    };
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first = c * CHUNK;
+            for (j, o) in chunk.iter_mut().enumerate() {
+                let i = first + j;
+                let t = match &target {
+                    Values::F32(v) => v[i],
+                    Values::Bf16(v) => v[i].to_f32(),
+                };
+                *o = op(i, t);
+            }
+        });
+    out
+}
+
+fn to_tensor(values: Vec<f32>, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+    Ok(match dtype {
+        DType::BF16 => {
+            let mut narrow = vec![bf16::ZERO; values.len()];
+            narrow
+                .par_chunks_mut(CHUNK)
+                .zip(values.par_chunks(CHUNK))
+                .for_each(|(n, v)| {
+                    n.iter_mut()
+                        .zip(v)
+                        .for_each(|(n, v)| *n = bf16::from_f32(*v))
+                });
+            Tensor::from_vec(narrow, dims, &Device::Cpu)?
+        }
+        _ => Tensor::from_vec(values, dims, &Device::Cpu)?,
+    })
+}
+
+/// `target + factor · delta` computed in f32 and stored in `target`'s dtype (f32 or bf16);
+/// `delta` f32 of the same shape.
+pub(crate) fn add_scaled(target: &Tensor, delta: &Tensor, factor: f64) -> Result<Option<Tensor>> {
+    if target.dims() != delta.dims() || delta.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let factor = factor as f32;
+    let sum = with_values(delta, |d| {
+        let Values::F32(d) = d else { return None };
+        with_values(target, |t| map_indexed(t, |i, t| t + factor * d[i]))
+    })
+    .flatten();
+    sum.map(|v| to_tensor(v, target.dtype(), target.dims()))
+        .transpose()
+}
+
+/// `t ⊙ s` (or `t ⊘ (s + eps)` with `undo`) for a 2-D `t` and an f32 `s` that is a column
+/// `(rows, 1)` or a row `(1, cols)`; in f32, stored in `t`'s dtype (f32 or bf16).
+pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<Option<Tensor>> {
+    let (Ok((rows, cols)), Ok((sr, sc))) = (t.dims2(), s.dims2()) else {
+        return Ok(None);
+    };
+    let per_row = (sr, sc) == (rows, 1);
+    if !(per_row || (sr, sc) == (1, cols)) || s.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let factors = s.flatten_all()?.to_vec1::<f32>()?;
+    let factor = |i: usize| factors[if per_row { i / cols } else { i % cols }];
+    let eps = eps as f32;
+    let scaled = with_values(t, |v| {
+        if undo {
+            map_indexed(v, |i, x| x / (factor(i) + eps))
+        } else {
+            map_indexed(v, |i, x| x * factor(i))
+        }
+    });
+    scaled
+        .map(|v| to_tensor(v, t.dtype(), t.dims()))
+        .transpose()
+}
+
+/// `(a ⊙ b) · scale` for f32 tensors of one shape (LoHa's ΔW), in parallel.
+pub(crate) fn mul_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if a.dims() != b.dims() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let scale = scale as f32;
+    let product = with_values(b, |b| {
+        let Values::F32(b) = b else { return None };
+        with_values(a, |a| map_indexed(a, |i, a| (a * b[i]) * scale))
+    })
+    .flatten();
+    product
+        .map(|v| to_tensor(v, DType::F32, a.dims()))
+        .transpose()
+}
+
+/// `kron(a, b) · scale` for 2-D f32 `a (p, q)` and `b (r, t)`: `(p·r, q·t)` (LoKr's ΔW), in
+/// parallel.
+pub(crate) fn kron_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let (Ok((_, q)), Ok((r, t))) = (a.dims2(), b.dims2()) else {
+        return Ok(None);
+    };
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (p, scale) = (a.dim(0)?, scale as f32);
+    let cols = q * t;
+    let product = with_values(b, |b_vals| {
+        let Values::F32(b_vals) = b_vals else {
+            return None;
+        };
+        with_values(a, |a_vals| {
+            let Values::F32(a_vals) = a_vals else {
+                return None;
+            };
+            let mut out = vec![0f32; p * r * cols];
+            // One task per output row: row i·r + k is a's row i times b's row k, blockwise.
+            out.par_chunks_mut(cols.max(1))
+                .enumerate()
+                .for_each(|(row, o)| {
+                    let (i, k) = (row / r, row % r);
+                    let b_row = &b_vals[k * t..(k + 1) * t];
+                    for (j, block) in o.chunks_mut(t.max(1)).enumerate() {
+                        let a_ij = a_vals[i * q + j];
+                        for (o, b) in block.iter_mut().zip(b_row) {
+                            *o = (a_ij * b) * scale;
+                        }
+                    }
+                });
+            Some(out)
+        })
+        .flatten()
+    })
+    .flatten();
+    product
+        .map(|v| Ok(Tensor::from_vec(v, (p * r, cols), &Device::Cpu)?))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Initializer;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    fn uniform(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
+        Initializer::new(seed).uniform(dims, 1.0, dtype).unwrap()
+    }
+
+    /// Each pass equals candle's ops (the path it replaces) exactly: same operations in the
+    /// same order, one rounding to the output dtype.
+    #[test]
+    fn every_pass_equals_candles_ops_exactly() {
+        for dims in [[1, 1], [3, 5], [257, 130]] {
+            let delta = uniform(&dims, 2, DType::F32);
+            for dtype in [DType::F32, DType::BF16] {
+                let target = uniform(&dims, 1, dtype);
+                for factor in [1.0, -0.37] {
+                    let fast = add_scaled(&target, &delta, factor).unwrap().unwrap();
+                    let plain = target
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .add(&delta.affine(factor, 0.0).unwrap())
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    assert_eq!(fast.dtype(), dtype);
+                    assert_eq!(max_diff(&fast, &plain), 0.0, "add {dims:?} {dtype:?}");
+                }
+                for s_dims in [[dims[0], 1], [1, dims[1]]] {
+                    let s = uniform(&s_dims, 3, DType::F32);
+                    for undo in [false, true] {
+                        let fast = scale_2d(&target, &s, undo, 1e-8).unwrap().unwrap();
+                        let t32 = target.to_dtype(DType::F32).unwrap();
+                        let plain = if undo {
+                            t32.broadcast_div(&(&s + 1e-8).unwrap())
+                        } else {
+                            t32.broadcast_mul(&s)
+                        };
+                        let plain = plain.unwrap().to_dtype(dtype).unwrap();
+                        assert_eq!(max_diff(&fast, &plain), 0.0, "scale {s_dims:?} {undo}");
+                    }
+                }
+            }
+            let (a, b) = (uniform(&dims, 4, DType::F32), uniform(&dims, 5, DType::F32));
+            let plain = a.mul(&b).unwrap().affine(0.3, 0.0).unwrap();
+            let fast = mul_scaled(&a, &b, 0.3).unwrap().unwrap();
+            assert_eq!(max_diff(&fast, &plain), 0.0, "mul {dims:?}");
+            let small = uniform(&[2, 3], 6, DType::F32);
+            let plain = crate::methods::lokr::kron(&a, &small)
+                .unwrap()
+                .affine(1.7, 0.0)
+                .unwrap();
+            let fast = kron_scaled(&a, &small, 1.7).unwrap().unwrap();
+            assert_eq!(max_diff(&fast, &plain), 0.0, "kron {dims:?}");
+        }
+    }
+
+    #[test]
+    fn other_layouts_and_dtypes_are_left_to_candle() {
+        let t = uniform(&[4, 6], 1, DType::F32);
+        let strided = t.t().unwrap();
+        let delta = uniform(&[6, 4], 2, DType::F32);
+        assert!(add_scaled(&strided, &delta, 1.0).unwrap().is_none());
+        let f16 = uniform(&[4, 6], 1, DType::F16);
+        assert!(add_scaled(&f16, &t, 1.0).unwrap().is_none());
+        let not_broadcast = uniform(&[4, 6], 3, DType::F32);
+        assert!(scale_2d(&t, &not_broadcast, false, 0.0).unwrap().is_none());
+    }
+}
