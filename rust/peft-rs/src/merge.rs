@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::base::BaseLayer;
+use crate::base::{BaseLayer, ModuleKind};
 use crate::error::{PeftError, Result};
 use crate::method::{MergeRule, Side};
 
@@ -138,6 +138,13 @@ pub(crate) fn undo_rule(
 /// `‖W + delta‖` per output feature (rows of the `(out, in)` view), flat, in `delta`'s dtype and
 /// detached (DoRA's norm).
 pub fn row_norms(base: &BaseLayer, weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let by_rows = !matches!(base.kind(), ModuleKind::Conv1D | ModuleKind::Embedding);
+    if by_rows && delta.dtype() == DType::F32 {
+        let (w, d) = (weight.flatten_from(1)?, delta.detach().flatten_from(1)?);
+        if let Some(norms) = crate::kernels::elementwise::row_norms_of_sum(&w, &d)? {
+            return Ok(norms);
+        }
+    }
     let w = weight.to_dtype(delta.dtype())?.add(&delta.detach())?;
     let squares = base.to_out_in(&w)?.sqr()?;
     Ok(squares.sum(1)?.sqrt()?.detach())

@@ -23,6 +23,10 @@ fn configs() -> Vec<(&'static str, serde_json::Value)> {
             json!({"peft_type": "LORA", "r": 4, "use_rslora": true, "init_lora_weights": false}),
         ),
         (
+            "dora",
+            json!({"peft_type": "LORA", "r": 3, "use_dora": true, "init_lora_weights": false}),
+        ),
+        (
             "adalora",
             json!({"peft_type": "ADALORA", "init_r": 3, "total_step": 10, "init_lora_weights": false}),
         ),
@@ -60,6 +64,14 @@ fn module(
     module
         .add("default", &**config, ParamSource::Init { seed: 5 }, &shared)
         .unwrap();
+    // Another base weight: DoRA's magnitude (the initial norm) then no longer equals the norm.
+    // f32 only: bf16 DoRA takes the plain path, whose base product rounds at other points with
+    // a recorded input (candle adds the bias after rounding), and m/‖W‖ would amplify that.
+    if dtype == DType::F32 {
+        module
+            .replace_base_weight(init.uniform(dims, 1.0, dtype).unwrap())
+            .unwrap();
+    }
     module
 }
 

@@ -175,6 +175,44 @@ pub(crate) fn kron_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<T
         .transpose()
 }
 
+/// `‖weight_i + delta_i‖` for each row `i` of 2-D tensors (DoRA's norm), accumulated in f64;
+/// `weight` f32 or bf16, `delta` f32, both contiguous.
+pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option<Tensor>> {
+    let (Ok((rows, cols)), true) = (weight.dims2(), delta.dtype() == DType::F32) else {
+        return Ok(None);
+    };
+    if weight.dims() != delta.dims() {
+        return Ok(None);
+    }
+    let norms = with_values(delta, |d| {
+        let Values::F32(d) = d else { return None };
+        with_values(weight, |w| {
+            let mut norms = vec![0f32; rows];
+            norms.par_iter_mut().enumerate().for_each(|(i, norm)| {
+                let d = &d[i * cols..(i + 1) * cols];
+                let sum: f64 = match &w {
+                    Values::F32(w) => w[i * cols..(i + 1) * cols]
+                        .iter()
+                        .zip(d)
+                        .map(|(w, d)| f64::from(w + d).powi(2))
+                        .sum(),
+                    Values::Bf16(w) => w[i * cols..(i + 1) * cols]
+                        .iter()
+                        .zip(d)
+                        .map(|(w, d)| f64::from(w.to_f32() + d).powi(2))
+                        .sum(),
+                };
+                *norm = sum.sqrt() as f32;
+            });
+            norms
+        })
+    })
+    .flatten();
+    norms
+        .map(|v| Ok(Tensor::from_vec(v, rows, &Device::Cpu)?))
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +273,21 @@ mod tests {
                 .unwrap();
             let fast = kron_scaled(&a, &small, 1.7).unwrap().unwrap();
             assert_eq!(max_diff(&fast, &plain), 0.0, "kron {dims:?}");
+        }
+    }
+
+    #[test]
+    fn row_norms_equal_candles_within_f32_rounding() {
+        for (dims, dtype) in [
+            ([1, 1], DType::F32),
+            ([7, 300], DType::BF16),
+            ([65, 9], DType::F32),
+        ] {
+            let (w, d) = (uniform(&dims, 1, dtype), uniform(&dims, 2, DType::F32));
+            let fast = row_norms_of_sum(&w, &d).unwrap().unwrap();
+            let sum = w.to_dtype(DType::F32).unwrap().add(&d).unwrap();
+            let plain = sum.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+            assert!(max_diff(&fast, &plain) < 1e-5, "{dims:?} {dtype:?}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! A linear layer with its adapters computed into one output buffer on the CPU:
-//! `y = ((x ⊙ in_scale)·Wᵀ + bias + Σ sᵢ·x·Aᵢᵀ·Bᵢᵀ) ⊙ out_scale`.
+//! `y = ((x ⊙ in_scale)·Wᵀ + bias + Σ sᵢ·x·Aᵢᵀ·Bᵢᵀ) ⊙ out_scale` (or with the bias added after
+//! `out_scale`).
 //!
 //! PEFT computes the base output, each low-rank output and their sum as separate tensors; here
 //! the low-rank terms accumulate into the base output with two thin GEMMs and no full-size
@@ -29,6 +30,8 @@ pub(crate) struct Extras {
     pub low_rank: Vec<LowRank>,
     /// Per output feature, applied to the whole output, bias included (IA³).
     pub out_scale: Option<Tensor>,
+    /// The biases are added after `out_scale` (DoRA rescales the weight's output only).
+    pub unscaled_bias: bool,
 }
 
 impl Extras {
@@ -89,8 +92,9 @@ pub(crate) fn linear(
         }
     }
     let has_bias = row.iter().any(|v| *v != 0.0);
+    let bias_first = has_bias && !extras.unscaled_bias;
     let mut out = vec![0f32; n * m];
-    if has_bias {
+    if bias_first {
         out.par_chunks_mut(m.max(1))
             .for_each(|o| o.copy_from_slice(&row));
     }
@@ -103,7 +107,7 @@ pub(crate) fn linear(
         let (ws, wl) = w32.storage_and_layout();
         let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
         let rhs = Strided::new(cpu_slice::<f32>(&ws, wl)?, wl);
-        sgemm(&mut out, m, lhs, rhs, has_bias, 1.0);
+        sgemm(&mut out, m, lhs, rhs, bias_first, 1.0);
     }
     let adapted = !extras.low_rank.is_empty() || extras.out_scale.is_some();
     if x.dtype() == DType::BF16 && adapted {
@@ -138,6 +142,10 @@ pub(crate) fn linear(
         let s = s.to_vec1::<f32>()?;
         out.par_chunks_mut(m.max(1))
             .for_each(|o| o.iter_mut().zip(&s).for_each(|(v, s)| *v *= s));
+    }
+    if has_bias && !bias_first {
+        out.par_chunks_mut(m.max(1))
+            .for_each(|o| o.iter_mut().zip(&row).for_each(|(v, b)| *v += b));
     }
     let y = match x.dtype() {
         DType::BF16 => {

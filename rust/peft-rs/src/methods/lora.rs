@@ -596,19 +596,32 @@ impl LoraAdapter {
     }
 
     /// `s · lora_B.bias` (`lora_bias`).
-    /// The base layer and this adapter in one pass where the fused kernel applies (not DoRA,
-    /// which rescales by a norm of the whole weight).
+    /// The base layer and this adapter in one pass where the fused kernel applies. DoRA's
+    /// `m/‖W + ΔW‖ ⊙ (W x + ΔW x) + b` is the low-rank term with an output scale before the
+    /// bias (f32 only: PEFT's bf16 DoRA rounds in between, which the plain path follows).
     fn fused_forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Option<Tensor>> {
-        if self.config.use_dora || !matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {
+        let linear = matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D);
+        if !linear || (self.config.use_dora && x.dtype() != DType::F32) {
             return Ok(None);
         }
         below.fused(x, self.config.lora_dropout, || {
-            Ok(Extras::low_rank(LowRank {
+            let term = LowRank {
                 a: self.params.get(LORA_A)?,
                 b: self.params.get(LORA_B)?,
                 bias: self.params.get_opt(LORA_B_BIAS),
                 scale: self.scaling,
-            }))
+            };
+            if !self.config.use_dora {
+                return Ok(Extras::low_rank(term));
+            }
+            let base = below.base();
+            let norm = row_norms(base, &base.weight()?, &self.delta_weight(base)?)?;
+            let magnitude = self.params.get(LORA_MAGNITUDE)?.flatten_all()?;
+            Ok(Extras {
+                out_scale: Some(magnitude.div(&norm)?),
+                unscaled_bias: true,
+                ..Extras::low_rank(term)
+            })
         })
     }
 
