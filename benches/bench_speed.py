@@ -83,7 +83,7 @@ def build(config: PeftConfig, width: int, dtype: torch.dtype, xs: dict[int, torc
     """PEFT's layer and peft_rs's adapter with the same weights: the model is made in f32 with
     non-identity adapter weights, the adapter saved, and then the base and PEFT model are cast to
     `dtype` (PEFT's adapter weights too; peft_rs keeps its own in f32, as PEFT's
-    `autocast_adapter_dtype` does)."""
+    `autocast_adapter_dtype` does). For bf16, the f32 layer's outputs for `xs` are kept."""
     torch.manual_seed(0)
     model = One(width)
     state_dict = {k: v.detach().clone().to(dtype) for k, v in model.state_dict().items()}
@@ -140,13 +140,22 @@ def rms_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(ours: torch.Tensor, ref: torch.Tensor, f32_output: torch.Tensor | None) -> dict[str, Any]:
-    """Whether peft_rs's output `ours` agrees with `ref` within TOLERANCE of ref's dtype, and the
-    errors (max |Δ| / RMS) against it and, for bf16, of both against the f32 model's output."""
+    """Whether peft_rs's output `ours` agrees with `ref` within TOLERANCE of ref's dtype (and has
+    its dtype), how many elements do not, and the errors (max |Δ| / RMS) against it and, for bf16,
+    of both against the f32 model's output."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"peft_rs's output has shape {tuple(ours.shape)}, PEFT's {tuple(ref.shape)}")
     rtol, atol = TOLERANCE[ref.dtype]
     a, b = ours.float(), ref.float()
-    ok = ours.dtype == ref.dtype and a.shape == b.shape
-    ok = ok and bool(((a - b).abs() <= atol * b.pow(2).mean().sqrt() + rtol * b.abs()).all())
-    result = {"ok": ok, "dtype": str(ours.dtype).removeprefix("torch."), "max_err": rms_error(a, b)}
+    within = (a - b).abs() <= atol * b.pow(2).mean().sqrt() + rtol * b.abs()
+    over = int((~within).sum())  # NaNs count
+    result = {
+        "ok": ours.dtype == ref.dtype and over == 0,
+        "dtype": str(ours.dtype).removeprefix("torch."),
+        "over_tolerance": over,
+        "elements": b.numel(),
+        "max_err": rms_error(a, b),
+    }
     if f32_output is not None:
         result["peft_rs_vs_f32_model"] = rms_error(a, f32_output)
         result["peft_vs_f32_model"] = rms_error(b, f32_output)
@@ -180,10 +189,22 @@ def forward_row(record: dict[str, Any]) -> None:
     row(label, record["tokens"], fmt(record["peft_rs"]), fmt(record["peft"]), f"{record['ratio']:.2f}")
 
 
+def mismatch(record: dict[str, Any]) -> str:
+    c = record["check"]
+    line = f"MISMATCH {record['method']}, {record['tokens']} tokens: output dtype {c['dtype']}, "
+    line += f"{c['over_tolerance']} of {c['elements']} elements over the tolerance, "
+    line += f"max |peft_rs - PEFT| = {c['max_err']:.2e} x RMS"
+    if "peft_vs_f32_model" in c:
+        line += (
+            f"; vs the f32 model: peft_rs {c['peft_rs_vs_f32_model']:.2e}, PEFT {c['peft_vs_f32_model']:.2e}"
+        )
+    return line
+
+
 def base_rows(where: dict[str, Any], xs: dict[int, torch.Tensor], budget: float) -> list[dict]:
     """Per token count: torch's F.linear with PEFT's merged weight against peft_rs's layer with the
     LoRA merged, and peft_rs's unmerged LoRA layer timed in the same rounds."""
-    built = build(METHODS[LORA], where["width"], DTYPES[where["dtype"]], xs)
+    built = build(METHODS[LORA], where["width"], DTYPES[where["dtype"]], {})
     unmerged = built.adapter.layer("lin", built.state_dict, built.types)
     merged = built.adapter.layer("lin", built.state_dict, built.types)
     merged.merge()
@@ -254,15 +275,7 @@ def section(
     print("\nbase (linear): peft_rs's layer with LoRA merged; PEFT column: torch F.linear (merged weight).")
     for r in records:
         if "check" in r and not r["check"]["ok"]:
-            c = r["check"]
-            vs_f32 = ""
-            if "peft_vs_f32_model" in c:
-                vs_f32 = f"; vs the f32 model: peft_rs {c['peft_rs_vs_f32_model']:.2e}, "
-                vs_f32 += f"PEFT {c['peft_vs_f32_model']:.2e}"
-            print(
-                f"MISMATCH {r['method']}, {r['tokens']} tokens: max |peft_rs - PEFT| = "
-                f"{c['max_err']:.2e} x RMS, output dtype {c['dtype']}{vs_f32}"
-            )
+            print(mismatch(r))
     print(f"\n## Linear({width}, {width}), {dtype_name}: merge + unmerge\n")
     row("method", "peft_rs ms (± spread)", "PEFT ms (± spread)", "ratio")
     print("|---|---:|---:|---:|")

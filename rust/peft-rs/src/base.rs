@@ -285,13 +285,27 @@ impl BaseLayer {
         }
         let weight = self.weight()?;
         check_input_dtype(x, &weight)?;
+        let (rows, lead) = as_rows(x, self.in_features())?;
+        let (weight, rows, bias) = match &extras.weight_delta {
+            Some(delta) => {
+                let sum =
+                    crate::kernels::elementwise::add_scaled_as(&weight, delta, 1.0, DType::F32)?;
+                let Some(sum) = sum else { return Ok(None) };
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.to_dtype(DType::F32))
+                    .transpose()?;
+                (sum, rows.to_dtype(DType::F32)?, bias)
+            }
+            None => (weight, rows, self.bias.clone()),
+        };
         let w_t = match self.kind {
             ModuleKind::Linear => weight.t()?,
             _ => weight,
         };
-        let (rows, lead) = as_rows(x, self.in_features())?;
-        match crate::kernels::linear::linear(&rows, &w_t, self.bias.as_ref(), extras)? {
-            Some(y) => Ok(Some(unflatten_rows(y, lead)?)),
+        match crate::kernels::linear::linear(&rows, &w_t, bias.as_ref(), extras)? {
+            Some(y) => Ok(Some(unflatten_rows(y.to_dtype(x.dtype())?, lead)?)),
             None => Ok(None),
         }
     }

@@ -78,6 +78,16 @@ fn to_tensor(values: Vec<f32>, dtype: DType, dims: &[usize]) -> Result<Tensor> {
 /// `target + factor · delta` computed in f32 and stored in `target`'s dtype (f32 or bf16);
 /// `delta` f32 of the same shape.
 pub(crate) fn add_scaled(target: &Tensor, delta: &Tensor, factor: f64) -> Result<Option<Tensor>> {
+    add_scaled_as(target, delta, factor, target.dtype())
+}
+
+/// [`add_scaled`] stored in `dtype` (f32 or bf16).
+pub(crate) fn add_scaled_as(
+    target: &Tensor,
+    delta: &Tensor,
+    factor: f64,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
     if target.dims() != delta.dims() || delta.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -87,8 +97,7 @@ pub(crate) fn add_scaled(target: &Tensor, delta: &Tensor, factor: f64) -> Result
         with_values(target, |t| map_indexed(t, |i, t| t + factor * d[i]))
     })
     .flatten();
-    sum.map(|v| to_tensor(v, target.dtype(), target.dims()))
-        .transpose()
+    sum.map(|v| to_tensor(v, dtype, target.dims())).transpose()
 }
 
 /// `t ⊙ s` (or `t ⊘ (s + eps)` with `undo`) for a 2-D `t` and an f32 `s` that is a column

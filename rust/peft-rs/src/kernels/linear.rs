@@ -32,6 +32,10 @@ pub(crate) struct Extras {
     pub out_scale: Option<Tensor>,
     /// The biases are added after `out_scale` (DoRA rescales the weight's output only).
     pub unscaled_bias: bool,
+    /// A full-rank `ΔW` (f32, in the base weight's layout) added to the weight before the
+    /// product: `x·(W + ΔW)ᵀ` is one GEMM where PEFT's LoHa and LoKr take two. Everything is then
+    /// computed in f32 and rounded once.
+    pub weight_delta: Option<Tensor>,
 }
 
 impl Extras {

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{ModuleSelector, OneOrMany, deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
+use crate::kernels::linear::Extras;
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::method::{LayerAdapter, MergeRule, MethodConfig};
 use crate::methods::lora::Patterns;
@@ -293,7 +294,16 @@ impl<C: LycorisMethod + std::fmt::Debug> LayerAdapter for LycorisAdapter<C> {
         let delta = self
             .dropout
             .drop_rows(self.delta_weight(below.base())?, rng)?;
-        forward_with_delta(x, below, &delta)
+        let fused = below.fused(x, 0.0, || {
+            Ok(Extras {
+                weight_delta: Some(delta.clone()),
+                ..Extras::default()
+            })
+        })?;
+        match fused {
+            Some(y) => Ok(y),
+            None => forward_with_delta(x, below, &delta),
+        }
     }
 
     fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
