@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+mod bf16;
 pub(crate) mod elementwise;
 pub(crate) mod linear;
 

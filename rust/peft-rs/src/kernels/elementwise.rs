@@ -34,25 +34,29 @@ fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
     }
 }
 
-/// `op(i, target[i])` for every element, in f32, in parallel.
-fn map_indexed(target: Values, op: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f32> {
+/// `target` widened to f32, then `op(first, chunk)` on it in place, in parallel over chunks of
+/// whole rows of `cols` elements (`first`: the chunk's first row). Ops are written per slice
+/// so that the compiler vectorises them.
+fn map_rows(target: Values, cols: usize, op: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let n = match &target {
         Values::F32(v) => v.len(),
         Values::Bf16(v) => v.len(),
     };
+    let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
+    let chunk_len = rows_per_chunk * cols.max(1);
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK)
+    out.par_chunks_mut(chunk_len)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let first = c * CHUNK;
-            for (j, o) in chunk.iter_mut().enumerate() {
-                let i = first + j;
-                let t = match &target {
-                    Values::F32(v) => v[i],
-                    Values::Bf16(v) => v[i].to_f32(),
-                };
-                *o = op(i, t);
+            let range = c * chunk_len..c * chunk_len + chunk.len();
+            match &target {
+                Values::F32(v) => chunk.copy_from_slice(&v[range]),
+                Values::Bf16(v) => chunk
+                    .iter_mut()
+                    .zip(&v[range])
+                    .for_each(|(o, t)| *o = t.to_f32()),
             }
+            op(c * rows_per_chunk, chunk);
         });
     out
 }
@@ -94,7 +98,12 @@ pub(crate) fn add_scaled_as(
     let factor = factor as f32;
     let sum = with_values(delta, |d| {
         let Values::F32(d) = d else { return None };
-        with_values(target, |t| map_indexed(t, |i, t| t + factor * d[i]))
+        with_values(target, |t| {
+            map_rows(t, 1, |first, out| {
+                let d = &d[first..first + out.len()];
+                out.iter_mut().zip(d).for_each(|(o, d)| *o += factor * d);
+            })
+        })
     })
     .flatten();
     sum.map(|v| to_tensor(v, dtype, target.dims())).transpose()
@@ -111,14 +120,26 @@ pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<O
         return Ok(None);
     }
     let factors = s.flatten_all()?.to_vec1::<f32>()?;
-    let factor = |i: usize| factors[if per_row { i / cols } else { i % cols }];
     let eps = eps as f32;
-    let scaled = with_values(t, |v| {
-        if undo {
-            map_indexed(v, |i, x| x / (factor(i) + eps))
-        } else {
-            map_indexed(v, |i, x| x * factor(i))
+    // Per row: one factor for the whole row; per column: the factors zipped with each row.
+    let scale_row = |row: usize, values: &mut [f32]| match (per_row, undo) {
+        (true, false) => values.iter_mut().for_each(|v| *v *= factors[row]),
+        (true, true) => {
+            let f = factors[row] + eps;
+            values.iter_mut().for_each(|v| *v /= f)
         }
+        (false, false) => values.iter_mut().zip(&factors).for_each(|(v, f)| *v *= f),
+        (false, true) => values
+            .iter_mut()
+            .zip(&factors)
+            .for_each(|(v, f)| *v /= f + eps),
+    };
+    let scaled = with_values(t, |v| {
+        map_rows(v, cols, |first, out| {
+            for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
+                scale_row(first + r, row);
+            }
+        })
     });
     scaled
         .map(|v| to_tensor(v, t.dtype(), t.dims()))
@@ -133,7 +154,14 @@ pub(crate) fn mul_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Te
     let scale = scale as f32;
     let product = with_values(b, |b| {
         let Values::F32(b) = b else { return None };
-        with_values(a, |a| map_indexed(a, |i, a| (a * b[i]) * scale))
+        with_values(a, |a| {
+            map_rows(a, 1, |first, out| {
+                let b = &b[first..first + out.len()];
+                out.iter_mut()
+                    .zip(b)
+                    .for_each(|(o, b)| *o = (*o * b) * scale);
+            })
+        })
     })
     .flatten();
     product

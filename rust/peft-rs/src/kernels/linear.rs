@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Layout, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16 as bf16_kernel;
 use crate::error::Result;
 
 /// A term `scale · x·Aᵀ·Bᵀ (+ scale · bias)` (LoRA and its relatives); `a` is `(r, in)`, `b` is
@@ -103,9 +104,37 @@ pub(crate) fn linear(
             .for_each(|o| o.copy_from_slice(&row));
     }
 
-    // The base product; f32 copies of bf16 operands for now (what candle's matmul does).
-    let x32 = x.to_dtype(DType::F32)?;
-    {
+    // The base product. bf16 goes through the bf16 kernel where the rows of x and W are
+    // contiguous (Linear weights), through f32 copies otherwise (what candle's matmul does).
+    let k = x.dim(1)?;
+    let bf16_rows = |t: &Tensor, along: usize| {
+        let (stride, rows) = (t.stride()[1 - along], t.dim(1 - along).unwrap_or(0));
+        t.stride()[along] == 1 && (rows <= 1 || stride >= k)
+    };
+    if x.dtype() == DType::BF16 && bf16_rows(&x, 1) && bf16_rows(w_t, 0) {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w_t.storage_and_layout();
+        let (xv, wv) = (cpu_slice::<bf16>(&xs, xl)?, cpu_slice::<bf16>(&ws, wl)?);
+        let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
+        let plain =
+            extras.low_rank.is_empty() && extras.out_scale.is_none() && bias_first == has_bias;
+        if plain {
+            let bias = bias.map(|b| b.to_vec1::<bf16>()).transpose()?;
+            let mut y = vec![bf16::ZERO; n * m];
+            let out = bf16_kernel::Out::Bf16 {
+                y: &mut y,
+                bias: bias.as_deref(),
+            };
+            bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+            return Ok(Some(Tensor::from_vec(y, (n, m), &Device::Cpu)?));
+        }
+        let out = bf16_kernel::Out::F32 {
+            y: &mut out,
+            accumulate: bias_first,
+        };
+        bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+    } else {
+        let x32 = x.to_dtype(DType::F32)?;
         let w32 = w_t.to_dtype(DType::F32)?;
         let (xs, xl) = x32.storage_and_layout();
         let (ws, wl) = w32.storage_and_layout();
@@ -120,7 +149,8 @@ pub(crate) fn linear(
             .for_each(|o| o.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()));
     }
 
-    {
+    if !extras.low_rank.is_empty() {
+        let x32 = x.to_dtype(DType::F32)?;
         let (xs, xl) = x32.storage_and_layout();
         let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
         for term in &extras.low_rank {

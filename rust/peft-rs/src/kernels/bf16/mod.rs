@@ -1,0 +1,308 @@
+//! Multi-threaded bf16 matrix multiply `y = x · wᵀ` with f32 accumulation.
+//!
+//! `w` is in `PyTorch`'s `Linear` layout (`out_features × in_features`), so both
+//! operands are contiguous along the reduction dimension. On CPUs with
+//! AVX-512 BF16 the work runs on `vdpbf16ps` kernels; elsewhere a portable
+//! f32 path gives the same result up to summation order.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use half::bf16;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
+#[cfg(test)]
+mod tests;
+
+/// Destination of `x · wᵀ`: an `m × n` row-major contiguous buffer.
+#[derive(Debug)]
+pub enum Out<'a> {
+    /// `y = bf16(x · wᵀ + bias)`, rounded once from the f32 accumulator; the bias has one
+    /// entry per output column.
+    Bf16 {
+        y: &'a mut [bf16],
+        bias: Option<&'a [bf16]>,
+    },
+    /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate` is set (to fuse
+    /// several products, e.g. base + `LoRA`, before one final rounding).
+    F32 { y: &'a mut [f32], accumulate: bool },
+}
+
+/// Whether this CPU has the AVX-512 BF16 dot-product instructions used by
+/// the fast path.
+#[must_use]
+pub fn has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Computes `y = x · wᵀ` into `out`, accumulating in f32, on the calling
+/// thread helped by rayon's global pool (small products stay serial).
+///
+/// `x` is `m × k` with row stride `lda`, `w` is `n × k` with row stride
+/// `ldw` (`PyTorch` `Linear` weight layout); the output is `m × n` contiguous.
+///
+/// # Panics
+/// If a stride is smaller than `k`, a slice is too short, the output is not
+/// exactly `m × n`, or the bias length is not `n`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[bf16],
+    lda: usize,
+    w: &[bf16],
+    ldw: usize,
+    out: Out<'_>,
+) {
+    let backend = if has_bf16_dot() {
+        Backend::Bf16Dot
+    } else {
+        Backend::Portable
+    };
+    run(backend, Problem::new(m, n, k, x, lda, w, ldw), out);
+}
+
+/// Which implementation computes the product; tests force each one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Bf16Dot,
+    Portable,
+}
+
+/// Validated operand shapes.
+#[derive(Clone, Copy)]
+struct Problem<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &'a [bf16],
+    lda: usize,
+    w: &'a [bf16],
+    ldw: usize,
+}
+
+impl<'a> Problem<'a> {
+    fn new(
+        m: usize,
+        n: usize,
+        k: usize,
+        x: &'a [bf16],
+        lda: usize,
+        w: &'a [bf16],
+        ldw: usize,
+    ) -> Self {
+        assert!(lda >= k && ldw >= k, "row strides must be at least k");
+        if m > 0 && k > 0 {
+            assert!(x.len() >= (m - 1) * lda + k, "x is too short");
+        }
+        if n > 0 && k > 0 {
+            assert!(w.len() >= (n - 1) * ldw + k, "w is too short");
+        }
+        Self {
+            m,
+            n,
+            k,
+            x,
+            lda,
+            w,
+            ldw,
+        }
+    }
+}
+
+fn run(backend: Backend, p: Problem<'_>, out: Out<'_>) {
+    let sink = Sink::new(out, p.m, p.n);
+    if p.m == 0 || p.n == 0 {
+        return;
+    }
+    if p.k == 0 {
+        let zeros = vec![0.0; p.n];
+        for i in 0..p.m {
+            // SAFETY: row `i < m` and columns `0..n` are in bounds; nothing
+            // else writes the output here.
+            unsafe { sink.put_row(i, 0, &zeros) };
+        }
+        return;
+    }
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Bf16Dot if has_bf16_dot() => {
+            // SAFETY: the required CPU features were just detected.
+            unsafe { avx512::matmul(&p, &sink) }
+        }
+        _ => portable::matmul(&p, &sink),
+    }
+}
+
+/// Shared handle to the output through which parallel tasks write disjoint
+/// tiles; it applies the bias, rounding or accumulation of the chosen mode.
+#[derive(Clone, Copy)]
+struct Sink<'a> {
+    dst: Dst<'a>,
+    n: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Dst<'a> {
+    Bf16 {
+        y: *mut bf16,
+        bias: Option<&'a [bf16]>,
+    },
+    F32 {
+        y: *mut f32,
+        accumulate: bool,
+    },
+}
+
+// SAFETY: `Sink` only hands out writes through `put_row`/`f32_out`, whose
+// callers guarantee that concurrent tasks touch disjoint output elements;
+// the buffers it points to outlive the parallel region (borrowed by `Out`).
+unsafe impl Send for Sink<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Sink<'_> {}
+
+impl<'a> Sink<'a> {
+    fn new(out: Out<'a>, m: usize, n: usize) -> Self {
+        let dst = match out {
+            Out::Bf16 { y, bias } => {
+                assert_eq!(y.len(), m * n, "output must be m × n");
+                if let Some(b) = bias {
+                    assert_eq!(b.len(), n, "bias must have n entries");
+                }
+                Dst::Bf16 {
+                    y: y.as_mut_ptr(),
+                    bias,
+                }
+            }
+            Out::F32 { y, accumulate } => {
+                assert_eq!(y.len(), m * n, "output must be m × n");
+                Dst::F32 {
+                    y: y.as_mut_ptr(),
+                    accumulate,
+                }
+            }
+        };
+        Self { dst, n }
+    }
+
+    /// The f32 output and whether it must be added to, for kernels that
+    /// accumulate straight into it; `None` in bf16 mode.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn f32_out(&self) -> Option<(*mut f32, bool)> {
+        match self.dst {
+            Dst::F32 { y, accumulate } => Some((y, accumulate)),
+            Dst::Bf16 { .. } => None,
+        }
+    }
+
+    /// Stores finished dot products `vals` at row `i`, columns `j0..`.
+    ///
+    /// # Safety
+    /// `i < m`, `j0 + vals.len() <= n`, and no other thread accesses these
+    /// output elements during the call.
+    #[inline(always)]
+    unsafe fn put_row(&self, i: usize, j0: usize, vals: &[f32]) {
+        let at = i * self.n + j0;
+        let cols = j0..j0 + vals.len();
+        match self.dst {
+            Dst::Bf16 { y, bias } => {
+                // SAFETY: in bounds and exclusive per the caller's contract.
+                let row = unsafe { std::slice::from_raw_parts_mut(y.add(at), vals.len()) };
+                match bias {
+                    None => {
+                        for (o, &v) in row.iter_mut().zip(vals) {
+                            *o = round_bf16(v);
+                        }
+                    }
+                    Some(b) => {
+                        for ((o, &v), &b) in row.iter_mut().zip(vals).zip(&b[cols]) {
+                            *o = round_bf16(v + b.to_f32());
+                        }
+                    }
+                }
+            }
+            Dst::F32 { y, accumulate } => {
+                // SAFETY: in bounds and exclusive per the caller's contract.
+                let row = unsafe { std::slice::from_raw_parts_mut(y.add(at), vals.len()) };
+                if accumulate {
+                    for (o, &v) in row.iter_mut().zip(vals) {
+                        *o += v;
+                    }
+                } else {
+                    row.copy_from_slice(vals);
+                }
+            }
+        }
+    }
+}
+
+/// Round-to-nearest-even f32 → bf16, bit-identical to `bf16::from_f32` but
+/// branch-free so that row loops vectorize.
+#[inline(always)]
+fn round_bf16(v: f32) -> bf16 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let quiet_nan = (x >> 16) | 0x40;
+    let is_nan = x & 0x7fff_ffff > 0x7f80_0000;
+    bf16::from_bits(if is_nan { quiet_nan } else { rounded } as u16)
+}
+
+/// Below this many multiply-adds a product runs on the calling thread alone:
+/// waking pool threads costs more than they would save.
+const SERIAL_MACS: usize = 1 << 21;
+
+/// Threads worth using for problem `p`.
+fn threads_for(p: &Problem<'_>) -> usize {
+    if p.m * p.n * p.k < SERIAL_MACS {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// Runs `task(0..tasks)` on the calling thread plus up to `threads - 1`
+/// helpers from rayon's pool, each taking the next index until none are left.
+///
+/// The caller starts on the work at once instead of waiting for pool threads
+/// to wake up, and dynamic claiming bounds the imbalance to one task, which
+/// keeps short products fast on a busy machine.
+fn parallel_for(tasks: usize, threads: usize, task: impl Fn(usize) + Sync) {
+    let next = AtomicUsize::new(0);
+    let work = || {
+        loop {
+            let t = next.fetch_add(1, Ordering::Relaxed);
+            if t >= tasks {
+                break;
+            }
+            task(t);
+        }
+    };
+    let helpers = threads.min(tasks).saturating_sub(1);
+    if helpers == 0 {
+        return work();
+    }
+    rayon::in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+}
+
+/// Splits `0..len` into `parts` nearly equal ranges whose lengths are
+/// multiples of `unit` (except the last), returning the range length.
+fn chunk_len(len: usize, parts: usize, unit: usize) -> usize {
+    len.div_ceil(parts.max(1)).next_multiple_of(unit).max(unit)
+}

@@ -1,0 +1,261 @@
+use half::bf16;
+
+use super::{Backend, Out, Problem, round_bf16, run};
+
+/// Deterministic pseudo-random bf16 values in about [-2, 2].
+fn data(len: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
+        })
+        .collect()
+}
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldw: usize,
+    off: usize,
+    x_buf: Vec<bf16>,
+    w_buf: Vec<bf16>,
+}
+
+impl Case {
+    /// Operands with row strides `k + pad` and `k + 2·pad (+1)`; an odd
+    /// `pad` also starts both one element into their buffers (misaligned).
+    fn new(m: usize, n: usize, k: usize, pad: usize) -> Self {
+        let (lda, ldw) = (k + pad, k + 2 * pad + usize::from(pad > 0));
+        let off = pad % 2;
+        let x_len = if m == 0 { 0 } else { (m - 1) * lda + k };
+        let w_len = if n == 0 { 0 } else { (n - 1) * ldw + k };
+        Self {
+            m,
+            n,
+            k,
+            lda,
+            ldw,
+            off,
+            x_buf: data(x_len + off, (m * 31 + k) as u64),
+            w_buf: data(w_len + off, (n * 17 + k + 5) as u64),
+        }
+    }
+
+    fn x(&self) -> &[bf16] {
+        &self.x_buf[self.off..]
+    }
+
+    fn w(&self) -> &[bf16] {
+        &self.w_buf[self.off..]
+    }
+
+    fn problem(&self) -> Problem<'_> {
+        Problem::new(
+            self.m,
+            self.n,
+            self.k,
+            self.x(),
+            self.lda,
+            self.w(),
+            self.ldw,
+        )
+    }
+
+    /// Exact product (f64) and the error scale `Σ|x||w|` per element.
+    fn reference(&self) -> (Vec<f64>, Vec<f64>) {
+        let mut exact = vec![0.0; self.m * self.n];
+        let mut scale = vec![0.0; self.m * self.n];
+        for i in 0..self.m {
+            for j in 0..self.n {
+                for l in 0..self.k {
+                    let a = self.x()[i * self.lda + l].to_f64();
+                    let b = self.w()[j * self.ldw + l].to_f64();
+                    exact[i * self.n + j] += a * b;
+                    scale[i * self.n + j] += (a * b).abs();
+                }
+            }
+        }
+        (exact, scale)
+    }
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (3, 5, 7),
+    (17, 33, 65),
+    (64, 100, 1000),
+    (5, 4096, 31),
+    (15, 70, 33),
+    (16, 130, 513),
+    (40, 7, 2),
+    (100, 65, 300),
+    (2, 3, 0),
+    (1600, 20, 300),
+    (3, 700, 1100),
+];
+
+fn backends() -> Vec<Backend> {
+    let mut b = vec![Backend::Portable];
+    if super::has_bf16_dot() {
+        b.push(Backend::Bf16Dot);
+    }
+    b
+}
+
+fn check_close(got: f64, want: f64, scale: f64, slack: f64, what: &str) {
+    let tol = 1e-5 * scale + slack;
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: got {got}, want {want} (tol {tol})"
+    );
+}
+
+#[test]
+fn f32_output_matches_reference() {
+    for backend in backends() {
+        for &(m, n, k) in SHAPES {
+            for pad in [0, 3] {
+                let case = Case::new(m, n, k, pad);
+                let (exact, scale) = case.reference();
+                let what = format!("{backend:?} m={m} n={n} k={k} pad={pad}");
+
+                let mut y = vec![f32::NAN; m * n];
+                run(
+                    backend,
+                    case.problem(),
+                    Out::F32 {
+                        y: &mut y,
+                        accumulate: false,
+                    },
+                );
+                for ((&g, &e), &s) in y.iter().zip(&exact).zip(&scale) {
+                    check_close(g.into(), e, s, 0.0, &what);
+                }
+
+                let base: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25 - 3.0).collect();
+                let mut y = base.clone();
+                run(
+                    backend,
+                    case.problem(),
+                    Out::F32 {
+                        y: &mut y,
+                        accumulate: true,
+                    },
+                );
+                for (((&g, &b), &e), &s) in y.iter().zip(&base).zip(&exact).zip(&scale) {
+                    let want = e + f64::from(b);
+                    check_close(g.into(), want, s, 1e-6 * want.abs(), &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_output_matches_reference() {
+    for backend in backends() {
+        for &(m, n, k) in SHAPES {
+            let case = Case::new(m, n, k, 2);
+            let (exact, scale) = case.reference();
+            let bias_bf16: Vec<bf16> = data(n, 99);
+            let biases = [None, Some(&bias_bf16[..])];
+            for bias in biases {
+                let what = format!("{backend:?} m={m} n={n} k={k} bias={bias:?}");
+                let mut y = vec![bf16::NAN; m * n];
+                run(backend, case.problem(), Out::Bf16 { y: &mut y, bias });
+                for (idx, ((&g, &e), &s)) in y.iter().zip(&exact).zip(&scale).enumerate() {
+                    let b = bias.map_or(0.0, |b| b[idx % n].to_f64());
+                    let want = e + b;
+                    // One bf16 rounding of the result: half an ulp (2^-9 relative).
+                    check_close(g.to_f64(), want, s, want.abs() / 256.0, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Both back ends agree to f32 summation-order rounding on a larger shape
+/// that exercises several cache blocks.
+#[test]
+fn backends_agree_on_blocked_shape() {
+    let case = Case::new(200, 600, 1100, 1);
+    let (_, scale) = case.reference();
+    let mut outs = Vec::new();
+    for backend in backends() {
+        let mut y = vec![0.0f32; 200 * 600];
+        run(
+            backend,
+            case.problem(),
+            Out::F32 {
+                y: &mut y,
+                accumulate: false,
+            },
+        );
+        outs.push(y);
+    }
+    for y in &outs[1..] {
+        for ((&a, &b), &s) in y.iter().zip(&outs[0]).zip(&scale) {
+            check_close(a.into(), b.into(), s, 0.0, "backends");
+        }
+    }
+}
+
+#[test]
+fn rounding_matches_half() {
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let specials = [
+        0.0f32,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1.0e-40,
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0x7f7f_ffff),
+        f32::from_bits(0xff80_0001),
+    ];
+    let random = (0..100_000).map(|_| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        f32::from_bits(s as u32)
+    });
+    for v in specials.into_iter().chain(random) {
+        assert_eq!(
+            round_bf16(v).to_bits(),
+            bf16::from_f32(v).to_bits(),
+            "{v:e}"
+        );
+    }
+}
+
+#[test]
+fn public_entry_point_runs() {
+    let case = Case::new(4, 3, 9, 0);
+    let mut y = vec![0.0f32; 12];
+    super::matmul_bf16_nt(
+        4,
+        3,
+        9,
+        case.x(),
+        9,
+        case.w(),
+        9,
+        Out::F32 {
+            y: &mut y,
+            accumulate: false,
+        },
+    );
+    let (exact, scale) = case.reference();
+    for ((&g, &e), &s) in y.iter().zip(&exact).zip(&scale) {
+        check_close(g.into(), e, s, 0.0, "public");
+    }
+}
