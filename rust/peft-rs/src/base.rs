@@ -1,5 +1,7 @@
 //! The frozen layers that adapters wrap, in PyTorch's weight layouts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{PeftError, Result};
@@ -93,6 +95,10 @@ pub struct BaseLayer {
     kind: ModuleKind,
     weight: Box<dyn BaseWeight>,
     bias: Option<Tensor>,
+    /// Whether the weight tensor may be held outside this layer (it was given to it, or handed
+    /// out by [`BaseLayer::weight`]). Merging writes a weight only this layer holds in place (as
+    /// PEFT does) and a lent one into a new tensor, so a handle never changes under its holder.
+    lent: AtomicBool,
 }
 
 impl BaseLayer {
@@ -131,7 +137,12 @@ impl BaseLayer {
                 found: format!("{:?}", weight.dtype()),
             });
         }
-        let layer = Self { kind, weight, bias };
+        let layer = Self {
+            kind,
+            weight,
+            bias,
+            lent: AtomicBool::new(true),
+        };
         if let Some(b) = &layer.bias {
             if kind == ModuleKind::Embedding {
                 return Err(PeftError::InvalidOperation(
@@ -153,9 +164,20 @@ impl BaseLayer {
         self.kind
     }
 
-    /// The weight, dense, in PyTorch's layout.
+    /// The weight, dense, in PyTorch's layout. The layer never changes it in place afterwards.
     pub fn weight(&self) -> Result<Tensor> {
+        self.lent.store(true, Ordering::Relaxed);
         self.weight.dense()
+    }
+
+    /// The weight for a computation that drops it before the layer changes (not lent).
+    pub(crate) fn dense_weight(&self) -> Result<Tensor> {
+        self.weight.dense()
+    }
+
+    /// Whether only this layer holds its weight tensor, which merging may then write in place.
+    pub(crate) fn owns_weight(&self) -> bool {
+        !self.lent.load(Ordering::Relaxed)
     }
 
     /// Shape of the weight in PyTorch's layout.
@@ -175,10 +197,17 @@ impl BaseLayer {
         self.weight.device()
     }
 
-    /// Replaces the weight (through the [`BaseWeight`] seam) and the bias, as merging does.
-    pub(crate) fn set_weights(&mut self, weight: Tensor, bias: Option<Tensor>) -> Result<()> {
+    /// Replaces the weight (through the [`BaseWeight`] seam) and the bias, as merging does;
+    /// `owned`: nothing outside this layer holds `weight` (a merge's fresh result).
+    pub(crate) fn set_weights(
+        &mut self,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        owned: bool,
+    ) -> Result<()> {
         self.weight.replace(weight)?;
         self.bias = bias;
+        *self.lent.get_mut() = !owned;
         Ok(())
     }
 
@@ -230,7 +259,7 @@ impl BaseLayer {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, &self.weight()?, self.bias.as_ref())
+        self.forward_with(x, &self.dense_weight()?, self.bias.as_ref())
     }
 
     /// The layer's computation with another weight and bias of the same shapes (methods whose
@@ -272,7 +301,7 @@ impl BaseLayer {
 
     /// The layer without its bias, computed in `x`'s dtype (DoRA's recomputed base term).
     pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, &self.weight()?.to_dtype(x.dtype())?, None)
+        self.forward_with(x, &self.dense_weight()?.to_dtype(x.dtype())?, None)
     }
 
     /// The layer's output with an adapter's `extras` computed in the same pass (one output
@@ -283,7 +312,7 @@ impl BaseLayer {
         if !matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {
             return Ok(None);
         }
-        let weight = self.weight()?;
+        let weight = self.dense_weight()?;
         check_input_dtype(x, &weight)?;
         let (rows, lead) = as_rows(x, self.in_features())?;
         let (weight, rows, bias) = match &extras.weight_delta {

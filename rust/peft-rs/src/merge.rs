@@ -48,7 +48,9 @@ pub(crate) fn apply_rule(
             let replaced = std::iter::once(weight.clone())
                 .chain(bias.cloned())
                 .collect();
-            let w = w.to_dtype(weight.dtype())?;
+            // Copies: the module may merge further adapters into its weight in place, which
+            // must not write into this adapter's own tensors.
+            let w = w.to_dtype(weight.dtype())?.copy()?;
             let b = b.as_ref().map(|b| b.to_dtype(w.dtype())).transpose()?;
             Ok((w, b, replaced))
         }
@@ -78,6 +80,46 @@ pub(crate) fn apply_rule(
             ))
         }
     }
+}
+
+/// [`apply_rule`] (or with `undo`, [`undo_rule`]) writing an additive or scaling rule into
+/// `weight`'s own storage, as PEFT's in-place merge does: the caller must own the tensor (a
+/// module's base weight). Returns the new bias, or `None` where the rule or layout needs the
+/// out-of-place path (nothing is written then).
+pub(crate) fn apply_rule_in_place(
+    base: &BaseLayer,
+    rule: &MergeRule,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    undo: bool,
+) -> Result<Option<Option<Tensor>>> {
+    use crate::kernels::elementwise::InPlace;
+    let sign = if undo { -1.0 } else { 1.0 };
+    match rule {
+        MergeRule::Add { delta, bias: db } => {
+            let op = InPlace::AddScaled {
+                factor: sign as f32,
+            };
+            if op.apply(weight, delta)? {
+                return Ok(Some(add_bias(base, bias, db.as_ref(), sign)?));
+            }
+        }
+        MergeRule::Scale {
+            weight: s,
+            bias: sb,
+        } => {
+            let op = InPlace::Scale {
+                per_row: s.dims().first() != Some(&1),
+                undo,
+                eps: UNSCALE_EPS as f32,
+            };
+            if op.apply(weight, s)? {
+                return Ok(Some(scale_bias(bias, sb.as_ref(), undo)?));
+            }
+        }
+        _ => {}
+    }
+    Ok(None)
 }
 
 /// The inverse of [`apply_rule`]; `cache` is what `apply_rule` returned.

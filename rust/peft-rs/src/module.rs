@@ -23,8 +23,8 @@ use candle_core::Tensor;
 use crate::base::BaseLayer;
 use crate::error::{PeftError, Result};
 use crate::kernels::linear::Extras;
-use crate::merge::{apply_rule, check_finite, undo_rule};
-use crate::method::{LayerAdapter, MethodConfig, ParamSource};
+use crate::merge::{apply_rule, apply_rule_in_place, check_finite, undo_rule};
+use crate::method::{LayerAdapter, MergeRule, MethodConfig, ParamSource};
 use crate::params::no_grad;
 use crate::rng::DropoutRng;
 
@@ -234,7 +234,7 @@ impl AdaptedModule {
             )));
         }
         let bias = self.base.bias().cloned();
-        self.base.set_weights(weight, bias)
+        self.base.set_weights(weight, bias, false)
     }
 
     /// Removes every adapter, keeping the base weight as it is (with merged adapters folded in):
@@ -455,8 +455,17 @@ impl AdaptedModule {
                 continue;
             };
             let rule = adapter.merge_rule(&self.base)?;
-            let weight = self.base.weight()?;
-            let (weight, bias, cache) = apply_rule(&self.base, &rule, &weight, self.base.bias())?;
+            let weight = self.base.dense_weight()?;
+            // In place where it can (PEFT merges in place too); safe_merge checks a copy first.
+            let in_place = if safe_merge || !self.base.owns_weight() {
+                None
+            } else {
+                apply_rule_in_place(&self.base, &rule, &weight, self.base.bias(), false)?
+            };
+            let (weight, bias, cache) = match in_place {
+                Some(bias) => (weight, bias, Vec::new()),
+                None => apply_rule(&self.base, &rule, &weight, self.base.bias())?,
+            };
             if safe_merge {
                 let what = format!("{} (adapter {name:?})", self.name);
                 check_finite(&what, &weight)?;
@@ -464,7 +473,8 @@ impl AdaptedModule {
                     check_finite(&what, b)?;
                 }
             }
-            self.base.set_weights(weight, bias)?;
+            // A fresh tensor, or this layer's own written in place.
+            self.base.set_weights(weight, bias, true)?;
             self.merged.push(MergedAdapter {
                 name: name.clone(),
                 cache,
@@ -485,10 +495,20 @@ impl AdaptedModule {
         while let Some(top) = self.merged.last() {
             let adapter = self.adapter(&top.name)?;
             let rule = adapter.merge_rule(&self.base)?;
-            let weight = self.base.weight()?;
-            let (weight, bias) =
-                undo_rule(&self.base, &rule, &weight, self.base.bias(), &top.cache)?;
-            self.base.set_weights(weight, bias)?;
+            let weight = self.base.dense_weight()?;
+            let bias = self.base.bias();
+            let in_place = if self.base.owns_weight() {
+                apply_rule_in_place(&self.base, &rule, &weight, bias, true)?
+            } else {
+                None
+            };
+            // Undoing a replacement restores the weight kept at merge, which may be lent.
+            let owned = !matches!(rule, MergeRule::Replace { .. });
+            let (weight, bias) = match in_place {
+                Some(bias) => (weight, bias),
+                None => undo_rule(&self.base, &rule, &weight, bias, &top.cache)?,
+            };
+            self.base.set_weights(weight, bias, owned)?;
             let top = self.merged.pop().expect("checked above");
             done.push(top.name);
         }

@@ -883,7 +883,7 @@ impl Plan {
             let layer = config.build(module, &base, source, a.adapter.shared())?;
             let rule = weighted(layer.merge_rule(&base)?, a, module)?;
             let (w, b, _) = apply_rule(&base, &rule, &base.weight()?, base.bias())?;
-            base.set_weights(w, b)?;
+            base.set_weights(w, b, true)?;
         }
         let weight = base.weight()?.to_dtype(dtype)?;
         let bias = match (base.bias(), bias_dtype) {

@@ -429,3 +429,35 @@ fn abs_max(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Merges write the weight in place only while nothing outside the layer holds it: a weight
+/// handed out (or given at construction) keeps its values through any merge/unmerge cycle,
+/// and the in-place cycles in between restore the weight exactly as the copying ones do.
+#[test]
+fn a_weight_handed_out_never_changes_under_its_holder() {
+    for feedforward in [false, true] {
+        let mut layer = two_methods(feedforward);
+        layer.set_active(&["lora", "ia3"]).unwrap();
+        let given = dense_weight();
+        let x = input();
+        let unmerged = layer.forward(&x).unwrap();
+        for _ in 0..3 {
+            // The first cycle copies (the weight was given); later ones write in place.
+            layer.merge(None, false).unwrap();
+            assert_close(&layer.forward(&x).unwrap(), &unmerged, "merged forward");
+            layer.unmerge().unwrap();
+        }
+        let held = layer.base().weight().unwrap();
+        let snapshot = held.copy().unwrap();
+        layer.merge(None, false).unwrap();
+        let merged = layer.base().weight().unwrap();
+        let merged_snapshot = merged.copy().unwrap();
+        layer.unmerge().unwrap();
+        layer.merge(None, false).unwrap();
+        layer.unmerge().unwrap();
+        assert_eq!(max_abs_diff(&held, &snapshot), 0.0, "held before a merge");
+        assert_eq!(max_abs_diff(&merged, &merged_snapshot), 0.0, "held while merged");
+        assert_close(&layer.base().weight().unwrap(), &given, "restored");
+        assert_close(&layer.forward(&x).unwrap(), &unmerged, "forward after cycles");
+    }
+}

@@ -3,7 +3,7 @@
 //! Each returns `None` where it does not apply (not CPU, gradients recorded, other layouts or
 //! dtypes) and the caller uses candle's ops, which compute the same values.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -250,6 +250,126 @@ pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option
         .transpose()
 }
 
+/// In-place forms of [`add_scaled`] and [`scale_2d`] (merging into a weight the module owns,
+/// as PEFT's in-place `+=` and `*=`): same values, no new buffer.
+pub(crate) enum InPlace {
+    AddScaled { factor: f32 },
+    Scale { per_row: bool, undo: bool, eps: f32 },
+}
+
+impl InPlace {
+    /// Applies the op to `target` with `operand` (the delta or the factors); false where it does
+    /// not apply (layouts, dtypes, devices): nothing is written then.
+    pub(crate) fn apply(&self, target: &Tensor, operand: &Tensor) -> Result<bool> {
+        let fits = |t: &Tensor| t.device().is_cpu() && !t.track_op() && t.is_contiguous();
+        let shapes_fit = match self {
+            Self::AddScaled { .. } => target.dims() == operand.dims(),
+            Self::Scale { per_row, .. } => match (target.dims2(), operand.dims2()) {
+                (Ok((rows, cols)), Ok(dims)) => {
+                    dims == if *per_row { (rows, 1) } else { (1, cols) }
+                }
+                _ => false,
+            },
+        };
+        if !fits(target)
+            || !fits(operand)
+            || !shapes_fit
+            || operand.dtype() != DType::F32
+            || !matches!(target.dtype(), DType::F32 | DType::BF16)
+        {
+            return Ok(false);
+        }
+        target.inplace_op2(operand, self)?;
+        Ok(true)
+    }
+
+    /// `op(first_row, values)` over chunks of whole rows of `cols`, in f32.
+    fn run(&self, target: &mut [f32], operand: &[f32], cols: usize) {
+        let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
+        target
+            .par_chunks_mut(rows_per_chunk * cols.max(1))
+            .enumerate()
+            .for_each(|(c, chunk)| self.rows(c * rows_per_chunk, chunk, operand, cols));
+    }
+
+    fn rows(&self, first: usize, values: &mut [f32], operand: &[f32], cols: usize) {
+        match *self {
+            Self::AddScaled { factor } => {
+                let start = first * cols;
+                let d = &operand[start..start + values.len()];
+                values.iter_mut().zip(d).for_each(|(v, d)| *v += factor * d);
+            }
+            Self::Scale { per_row, undo, eps } => {
+                for (r, row) in values.chunks_mut(cols.max(1)).enumerate() {
+                    match (per_row, undo) {
+                        (true, false) => row.iter_mut().for_each(|v| *v *= operand[first + r]),
+                        (true, true) => {
+                            let f = operand[first + r] + eps;
+                            row.iter_mut().for_each(|v| *v /= f)
+                        }
+                        (false, false) => row.iter_mut().zip(operand).for_each(|(v, f)| *v *= f),
+                        (false, true) => {
+                            row.iter_mut().zip(operand).for_each(|(v, f)| *v /= f + eps)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Columns per row the op works on: the whole tensor is one "row" for element-wise adds.
+    fn cols(&self, l: &Layout) -> usize {
+        match self {
+            Self::AddScaled { .. } => 1,
+            Self::Scale { .. } => l.dims().last().copied().unwrap_or(1),
+        }
+    }
+}
+
+impl candle_core::InplaceOp2 for InPlace {
+    fn name(&self) -> &'static str {
+        "merge-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((start, end)), Some((o_start, o_end))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("merging in place needs contiguous tensors");
+        };
+        let CpuStorage::F32(operand) = s2 else {
+            candle_core::bail!("merging in place needs an f32 operand");
+        };
+        let (operand, cols) = (&operand[o_start..o_end], self.cols(l1));
+        match s1 {
+            CpuStorage::F32(t) => self.run(&mut t[start..end], operand, cols),
+            CpuStorage::BF16(t) => {
+                // Widened chunk by chunk: the same f32 arithmetic, one rounding back.
+                let rows_per_chunk = (CHUNK / cols).max(1);
+                t[start..end]
+                    .par_chunks_mut(rows_per_chunk * cols)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        let mut wide: Vec<f32> = chunk.iter().map(|v| v.to_f32()).collect();
+                        self.rows(c * rows_per_chunk, &mut wide, operand, cols);
+                        chunk
+                            .iter_mut()
+                            .zip(&wide)
+                            .for_each(|(v, w)| *v = bf16::from_f32(*w));
+                    });
+            }
+            _ => candle_core::bail!("merging in place needs an f32 or bf16 weight"),
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +445,42 @@ mod tests {
             let sum = w.to_dtype(DType::F32).unwrap().add(&d).unwrap();
             let plain = sum.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
             assert!(max_diff(&fast, &plain) < 1e-5, "{dims:?} {dtype:?}");
+        }
+    }
+
+    #[test]
+    fn in_place_passes_write_what_the_copying_ones_return() {
+        for dtype in [DType::F32, DType::BF16] {
+            let dims = [67, 130];
+            let delta = uniform(&dims, 2, DType::F32);
+            let target = uniform(&dims, 1, dtype);
+            let want = add_scaled(&target, &delta, -1.0).unwrap().unwrap();
+            let op = InPlace::AddScaled { factor: -1.0 };
+            assert!(op.apply(&target, &delta).unwrap());
+            assert_eq!(max_diff(&target, &want), 0.0, "add {dtype:?}");
+            for (s_dims, per_row) in [([67, 1], true), ([1, 130], false)] {
+                let s = uniform(&s_dims, 3, DType::F32);
+                for undo in [false, true] {
+                    let want = scale_2d(&target, &s, undo, 1e-8).unwrap().unwrap();
+                    let op = InPlace::Scale {
+                        per_row,
+                        undo,
+                        eps: 1e-8,
+                    };
+                    let t = target.copy().unwrap();
+                    assert!(op.apply(&t, &s).unwrap());
+                    assert_eq!(max_diff(&t, &want), 0.0, "scale {s_dims:?} {undo}");
+                }
+            }
+            let wrong = uniform(&[1, 67], 3, DType::F32);
+            let op = InPlace::Scale {
+                per_row: false,
+                undo: false,
+                eps: 0.0,
+            };
+            let before = target.copy().unwrap();
+            assert!(!op.apply(&target, &wrong).unwrap());
+            assert_eq!(max_diff(&target, &before), 0.0, "untouched");
         }
     }
 

@@ -615,7 +615,7 @@ impl LoraAdapter {
                 return Ok(Extras::low_rank(term));
             }
             let base = below.base();
-            let norm = row_norms(base, &base.weight()?, &self.delta_weight(base)?)?;
+            let norm = row_norms(base, &base.dense_weight()?, &self.delta_weight(base)?)?;
             let magnitude = self.params.get(LORA_MAGNITUDE)?.flatten_all()?;
             Ok(Extras {
                 out_scale: Some(magnitude.div(&norm)?),
