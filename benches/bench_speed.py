@@ -47,9 +47,8 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 # rule), atol = the given fraction of the PEFT output's RMS (the scale at which a sum of terms
 # cancels). f32: summation order and OFT/BOFT's solves differ, ~1e-6 relative; 1e-4 / 1e-3 are
 # bench_methods' bounds at unit scale. bf16 (8-bit mantissa, one rounding ≤ 2**-8 ≈ 3.9e-3
-# relative): PEFT after `.to(bfloat16)` rounds its adapter weights and every intermediate (x A,
-# B x A, the sum) to bf16, peft_rs keeps the adapter in f32 and rounds the base output and the sum
-# once each: up to about five roundings apart, 2e-2.
+# relative): both keep the adapter in f32 but round at different points (peft_rs's LoHa/LoKr
+# fold ΔW into the weight and round once; OFT/BOFT rotate in f32): a few roundings apart, 2e-2.
 TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
 LORA = "LoRA r16"  # the adapter merged in the base rows
 MIN_REPS, MAX_REPS = 3, 30
@@ -79,11 +78,15 @@ def cpu_info() -> tuple[str, list[str]]:
     return fields.get("model name", platform.machine()), [flag for flag in FLAGS if flag in present]
 
 
+def installed(path: str) -> str:
+    return datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone().isoformat(timespec="seconds")
+
+
 def build(config: PeftConfig, width: int, dtype: torch.dtype, xs: dict[int, torch.Tensor]) -> Built:
     """PEFT's layer and peft_rs's adapter with the same weights: the model is made in f32 with
-    non-identity adapter weights, the adapter saved, and then the base and PEFT model are cast to
-    `dtype` (PEFT's adapter weights too; peft_rs keeps its own in f32, as PEFT's
-    `autocast_adapter_dtype` does). For bf16, the f32 layer's outputs for `xs` are kept."""
+    non-identity adapter weights, the adapter saved, and then the base is cast to `dtype` with the
+    adapter weights in f32, as PEFT keeps them on a bf16 model (`autocast_adapter_dtype`) and as
+    peft_rs does. For bf16, the f32 layer's outputs for `xs` are kept."""
     torch.manual_seed(0)
     model = One(width)
     state_dict = {k: v.detach().clone().to(dtype) for k, v in model.state_dict().items()}
@@ -97,6 +100,7 @@ def build(config: PeftConfig, width: int, dtype: torch.dtype, xs: dict[int, torc
         peft_model.save_pretrained(tmp)
         adapter = peft_rs.PeftAdapter.from_pretrained(tmp)
     peft_model.to(dtype)
+    peft_model.base_model._cast_adapter_dtype("default", autocast_adapter_dtype=True)
     return Built(layer, adapter, state_dict, types, f32_outputs)
 
 
@@ -108,6 +112,9 @@ def timed(fns: Sequence[Callable[[], object]], budget_s: float) -> list[list[flo
     times: list[list[float]] = [[] for _ in fns]
     while True:
         for fn, side in zip(fns, times, strict=True):
+            # Lets the other side's worker threads (torch's OpenMP spinners, rayon's) go idle
+            # first, so that neither side's call competes with the other's leftovers.
+            time.sleep(0.002)
             start = time.perf_counter()
             fn()
             side.append(time.perf_counter() - start)
@@ -351,6 +358,7 @@ def main() -> None:
         "torch": torch.__version__,
         "peft": peft.__version__,
         "peft_rs": peft_rs.__version__,
+        "peft_rs_installed": installed(peft_rs._core.__file__),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "budget_s": args.budget,
     }
@@ -358,6 +366,7 @@ def main() -> None:
     print(f"- CPU: {cpu}; flags: {' '.join(flags) or 'none of ' + ', '.join(FLAGS)}; {os.cpu_count()} cores")
     print(f"- threads: torch {header['torch_threads']}, peft_rs (rayon) {header['rayon_threads']}")
     print(f"- torch {torch.__version__}, peft {peft.__version__}, peft_rs {peft_rs.__version__}")
+    print(f"- peft_rs's compiled module installed {header['peft_rs_installed']} (tells rebuilds apart)")
     print(f"- {header['date']}")
     print(
         f"- each cell: median of {MIN_REPS}-{MAX_REPS} interleaved repetitions (~{args.budget} s per side), "

@@ -1,5 +1,6 @@
 //! Forward and merge+unmerge of one adapted `Linear(1024, 1024)` for a set of methods, next to the
-//! base layer alone: a regression check of the core paths without Python.
+//! base layer alone, in f32 and bf16 at 1 and 512 tokens: a regression check of the core paths
+//! (fused linear kernel, bf16 GEMM, in-place merges) without Python.
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -43,9 +44,12 @@ fn configs() -> Vec<(&'static str, serde_json::Value)> {
     ]
 }
 
-fn layer(config: &PeftConfig) -> AdaptedModule {
-    let w = Tensor::randn(0f32, 0.02, (WIDTH, WIDTH), &Device::Cpu).unwrap();
-    let b = Tensor::zeros(WIDTH, DType::F32, &Device::Cpu).unwrap();
+fn layer(config: &PeftConfig, dtype: DType) -> AdaptedModule {
+    let w = Tensor::randn(0f32, 0.02, (WIDTH, WIDTH), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let b = Tensor::zeros(WIDTH, dtype, &Device::Cpu).unwrap();
     let base = BaseLayer::new(ModuleKind::Linear, w, Some(b)).unwrap();
     let mut module = AdaptedModule::new("lin", base);
     let shared = Default::default();
@@ -56,26 +60,41 @@ fn layer(config: &PeftConfig) -> AdaptedModule {
 }
 
 fn methods(c: &mut Criterion) {
-    let mut group = c.benchmark_group("linear_w1024_f32");
-    let x = Tensor::randn(0f32, 1., (512, WIDTH), &Device::Cpu).unwrap();
-    for (label, json) in configs() {
-        let config = PeftConfig::from_json(json).unwrap();
-        let mut module = layer(&config);
-        group.bench_with_input(BenchmarkId::new("forward_512", label), &x, |bench, x| {
-            bench.iter(|| module.forward(x).unwrap())
-        });
-        group.bench_function(BenchmarkId::new("merge_unmerge", label), |bench| {
-            bench.iter(|| {
-                module.merge(None, false).unwrap();
-                module.unmerge().unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut group = c.benchmark_group(format!("linear_w{WIDTH}_{dtype:?}").to_lowercase());
+        let inputs: Vec<(usize, Tensor)> = [1, 512]
+            .into_iter()
+            .map(|tokens| {
+                let x = Tensor::randn(0f32, 1., (tokens, WIDTH), &Device::Cpu).unwrap();
+                (tokens, x.to_dtype(dtype).unwrap())
             })
-        });
+            .collect();
+        for (label, json) in configs() {
+            let config = PeftConfig::from_json(json).unwrap();
+            let mut module = layer(&config, dtype);
+            for (tokens, x) in &inputs {
+                let id = BenchmarkId::new(format!("forward_{tokens}"), label);
+                group.bench_with_input(id, x, |bench, x| bench.iter(|| module.forward(x).unwrap()));
+            }
+            group.bench_function(BenchmarkId::new("merge_unmerge", label), |bench| {
+                bench.iter(|| {
+                    module.merge(None, false).unwrap();
+                    module.unmerge().unwrap();
+                })
+            });
+        }
+        let base = layer(
+            &PeftConfig::from_json(configs()[0].1.clone()).unwrap(),
+            dtype,
+        );
+        for (tokens, x) in &inputs {
+            let id = BenchmarkId::new(format!("forward_{tokens}"), "base");
+            group.bench_with_input(id, x, |bench, x| {
+                bench.iter(|| base.base().forward(x).unwrap())
+            });
+        }
+        group.finish();
     }
-    let base = layer(&PeftConfig::from_json(configs()[0].1.clone()).unwrap());
-    group.bench_with_input(BenchmarkId::new("forward_512", "base"), &x, |bench, x| {
-        bench.iter(|| base.base().forward(x).unwrap())
-    });
-    group.finish();
 }
 
 criterion_group!(benches, methods);

@@ -13,7 +13,7 @@ pub(crate) mod elementwise;
 pub(crate) mod linear;
 
 /// Row counts up to which the kernel beats the general matmul.
-const MAX_ROWS: usize = 16;
+pub(crate) const MAX_ROWS: usize = 16;
 /// Output features per parallel task.
 const BLOCK: usize = 64;
 
@@ -120,6 +120,41 @@ mod simd {
     }
 }
 
+/// `x (n, k) · w (m, k)ᵀ` as `(n, m)` row-major, both contiguous: each output a dot product of
+/// two rows, the weight streamed once in parallel over output features.
+pub(crate) fn rows_dot_rows(x: &[f32], w: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    // Computed as (m, n) so each task writes one contiguous block, then laid out (n, m).
+    let mut out_t = vec![0f32; m * n];
+    out_t
+        .par_chunks_mut(BLOCK * n.max(1))
+        .enumerate()
+        .for_each(|(block, chunk)| {
+            let first = block * BLOCK;
+            let count = chunk.len() / n.max(1);
+            let row = |j: usize| &w[(first + j) * k..][..k];
+            for j in (0..count).step_by(4) {
+                // Pad the last group with row j (its results are not stored).
+                let group = [
+                    row(j),
+                    row((j + 1).min(count - 1)),
+                    row((j + 2).min(count - 1)),
+                    row((j + 3).min(count - 1)),
+                ];
+                for r in 0..n {
+                    let dots = dot4(&x[r * k..][..k], group);
+                    for (jj, d) in dots.iter().enumerate().take(count - j) {
+                        chunk[(j + jj) * n + r] = *d;
+                    }
+                }
+            }
+        });
+    if n == 1 {
+        out_t
+    } else {
+        (0..n * m).map(|i| out_t[(i % m) * n + i / m]).collect()
+    }
+}
+
 /// `y = x · wᵀ` for contiguous `x (n, k)` and `w (m, k)`.
 struct RowsDotRows;
 
@@ -149,36 +184,7 @@ impl CustomOp2 for RowsDotRows {
             candle_core::bail!("row-dot matmul: inner dimensions {k} and {k2} differ");
         }
         let (x, w) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        // Computed as (m, n) so each task writes one contiguous block, then laid out (n, m).
-        let mut out_t = vec![0f32; m * n];
-        out_t
-            .par_chunks_mut(BLOCK * n.max(1))
-            .enumerate()
-            .for_each(|(block, chunk)| {
-                let first = block * BLOCK;
-                let count = chunk.len() / n.max(1);
-                let row = |j: usize| &w[(first + j) * k..][..k];
-                for j in (0..count).step_by(4) {
-                    // Pad the last group with row j (its results are not stored).
-                    let group = [
-                        row(j),
-                        row((j + 1).min(count - 1)),
-                        row((j + 2).min(count - 1)),
-                        row((j + 3).min(count - 1)),
-                    ];
-                    for r in 0..n {
-                        let dots = dot4(&x[r * k..][..k], group);
-                        for (jj, d) in dots.iter().enumerate().take(count - j) {
-                            chunk[(j + jj) * n + r] = *d;
-                        }
-                    }
-                }
-            });
-        let y = if n == 1 {
-            out_t
-        } else {
-            (0..n * m).map(|i| out_t[(i % m) * n + i / m]).collect()
-        };
+        let y = rows_dot_rows(x, w, n, k, m);
         Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
 

@@ -456,8 +456,16 @@ fn a_weight_handed_out_never_changes_under_its_holder() {
         layer.merge(None, false).unwrap();
         layer.unmerge().unwrap();
         assert_eq!(max_abs_diff(&held, &snapshot), 0.0, "held before a merge");
-        assert_eq!(max_abs_diff(&merged, &merged_snapshot), 0.0, "held while merged");
+        assert_eq!(
+            max_abs_diff(&merged, &merged_snapshot),
+            0.0,
+            "held while merged"
+        );
         assert_close(&layer.base().weight().unwrap(), &given, "restored");
-        assert_close(&layer.forward(&x).unwrap(), &unmerged, "forward after cycles");
+        assert_close(
+            &layer.forward(&x).unwrap(),
+            &unmerged,
+            "forward after cycles",
+        );
     }
 }

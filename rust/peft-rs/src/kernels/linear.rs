@@ -12,6 +12,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16 as bf16_kernel;
+use super::{MAX_ROWS, rows_dot_rows};
 use crate::error::Result;
 
 /// A term `scale · x·Aᵀ·Bᵀ (+ scale · bias)` (LoRA and its relatives); `a` is `(r, in)`, `b` is
@@ -133,6 +134,21 @@ pub(crate) fn linear(
             accumulate: bias_first,
         };
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+    } else if x.dtype() == DType::F32
+        && n <= MAX_ROWS
+        && x.is_contiguous()
+        && w_t.t()?.is_contiguous()
+    {
+        // A few rows (decoding): memory-bound, one pass over the weight rows.
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w_t.storage_and_layout();
+        let (xv, wv) = (cpu_slice::<f32>(&xs, xl)?, cpu_slice::<f32>(&ws, wl)?);
+        let y = rows_dot_rows(xv, wv, n, k, m);
+        if bias_first {
+            out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
+        } else {
+            out = y;
+        }
     } else {
         let x32 = x.to_dtype(DType::F32)?;
         let w32 = w_t.to_dtype(DType::F32)?;
