@@ -40,6 +40,7 @@ lint: deps
 	ruff format --check python tests benches examples tools
 
 bench: build
+	$(PYTHON) benches/bench_speed.py
 	$(PYTHON) benches/bench_lora.py
 	$(PYTHON) benches/bench_methods.py
 	$(PYTHON) benches/bench_models.py

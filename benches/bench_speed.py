@@ -5,8 +5,9 @@ file loaded by peft_rs, the same weights) beside PEFT's layer, and merge+unmerge
 costs) against peft_rs's layer with LoRA merged (its plain matmul path), and gives peft_rs's LoRA
 unmerged ÷ merged time (project goal: ≤ 1.05 at ≥ 512 tokens).
 
-Sides are timed in interleaved repetitions (A, B, A, B, ... after a warm-up call of each, so
-drift hits both) until one side has spent --budget seconds (3 to 30 repetitions); cells show the
+Sides are timed in interleaved repetitions (A, B, A, B, ... so drift hits both; before each timed
+call a 20 ms pause, for the other side's spinning worker threads to go idle, and an untimed call of
+the same side) until one side has spent --budget seconds (3 to 30 repetitions); cells show the
 median and ± half the interquartile range as % of the median. ratio = peft_rs / PEFT (< 1:
 peft_rs faster; project goal ≤ 0.9 everywhere). Every cell's outputs are compared before timing.
 
@@ -112,9 +113,12 @@ def timed(fns: Sequence[Callable[[], object]], budget_s: float) -> list[list[flo
     times: list[list[float]] = [[] for _ in fns]
     while True:
         for fn, side in zip(fns, times, strict=True):
-            # Lets the other side's worker threads (torch's OpenMP spinners, rayon's) go idle
-            # first, so that neither side's call competes with the other's leftovers.
-            time.sleep(0.002)
+            # torch's OpenMP workers spin for milliseconds after a call (libgomp's
+            # GOMP_SPINCOUNT) and would share the cores with a peft_rs call made meanwhile (and
+            # rayon's with torch's, less so): a pause for them to go idle, then an untimed call
+            # so that the timed one runs warm, right after its own side's.
+            time.sleep(0.02)
+            fn()
             start = time.perf_counter()
             fn()
             side.append(time.perf_counter() - start)

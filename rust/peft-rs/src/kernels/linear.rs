@@ -74,14 +74,20 @@ pub(crate) fn linear(
     {
         return Ok(None);
     }
-    let n = x.dim(0)?;
+    let (n, k) = (x.dim(0)?, x.dim(1)?);
     let m = w_t.dim(1)?;
     let x = match &extras.in_scale {
         // In f32 and rounded once, as PEFT scales in the adapter's dtype.
-        Some(s) => x
-            .to_dtype(DType::F32)?
-            .broadcast_mul(s)?
-            .to_dtype(x.dtype())?,
+        Some(s) => {
+            let row = s.reshape((1, k))?;
+            match super::elementwise::scale_2d(x, &row, false, 0.0)? {
+                Some(scaled) => scaled,
+                None => x
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(s)?
+                    .to_dtype(x.dtype())?,
+            }
+        }
         None => x.clone(),
     };
 
@@ -107,7 +113,6 @@ pub(crate) fn linear(
 
     // The base product. bf16 goes through the bf16 kernel where the rows of x and W are
     // contiguous (Linear weights), through f32 copies otherwise (what candle's matmul does).
-    let k = x.dim(1)?;
     let bf16_rows = |t: &Tensor, along: usize| {
         let (stride, rows) = (t.stride()[1 - along], t.dim(1 - along).unwrap_or(0));
         t.stride()[along] == 1 && (rows <= 1 || stride >= k)
