@@ -384,12 +384,21 @@ impl LayerAdapter for VeraAdapter {
     /// PEFT's forward: `λ_b ⊙ B_s (λ_d ⊙ A_s dropout(x))` in the adapter dtype, added to the
     /// output below and cast back to that output's dtype.
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        // As one low-rank term: (λ_d ⊙ A_s) and (λ_b ⊙ B_s) are r×in and out×r, cheap to form.
+        // As one low-rank term: (λ_d ⊙ A_s) and (λ_b ⊙ B_s) are r×in and out×r, formed in one
+        // parallel pass each.
         let fused = below.fused(x, self.config.vera_dropout, || {
-            let column = |name| -> Result<Tensor> { Ok(self.params.get(name)?.unsqueeze(1)?) };
+            let rows = |t: &Tensor, name| -> Result<Tensor> {
+                let lambda = self.params.get(name)?.unsqueeze(1)?;
+                Ok(
+                    match crate::kernels::elementwise::scale_2d(t, &lambda, false, 0.0)? {
+                        Some(scaled) => scaled,
+                        None => t.broadcast_mul(&lambda)?,
+                    },
+                )
+            };
             Ok(Extras::low_rank(LowRank {
-                a: self.a.broadcast_mul(&column(VERA_LAMBDA_D)?)?,
-                b: self.b.broadcast_mul(&column(VERA_LAMBDA_B)?)?,
+                a: rows(&self.a, VERA_LAMBDA_D)?,
+                b: rows(&self.b, VERA_LAMBDA_B)?,
                 bias: None,
                 scale: 1.0,
             }))
