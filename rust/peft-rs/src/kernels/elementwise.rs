@@ -116,7 +116,8 @@ pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<O
         return Ok(None);
     };
     let per_row = (sr, sc) == (rows, 1);
-    if !(per_row || (sr, sc) == (1, cols)) || s.dtype() != DType::F32 {
+    // A recorded `s` (a trained scale) keeps candle's ops, which carry its gradient.
+    if !(per_row || (sr, sc) == (1, cols)) || s.dtype() != DType::F32 || s.track_op() {
         return Ok(None);
     }
     let factors = s.flatten_all()?.to_vec1::<f32>()?;
