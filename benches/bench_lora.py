@@ -70,9 +70,8 @@ def bench(tokens: int, width: int, r: int) -> dict[str, float]:
     return result
 
 
-def cpu_model() -> str:
-    """The CPU's model name and the vector extensions that matter here (timings are only
-    comparable as ratios measured in the same run)."""
+def cpu_info(flags: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The CPU's model name and which of `flags` it has."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -80,10 +79,16 @@ def cpu_model() -> str:
                 key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() or platform.machine()
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16")
-    flags = [flag for flag in fields.get("flags", "").split() if flag in wanted]
-    return f"{fields.get('model name', platform.machine())} ({' '.join(flags) or 'no AVX2'})"
+        return platform.processor() or platform.machine(), []
+    present = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.machine()), [flag for flag in flags if flag in present]
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the vector extensions that matter here (timings are only
+    comparable as ratios measured in the same run)."""
+    name, flags = cpu_info(("avx2", "fma", "avx512f", "avx512_bf16"))
+    return f"{name} ({' '.join(flags) or 'no AVX2'})"
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ from typing import Any, NamedTuple
 import peft
 import torch
 import torch.nn.functional as F
-from bench_lora import One
+from bench_lora import One, cpu_info
 from bench_methods import METHODS
 from peft import PeftConfig, get_peft_model
 from torch import nn
@@ -63,20 +62,6 @@ class Built(NamedTuple):
     state_dict: dict[str, torch.Tensor]
     types: dict[str, str]
     f32_outputs: dict[int, torch.Tensor]  # the f32 PEFT layer's output per token count (bf16 only)
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    """The CPU's model name and which of FLAGS it has."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine(), []
-    present = set(fields.get("flags", "").split())
-    return fields.get("model name", platform.machine()), [flag for flag in FLAGS if flag in present]
 
 
 def installed(path: str) -> str:
@@ -352,7 +337,7 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     warnings.filterwarnings("ignore")  # PEFT warns on every IA³ unmerge
-    cpu, flags = cpu_info()
+    cpu, flags = cpu_info(FLAGS)
     header = {
         "cpu": cpu,
         "flags": flags,
