@@ -11,6 +11,7 @@ use crate::error::Result;
 mod bf16;
 pub(crate) mod elementwise;
 pub(crate) mod linear;
+mod pool;
 
 /// Row counts up to which the kernel beats the general matmul.
 pub(crate) const MAX_ROWS: usize = 16;

@@ -71,6 +71,10 @@ pub(crate) fn apply_rule(
         } => {
             let norm = row_norms(base, weight, delta)?;
             let factor = magnitude.flatten_all()?.div(&norm)?;
+            if let Some(merged) = dora_by_rows(base, weight, delta, &factor, false)? {
+                let bias = add_bias(base, bias, db.as_ref(), 1.0)?;
+                return Ok((merged, bias, vec![norm]));
+            }
             let w = base.to_out_in(&weight.to_dtype(delta.dtype())?.add(delta)?)?;
             let merged = base.from_out_in(&w.broadcast_mul(&factor.unsqueeze(1)?)?)?;
             Ok((
@@ -167,6 +171,9 @@ pub(crate) fn undo_rule(
                 PeftError::InvalidOperation("DoRA unmerge needs the norm kept at merge".into())
             })?;
             let factor = magnitude.flatten_all()?.div(norm)?;
+            if let Some(unmerged) = dora_by_rows(base, weight, delta, &factor, true)? {
+                return Ok((unmerged, add_bias(base, bias, db.as_ref(), -1.0)?));
+            }
             let w = base.to_out_in(&weight.to_dtype(delta.dtype())?)?;
             let unscaled = base.from_out_in(&w.broadcast_div(&factor.unsqueeze(1)?)?)?;
             Ok((
@@ -175,6 +182,23 @@ pub(crate) fn undo_rule(
             ))
         }
     }
+}
+
+/// DoRA's merge (or with `undo` its inverse) in one parallel pass where the weight's rows are its
+/// output features (Linear, Conv2d); `None` elsewhere.
+fn dora_by_rows(
+    base: &BaseLayer,
+    weight: &Tensor,
+    delta: &Tensor,
+    factor: &Tensor,
+    undo: bool,
+) -> Result<Option<Tensor>> {
+    if matches!(base.kind(), ModuleKind::Conv1D | ModuleKind::Embedding) {
+        return Ok(None);
+    }
+    let (w, d) = (weight.flatten_from(1)?, delta.flatten_from(1)?);
+    let done = crate::kernels::elementwise::dora_rows(&w, &d, factor, undo)?;
+    done.map(|t| Ok(t.reshape(weight.dims())?)).transpose()
 }
 
 /// `‖W + delta‖` per output feature (rows of the `(out, in)` view), flat, in `delta`'s dtype and

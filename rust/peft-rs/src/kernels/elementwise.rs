@@ -147,6 +147,49 @@ pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<O
         .transpose()
 }
 
+/// DoRA's merge of 2-D tensors, row by row in f32 and stored in `weight`'s dtype (f32 or bf16):
+/// `(weight_i + delta_i) · factor_i`, or with `undo` its inverse `weight_i / factor_i - delta_i`;
+/// `delta` f32 of `weight`'s shape, one factor per row. One pass where candle's ops take four.
+pub(crate) fn dora_rows(
+    weight: &Tensor,
+    delta: &Tensor,
+    factors: &Tensor,
+    undo: bool,
+) -> Result<Option<Tensor>> {
+    let Ok((rows, cols)) = weight.dims2() else {
+        return Ok(None);
+    };
+    if weight.dims() != delta.dims()
+        || delta.dtype() != DType::F32
+        || factors.dtype() != DType::F32
+        || factors.elem_count() != rows
+        || factors.track_op()
+    {
+        return Ok(None);
+    }
+    let factors = factors.flatten_all()?.to_vec1::<f32>()?;
+    let done = with_values(delta, |d| {
+        let Values::F32(d) = d else { return None };
+        with_values(weight, |w| {
+            map_rows(w, cols, |first, out| {
+                let d = &d[first * cols..first * cols + out.len()];
+                let rows = out.chunks_mut(cols.max(1)).zip(d.chunks(cols.max(1)));
+                for (r, (row, d)) in rows.enumerate() {
+                    let f = factors[first + r];
+                    if undo {
+                        row.iter_mut().zip(d).for_each(|(v, d)| *v = *v / f - d);
+                    } else {
+                        row.iter_mut().zip(d).for_each(|(v, d)| *v = (*v + d) * f);
+                    }
+                }
+            })
+        })
+    })
+    .flatten();
+    done.map(|v| to_tensor(v, weight.dtype(), weight.dims()))
+        .transpose()
+}
+
 /// `(a ⊙ b) · scale` for f32 tensors of one shape (LoHa's ΔW), in parallel.
 pub(crate) fn mul_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     if a.dims() != b.dims() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
@@ -404,6 +447,21 @@ mod tests {
                         .unwrap();
                     assert_eq!(fast.dtype(), dtype);
                     assert_eq!(max_diff(&fast, &plain), 0.0, "add {dims:?} {dtype:?}");
+                }
+                let factors = uniform(&[dims[0]], 7, DType::F32);
+                for undo in [false, true] {
+                    let fast = dora_rows(&target, &delta, &factors, undo).unwrap().unwrap();
+                    let (t32, f) = (
+                        target.to_dtype(DType::F32).unwrap(),
+                        factors.unsqueeze(1).unwrap(),
+                    );
+                    let plain = if undo {
+                        t32.broadcast_div(&f).unwrap().sub(&delta)
+                    } else {
+                        t32.add(&delta).unwrap().broadcast_mul(&f)
+                    };
+                    let plain = plain.unwrap().to_dtype(dtype).unwrap();
+                    assert_eq!(max_diff(&fast, &plain), 0.0, "dora {dims:?} {undo}");
                 }
                 for s_dims in [[dims[0], 1], [1, dims[1]]] {
                     let s = uniform(&s_dims, 3, DType::F32);

@@ -105,36 +105,28 @@ pub(crate) fn linear(
     }
     let has_bias = row.iter().any(|v| *v != 0.0);
     let bias_first = has_bias && !extras.unscaled_bias;
-    let mut out = vec![0f32; n * m];
-    if bias_first {
-        out.par_chunks_mut(m.max(1))
-            .for_each(|o| o.copy_from_slice(&row));
-    }
-
-    let mut used_faer = false;
     // The base product. bf16 goes through the bf16 kernel where the rows of x and W are
     // contiguous (Linear weights), through f32 copies otherwise (what candle's matmul does).
     let bf16_rows = |t: &Tensor, along: usize| {
         let (stride, rows) = (t.stride()[1 - along], t.dim(1 - along).unwrap_or(0));
         t.stride()[along] == 1 && (rows <= 1 || stride >= k)
     };
-    if x.dtype() == DType::BF16 && bf16_rows(&x, 1) && bf16_rows(w_t, 0) {
+    let bf16_kernel_fits = x.dtype() == DType::BF16 && bf16_rows(&x, 1) && bf16_rows(w_t, 0);
+    if bf16_kernel_fits && bias_first == has_bias {
+        let y = bf16_layer(&x, w_t, bias, has_bias.then_some(&row[..]), extras)?;
+        super::pool::after_parallel_work();
+        return Ok(Some(y));
+    }
+    let mut out = vec![0f32; n * m];
+    if bias_first {
+        out.par_chunks_mut(m.max(1))
+            .for_each(|o| o.copy_from_slice(&row));
+    }
+    if bf16_kernel_fits {
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w_t.storage_and_layout();
         let (xv, wv) = (cpu_slice::<bf16>(&xs, xl)?, cpu_slice::<bf16>(&ws, wl)?);
         let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
-        let plain =
-            extras.low_rank.is_empty() && extras.out_scale.is_none() && bias_first == has_bias;
-        if plain {
-            let bias = bias.map(|b| b.to_vec1::<bf16>()).transpose()?;
-            let mut y = vec![bf16::ZERO; n * m];
-            let out = bf16_kernel::Out::Bf16 {
-                y: &mut y,
-                bias: bias.as_deref(),
-            };
-            bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
-            return Ok(Some(Tensor::from_vec(y, (n, m), &Device::Cpu)?));
-        }
         let out = bf16_kernel::Out::F32 {
             y: &mut out,
             accumulate: bias_first,
@@ -163,7 +155,6 @@ pub(crate) fn linear(
         let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
         let rhs = Strided::new(cpu_slice::<f32>(&ws, wl)?, wl);
         sgemm(&mut out, m, lhs, rhs, bias_first, 1.0);
-        used_faer = true;
     }
     let adapted = !extras.low_rank.is_empty() || extras.out_scale.is_some();
     if x.dtype() == DType::BF16 && adapted {
@@ -192,7 +183,6 @@ pub(crate) fn linear(
                 col_stride: 1,
             };
             sgemm(&mut out, m, h, b_t, true, 1.0);
-            used_faer = true;
         }
     }
 
@@ -219,10 +209,129 @@ pub(crate) fn linear(
         }
         _ => Tensor::from_vec(out, (n, m), &Device::Cpu)?,
     };
-    if used_faer {
-        clear_upper_state();
-    }
+    super::pool::after_parallel_work();
     Ok(Some(y))
+}
+
+/// Total rank up to which low-rank terms are formed in the bf16 kernel's epilogue, tile by
+/// tile (their `Bᵀ` rows then stay in L1); above it one f32 GEMM forms the whole term first.
+const EPILOGUE_MAX_RANK: usize = 64;
+
+/// A bf16 layer (`x (n, k)`, `w_t (k, m)` with contiguous rows along k) whose adapters' f32
+/// terms are added as the bf16 kernel finishes each tile: the output is written once, in bf16,
+/// rounded as PEFT rounds (`bias_row`: the f32 biases, all added before `out_scale`).
+fn bf16_layer(
+    x: &Tensor,
+    w_t: &Tensor,
+    bias: Option<&Tensor>,
+    bias_row: Option<&[f32]>,
+    extras: &Extras,
+) -> Result<Tensor> {
+    let (n, k, m) = (x.dim(0)?, x.dim(1)?, w_t.dim(1)?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w_t.storage_and_layout();
+    let (xv, wv) = (cpu_slice::<bf16>(&xs, xl)?, cpu_slice::<bf16>(&ws, wl)?);
+    let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
+    let mut y = vec![bf16::ZERO; n * m];
+    if extras.low_rank.is_empty() && extras.out_scale.is_none() {
+        // A plain bf16 linear: torch's rounding (bias added to the f32 sum, rounded once).
+        let bias = bias.map(|b| b.to_vec1::<bf16>()).transpose()?;
+        let out = bf16_kernel::Out::Bf16 {
+            y: &mut y,
+            bias: bias.as_deref(),
+        };
+        bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+        return Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?);
+    }
+    // Each term's `s·x·Aᵀ` (n × r) from x widened to f32, as PEFT casts x to the adapter's dtype.
+    let mut hs = Vec::with_capacity(extras.low_rank.len());
+    if !extras.low_rank.is_empty() {
+        let x32 = widen_rows(xv, n, k, lda);
+        let lhs = Strided {
+            data: &x32,
+            rows: n,
+            cols: k,
+            row_stride: k,
+            col_stride: 1,
+        };
+        for term in &extras.low_rank {
+            let r = term.a.dim(0)?;
+            let mut h = vec![0f32; n * r];
+            let (a_s, a_l) = term.a.storage_and_layout();
+            let a_t = Strided::new(cpu_slice::<f32>(&a_s, a_l)?, a_l).t();
+            sgemm(&mut h, r, lhs, a_t, false, term.scale as f32);
+            hs.push((h, r));
+        }
+    }
+    let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
+    let bts = if total_rank <= EPILOGUE_MAX_RANK {
+        let bt = |t: &LowRank| t.b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        extras
+            .low_rank
+            .iter()
+            .map(bt)
+            .collect::<candle_core::Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    let mut dense = Vec::new();
+    if bts.is_empty() && !hs.is_empty() {
+        dense = vec![0f32; n * m];
+        for ((h, r), term) in hs.iter().zip(&extras.low_rank) {
+            let (b_s, b_l) = term.b.storage_and_layout();
+            let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
+            let h = Strided {
+                data: h,
+                rows: n,
+                cols: *r,
+                row_stride: *r,
+                col_stride: 1,
+            };
+            sgemm(&mut dense, m, h, b_t, true, 1.0);
+        }
+    }
+    let terms: Vec<_> = hs
+        .iter()
+        .zip(&bts)
+        .map(|((h, rank), bt)| bf16_kernel::LowRank { h, bt, rank: *rank })
+        .collect();
+    let addend = if !terms.is_empty() {
+        bf16_kernel::Addend::LowRank(&terms)
+    } else if !dense.is_empty() {
+        bf16_kernel::Addend::Dense(&dense)
+    } else {
+        bf16_kernel::Addend::None
+    };
+    let scale = extras
+        .out_scale
+        .as_ref()
+        .map(|s| s.to_vec1::<f32>())
+        .transpose()?;
+    let out = bf16_kernel::Out::Adapted {
+        y: &mut y,
+        bias: bias_row,
+        addend,
+        scale: scale.as_deref(),
+    };
+    bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+    Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?)
+}
+
+/// Rows of a bf16 matrix (row stride `lda`) widened to a contiguous f32 `(n, k)`, in parallel.
+fn widen_rows(x: &[bf16], n: usize, k: usize, lda: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * k];
+    let rows_per_task = (1 << 15) / k.max(1) + 1;
+    out.par_chunks_mut(rows_per_task * k.max(1))
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (r, row) in chunk.chunks_mut(k.max(1)).enumerate() {
+                let src = &x[(t * rows_per_task + r) * lda..][..k];
+                row.iter_mut()
+                    .zip(src)
+                    .for_each(|(o, v)| *o = f32::from_bits(u32::from(v.to_bits()) << 16));
+            }
+        });
+    out
 }
 
 /// `scale · lhs·rhs` for 2-D tensors (any strides): one parallel f32 GEMM on the CPU with the
@@ -248,7 +357,7 @@ pub(crate) fn matmul_scaled(lhs: &Tensor, rhs: &Tensor, scale: f64) -> Result<Te
         let b = Strided::new(cpu_slice::<f32>(&rs, rl)?, rl);
         sgemm(&mut out, m, a, b, false, scale as f32);
     }
-    clear_upper_state();
+    super::pool::after_parallel_work();
     Ok(Tensor::from_vec(out, (n, m), &Device::Cpu)?)
 }
 
@@ -307,24 +416,6 @@ impl<'a> Strided<'a> {
             col_stride: self.row_stride,
             ..self
         }
-    }
-}
-
-/// faer's x86 kernels return with the upper halves of the vector registers in use (no
-/// `vzeroupper`), on every thread that ran them; code compiled for the baseline (SSE) then runs
-/// several times slower on those threads, Python's interpreter included (measured: an IA³ merge of
-/// a 1024² weight 0.2 ms before a faer GEMM, 0.65 ms after, 0.2 ms again after this).
-fn clear_upper_state() {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        #[target_feature(enable = "avx")]
-        fn zero_upper() {
-            std::arch::x86_64::_mm256_zeroupper();
-        }
-        // SAFETY: the CPU has AVX (checked above).
-        rayon::broadcast(|_| unsafe { zero_upper() });
-        // SAFETY: as above.
-        unsafe { zero_upper() };
     }
 }
 

@@ -1,12 +1,15 @@
 //! AVX-512 BF16 kernels built on `vdpbf16ps`, which multiplies bf16 pairs
 //! along k and accumulates each pair's sum into an f32 lane.
 //!
-//! Two schemes, chosen by the number of rows of `x`:
+//! Three schemes, chosen by the shape:
 //! * few rows (decode-like, memory-bound): dot-product tiles that read `x`
 //!   and `w` rows directly, streaming `w` once with no packing;
-//! * many rows (compute-bound): each task packs its column block of `w`
-//!   into 64-column panels of k-pairs, and a 6 × 64 outer-product
-//!   microkernel broadcasts pairs of `x` against them.
+//! * more rows, but no more than `w` has (prompts, batches): `x` is packed
+//!   into 64-row panels of k-pairs, and a 6 × 64 outer-product microkernel
+//!   broadcasts pairs of `w`, read where they are, against them; packing the
+//!   smaller operand costs a fraction of packing `w` on every call;
+//! * more rows than `w` has: each task packs its column block of `w` the
+//!   same way, and the microkernel broadcasts pairs of `x` against it.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -51,6 +54,11 @@ pub(crate) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) {
             // SAFETY: features are present (caller); tasks own disjoint columns.
             unsafe { dot_block(p, sink, cols) }
         });
+    } else if p.m <= p.n && 4 * p.m >= 3 * p.m.next_multiple_of(XR) {
+        // Packing x costs less than packing w, once the zero rows padding
+        // its last panel waste at most a quarter of the work.
+        // SAFETY: features are present (caller).
+        unsafe { x_packed(p, sink, threads) };
     } else {
         // Each task packs its column block of `w` once over all of k, so
         // split rows only as far as needed to occupy every thread.
@@ -314,6 +322,200 @@ unsafe fn packed_block(
                 unsafe {
                     let vals = std::slice::from_raw_parts(c.add(r * ldc), n_len);
                     sink.put_row(ic + r, cols.start, vals);
+                }
+            }
+        }
+    }
+}
+
+/// Rows of `x` per packed panel when `x` is the packed operand.
+const XR: usize = 64;
+/// Rows of `w` (output columns) per microkernel tile when `x` is packed.
+const WR: usize = 6;
+
+/// The product with `x` packed (once, shared by every task) and `w` read in
+/// place: tasks own column blocks and keep their sums transposed (a column of
+/// the block per scratch row) until they hand them to the sink, 16 × 16 at a
+/// time.
+///
+/// # Safety
+/// CPU features as for [`matmul`].
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn x_packed(p: &Problem<'_>, sink: &Sink<'_>, threads: usize) {
+    let panels = p.m.div_ceil(XR);
+    let kp = p.k.div_ceil(2);
+    let mut packed = vec![Line([0; 16]); panels * kp * XR / 16];
+    let dst = SharedMut(packed.as_mut_ptr().cast::<u32>());
+    parallel_for(panels, threads, |q| {
+        let rows = XR.min(p.m - q * XR);
+        let x = p.x[q * XR * p.lda..].as_ptr().cast::<u16>();
+        // SAFETY: features are present (caller); rows 64q.. of `x` have k
+        // elements; panel q's words lie inside `packed`, written by this
+        // task alone.
+        unsafe { pack_b(x, p.lda, rows, p.k, dst.at(q * kp * XR)) };
+    });
+    let xp = SharedMut(packed.as_mut_ptr().cast::<u32>());
+    let nc = chunk_len(p.n, 4 * threads, 16);
+    parallel_for(p.n.div_ceil(nc), threads, |t| {
+        let cols = t * nc..p.n.min((t + 1) * nc);
+        SCRATCH.with_borrow_mut(|s| {
+            // SAFETY: features are present (caller); tasks own disjoint
+            // column blocks.
+            unsafe { x_packed_block(p, sink, cols, xp.at(0), s) }
+        });
+    });
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut u32);
+// SAFETY: only used for writes to disjoint ranges, inside one parallel call.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// # Safety
+    /// `at` is inside the buffer.
+    unsafe fn at(self, at: usize) -> *mut u32 {
+        // SAFETY: per the contract.
+        unsafe { self.0.add(at) }
+    }
+}
+
+/// All rows of the output in columns `cols`, from packed `x` (`xp`).
+///
+/// # Safety
+/// CPU features as for [`matmul`]; `xp` holds `x` packed by [`pack_b`] into
+/// `m.div_ceil(64)` panels; `cols` lies inside the output and no other
+/// thread writes those columns.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn x_packed_block(
+    p: &Problem<'_>,
+    sink: &Sink<'_>,
+    cols: Range<usize>,
+    xp: *const u32,
+    s: &mut Scratch,
+) {
+    let panels = p.m.div_ceil(XR);
+    let (kp, m_pad) = (p.k.div_ceil(2), panels * XR);
+    // Sums, transposed: column c of the block at row c of `ct` (m_pad wide),
+    // rounded up to whole 16 × 16 blocks.
+    let n_pad = cols.len().next_multiple_of(16);
+    let ct = words(&mut s.c, n_pad * m_pad).cast::<f32>();
+    let w = p.w.as_ptr().cast::<u16>();
+    for pc in (0..p.k).step_by(KC) {
+        let kc = KC.min(p.k - pc);
+        for g in (0..cols.len()).step_by(WR) {
+            let width = WR.min(cols.len() - g);
+            let mut wr = [w; WR];
+            for (c, r) in wr.iter_mut().enumerate() {
+                // Past the block's last column, repeat it; those sums are
+                // not stored. SAFETY: the row exists in `w`.
+                *r = unsafe { w.add((cols.start + g + c.min(width - 1)) * p.ldw + pc) };
+            }
+            for q in 0..panels {
+                // SAFETY: pairs pc/2.. of panel q are inside `xp`; rows
+                // g..g + width of `ct` are inside the scratch and ours.
+                unsafe {
+                    let t = WTile {
+                        w: wr,
+                        b: xp.add((q * kp + pc / 2) * XR),
+                        kc,
+                        c: ct.add(g * m_pad + q * XR),
+                        ldc: m_pad,
+                        width,
+                        add: pc > 0,
+                    };
+                    t.run();
+                }
+            }
+        }
+    }
+    // Back to rows: 16 × 16 transposes into a buffer of 16 output rows.
+    let row_buf = words(&mut s.b, 16 * n_pad).cast::<f32>();
+    for i0 in (0..p.m).step_by(16) {
+        for c0 in (0..n_pad).step_by(16) {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (c, v) in v.iter_mut().enumerate() {
+                // SAFETY: row c0 + c < n_pad of `ct` has m_pad ≥ i0 + 16
+                // floats, 64-byte aligned (m_pad is a multiple of 64).
+                *v = unsafe { _mm512_load_si512(ct.add((c0 + c) * m_pad + i0).cast()) };
+            }
+            transpose16(&mut v);
+            for (r, v) in v.into_iter().enumerate() {
+                // SAFETY: row r < 16 of the buffer has n_pad floats.
+                unsafe { _mm512_storeu_si512(row_buf.add(r * n_pad + c0).cast(), v) };
+            }
+        }
+        for r in 0..16.min(p.m - i0) {
+            // SAFETY: the buffer row holds cols.len() finished sums; row
+            // i0 + r < m and columns `cols` of the output are ours.
+            unsafe {
+                let vals = std::slice::from_raw_parts(row_buf.add(r * n_pad), cols.len());
+                sink.put_row(i0 + r, cols.start, vals);
+            }
+        }
+    }
+}
+
+/// Operands of one microkernel call with `x` packed: `WR` rows of `w`
+/// (broadcast pair by pair) against one 64-row panel of `x`, over one k block.
+struct WTile {
+    w: [*const u16; WR],
+    b: *const u32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    width: usize,
+    add: bool,
+}
+
+impl WTile {
+    /// `Cᵀ[0..width, 0..64] (+)= W[0..width, 0..kc] · panelᵀ`, accumulators
+    /// in registers.
+    ///
+    /// # Safety
+    /// CPU features as for [`matmul`]; every row `w` has `kc` readable
+    /// elements; `b` is a 64-byte aligned panel of `kc.div_ceil(2)` pairs;
+    /// `c` has `width` rows of 64 writable floats (stride `ldc`), 64-byte
+    /// aligned, ours alone.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    unsafe fn run(&self) {
+        let mut acc = [[_mm512_setzero_ps(); XR / 16]; WR];
+        let pairs = self.kc / 2;
+        for t in 0..pairs {
+            // SAFETY: pair t ends inside kc; word t·64 starts a panel row.
+            unsafe {
+                let b = load_panel_row(self.b.add(t * XR));
+                for (acc_c, w) in acc.iter_mut().zip(&self.w) {
+                    fma_row(acc_c, w.add(2 * t).cast::<i32>().read_unaligned(), &b);
+                }
+            }
+        }
+        if self.kc % 2 == 1 {
+            // Odd k: the last pair holds one element; its partner is zero.
+            // SAFETY: element 2·pairs = kc - 1 is inside each row; pair
+            // `pairs` is inside the panel.
+            unsafe {
+                let b = load_panel_row(self.b.add(pairs * XR));
+                for (acc_c, w) in acc.iter_mut().zip(&self.w) {
+                    fma_row(acc_c, i32::from(*w.add(2 * pairs)), &b);
+                }
+            }
+        }
+        for (c, acc_c) in acc.iter().enumerate().take(self.width) {
+            for (j, &v) in acc_c.iter().enumerate() {
+                // SAFETY: row c < width of `c`, floats 16j..16j + 16 < 64,
+                // aligned.
+                unsafe {
+                    let dst = self.c.add(c * self.ldc + 16 * j);
+                    let v = if self.add {
+                        _mm512_add_ps(v, _mm512_load_ps(dst))
+                    } else {
+                        v
+                    };
+                    _mm512_store_ps(dst, v);
                 }
             }
         }

@@ -27,6 +27,37 @@ pub enum Out<'a> {
     /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate` is set (to fuse
     /// several products, e.g. base + `LoRA`, before one final rounding).
     F32 { y: &'a mut [f32], accumulate: bool },
+    /// A bf16 layer's output with f32 adapter terms added, as PEFT adds its
+    /// adapters' f32 outputs to the base layer's bf16 output and rounds the
+    /// sum once: `y = bf16((bf16(x · wᵀ + bias) + addend) ⊙ scale)`.
+    Adapted {
+        y: &'a mut [bf16],
+        /// One f32 entry per output column.
+        bias: Option<&'a [f32]>,
+        addend: Addend<'a>,
+        /// One entry per output column.
+        scale: Option<&'a [f32]>,
+    },
+}
+
+/// What [`Out::Adapted`] adds to the rounded base output.
+#[derive(Debug, Clone, Copy)]
+pub enum Addend<'a> {
+    None,
+    /// `Σₜ hₜ · btₜ`, formed tile by tile as the base output is finished: for
+    /// small ranks, whose `btₜ` rows stay in cache.
+    LowRank(&'a [LowRank<'a>]),
+    /// A finished `m × n` row-major term.
+    Dense(&'a [f32]),
+}
+
+/// One low-rank term `h · bt`: `h` is `m × rank`, `bt` is `rank × n`, both
+/// row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    pub h: &'a [f32],
+    pub bt: &'a [f32],
+    pub rank: usize,
 }
 
 /// Whether this CPU has the AVX-512 BF16 dot-product instructions used by
@@ -164,6 +195,18 @@ enum Dst<'a> {
         y: *mut f32,
         accumulate: bool,
     },
+    Adapted {
+        y: *mut bf16,
+        epilogue: Epilogue<'a>,
+    },
+}
+
+/// What [`Out::Adapted`] does to the f32 sums before storing them.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    addend: Addend<'a>,
+    scale: Option<&'a [f32]>,
 }
 
 // SAFETY: `Sink` only hands out writes through `put_row`/`f32_out`, whose
@@ -193,6 +236,35 @@ impl<'a> Sink<'a> {
                     accumulate,
                 }
             }
+            Out::Adapted {
+                y,
+                bias,
+                addend,
+                scale,
+            } => {
+                assert_eq!(y.len(), m * n, "output must be m × n");
+                for per_column in [bias, scale].into_iter().flatten() {
+                    assert_eq!(per_column.len(), n, "bias and scale need n entries");
+                }
+                match addend {
+                    Addend::None => {}
+                    Addend::Dense(a) => assert_eq!(a.len(), m * n, "addend must be m × n"),
+                    Addend::LowRank(terms) => {
+                        for t in terms {
+                            assert!(t.h.len() == m * t.rank, "h must be m × rank");
+                            assert!(t.bt.len() == t.rank * n, "bt must be rank × n");
+                        }
+                    }
+                }
+                Dst::Adapted {
+                    y: y.as_mut_ptr(),
+                    epilogue: Epilogue {
+                        bias,
+                        addend,
+                        scale,
+                    },
+                }
+            }
         };
         Self { dst, n }
     }
@@ -203,7 +275,7 @@ impl<'a> Sink<'a> {
     fn f32_out(&self) -> Option<(*mut f32, bool)> {
         match self.dst {
             Dst::F32 { y, accumulate } => Some((y, accumulate)),
-            Dst::Bf16 { .. } => None,
+            Dst::Bf16 { .. } | Dst::Adapted { .. } => None,
         }
     }
 
@@ -244,8 +316,92 @@ impl<'a> Sink<'a> {
                     row.copy_from_slice(vals);
                 }
             }
+            Dst::Adapted { y, epilogue } => {
+                // SAFETY: in bounds and exclusive per the caller's contract.
+                let row = unsafe { std::slice::from_raw_parts_mut(y.add(at), vals.len()) };
+                // In pieces of 64 columns, a fixed-size f32 buffer the compiler keeps in
+                // vector registers while the terms are added.
+                let (full, _) = vals.as_chunks::<64>();
+                for (c, chunk) in full.iter().enumerate() {
+                    let (j, out) = (j0 + 64 * c, &mut row[64 * c..64 * c + 64]);
+                    let out: &mut [bf16; 64] = out.try_into().expect("64 columns");
+                    epilogue.finish(self.n, i, j, chunk, out);
+                }
+                let done = 64 * full.len();
+                for (c, &v) in vals[done..].iter().enumerate() {
+                    let (j, out) = (j0 + done + c, &mut row[done + c..done + c + 1]);
+                    let out: &mut [bf16; 1] = out.try_into().expect("one column");
+                    epilogue.finish(self.n, i, j, &[v], out);
+                }
+            }
         }
     }
+}
+
+impl Epilogue<'_> {
+    /// Columns `j..j + L` of row `i` of an output `n` wide.
+    #[inline(always)]
+    fn finish<const L: usize>(
+        &self,
+        n: usize,
+        i: usize,
+        j: usize,
+        vals: &[f32; L],
+        out: &mut [bf16; L],
+    ) {
+        let Self {
+            bias,
+            addend,
+            scale,
+        } = *self;
+        let mut v = [0f32; L];
+        match bias {
+            Some(b) => {
+                let b = &b[j..][..L];
+                for c in 0..L {
+                    v[c] = widen(round_bf16(vals[c] + b[c]));
+                }
+            }
+            None => {
+                for c in 0..L {
+                    v[c] = widen(round_bf16(vals[c]));
+                }
+            }
+        }
+        match addend {
+            Addend::None => {}
+            Addend::Dense(a) => {
+                let a = &a[i * n + j..][..L];
+                for c in 0..L {
+                    v[c] += a[c];
+                }
+            }
+            Addend::LowRank(terms) => {
+                for t in terms {
+                    for (q, &hq) in t.h[i * t.rank..(i + 1) * t.rank].iter().enumerate() {
+                        let bt = &t.bt[q * n + j..][..L];
+                        for c in 0..L {
+                            v[c] += hq * bt[c];
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = scale {
+            for c in 0..L {
+                v[c] *= s[j + c];
+            }
+        }
+        for c in 0..L {
+            out[c] = round_bf16(v[c]);
+        }
+    }
+}
+
+/// bf16 → f32, exact (bf16 is the top half of an f32), without a NaN branch.
+#[inline(always)]
+fn widen(v: bf16) -> f32 {
+    f32::from_bits(u32::from(v.to_bits()) << 16)
 }
 
 /// Round-to-nearest-even f32 → bf16, bit-identical to `bf16::from_f32` but

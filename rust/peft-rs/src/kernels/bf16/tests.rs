@@ -1,6 +1,6 @@
 use half::bf16;
 
-use super::{Backend, Out, Problem, round_bf16, run};
+use super::{Addend, Backend, LowRank, Out, Problem, round_bf16, run};
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
 fn data(len: usize, seed: u64) -> Vec<bf16> {
@@ -97,6 +97,9 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (2, 3, 0),
     (1600, 20, 300),
     (3, 700, 1100),
+    // x packed (m ≤ n): a part-filled panel, odd k, k across cache blocks.
+    (50, 77, 33),
+    (150, 301, 257),
 ];
 
 fn backends() -> Vec<Backend> {
@@ -173,6 +176,94 @@ fn bf16_output_matches_reference() {
                     let want = e + b;
                     // One bf16 rounding of the result: half an ulp (2^-9 relative).
                     check_close(g.to_f64(), want, s, want.abs() / 256.0, &what);
+                }
+            }
+        }
+    }
+}
+
+/// f32 values in about [-1, 1] from [`data`].
+fn data_f32(len: usize, seed: u64) -> Vec<f32> {
+    data(len, seed).iter().map(|v| v.to_f32() / 2.0).collect()
+}
+
+/// The adapted mode equals its definition applied to the kernel's own f32
+/// sums: `bf16((bf16(sum + bias) + addend) ⊙ scale)`, bit for bit (the same
+/// operations in the same order), with low-rank, dense and no addend.
+#[test]
+fn adapted_output_is_the_rounded_base_plus_the_addend() {
+    for backend in backends() {
+        for &(m, n, k) in SHAPES {
+            let case = Case::new(m, n, k, 1);
+            let mut sums = vec![0.0f32; m * n];
+            let out = Out::F32 {
+                y: &mut sums,
+                accumulate: false,
+            };
+            run(backend, case.problem(), out);
+            let (bias, scale) = (data_f32(n, 11), data_f32(n, 12));
+            let ranks = [3, 1];
+            let hs: Vec<Vec<f32>> = ranks
+                .iter()
+                .map(|&r| data_f32(m * r, 13 + r as u64))
+                .collect();
+            let bts: Vec<Vec<f32>> = ranks
+                .iter()
+                .map(|&r| data_f32(r * n, 17 + r as u64))
+                .collect();
+            let terms: Vec<LowRank> = (0..2)
+                .map(|t| LowRank {
+                    h: &hs[t],
+                    bt: &bts[t],
+                    rank: ranks[t],
+                })
+                .collect();
+            let dense = data_f32(m * n, 19);
+            let addends = [Addend::None, Addend::LowRank(&terms), Addend::Dense(&dense)];
+            for (addend, with_bias, with_scale) in addends
+                .iter()
+                .flat_map(|a| [(a, true, false), (a, false, true), (a, true, true)])
+            {
+                let kind = match addend {
+                    Addend::None => "none",
+                    Addend::LowRank(_) => "low rank",
+                    Addend::Dense(_) => "dense",
+                };
+                let bias = with_bias.then_some(&bias[..]);
+                let scale = with_scale.then_some(&scale[..]);
+                let mut y = vec![bf16::NAN; m * n];
+                let out = Out::Adapted {
+                    y: &mut y,
+                    bias,
+                    addend: *addend,
+                    scale,
+                };
+                run(backend, case.problem(), out);
+                for i in 0..m {
+                    for j in 0..n {
+                        let b = bias.map_or(0.0, |b| b[j]);
+                        let mut v = round_bf16(sums[i * n + j] + b).to_f32();
+                        match addend {
+                            Addend::None => {}
+                            Addend::Dense(d) => v += d[i * n + j],
+                            Addend::LowRank(terms) => {
+                                for t in *terms {
+                                    for q in 0..t.rank {
+                                        v += t.h[i * t.rank + q] * t.bt[q * n + j];
+                                    }
+                                }
+                            }
+                        }
+                        if let Some(s) = scale {
+                            v *= s[j];
+                        }
+                        assert_eq!(
+                            y[i * n + j].to_bits(),
+                            round_bf16(v).to_bits(),
+                            "{backend:?} {m}x{n}x{k} {kind} bias {with_bias} scale {with_scale} \
+                             ({i}, {j})"
+                        );
+                    }
                 }
             }
         }
