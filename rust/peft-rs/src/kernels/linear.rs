@@ -24,6 +24,33 @@ pub(crate) struct LowRank {
     pub scale: f64,
 }
 
+impl LowRank {
+    /// `s·x·Aᵀ` for `x (n, in)`, row-major `(n, r)`, and `r`.
+    fn project(&self, x: Strided) -> Result<(Vec<f32>, usize)> {
+        let r = self.a.dim(0)?;
+        let mut h = vec![0f32; x.rows * r];
+        let (a_s, a_l) = self.a.storage_and_layout();
+        let a_t = Strided::new(cpu_slice::<f32>(&a_s, a_l)?, a_l).t();
+        sgemm(&mut h, r, x, a_t, false, self.scale as f32);
+        Ok((h, r))
+    }
+
+    /// `out (n, m) += h·Bᵀ` for a row-major `h (n, r)` from [`Self::project`].
+    fn add_expanded(&self, out: &mut [f32], m: usize, h: &[f32], r: usize) -> Result<()> {
+        let (b_s, b_l) = self.b.storage_and_layout();
+        let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
+        sgemm(
+            out,
+            m,
+            Strided::row_major(h, h.len() / r.max(1), r),
+            b_t,
+            true,
+            1.0,
+        );
+        Ok(())
+    }
+}
+
 /// What a layer adds to the plain `x·Wᵀ + bias`.
 #[derive(Default)]
 pub(crate) struct Extras {
@@ -168,21 +195,8 @@ pub(crate) fn linear(
         let (xs, xl) = x32.storage_and_layout();
         let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
         for term in &extras.low_rank {
-            let r = term.a.dim(0)?;
-            let mut h = vec![0f32; n * r];
-            let (a_s, a_l) = term.a.storage_and_layout();
-            let a_t = Strided::new(cpu_slice::<f32>(&a_s, a_l)?, a_l).t();
-            sgemm(&mut h, r, lhs, a_t, false, term.scale as f32);
-            let (b_s, b_l) = term.b.storage_and_layout();
-            let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
-            let h = Strided {
-                data: &h,
-                rows: n,
-                cols: r,
-                row_stride: r,
-                col_stride: 1,
-            };
-            sgemm(&mut out, m, h, b_t, true, 1.0);
+            let (h, r) = term.project(lhs)?;
+            term.add_expanded(&mut out, m, &h, r)?;
         }
     }
 
@@ -247,20 +261,9 @@ fn bf16_layer(
     let mut hs = Vec::with_capacity(extras.low_rank.len());
     if !extras.low_rank.is_empty() {
         let x32 = widen_rows(xv, n, k, lda);
-        let lhs = Strided {
-            data: &x32,
-            rows: n,
-            cols: k,
-            row_stride: k,
-            col_stride: 1,
-        };
+        let lhs = Strided::row_major(&x32, n, k);
         for term in &extras.low_rank {
-            let r = term.a.dim(0)?;
-            let mut h = vec![0f32; n * r];
-            let (a_s, a_l) = term.a.storage_and_layout();
-            let a_t = Strided::new(cpu_slice::<f32>(&a_s, a_l)?, a_l).t();
-            sgemm(&mut h, r, lhs, a_t, false, term.scale as f32);
-            hs.push((h, r));
+            hs.push(term.project(lhs)?);
         }
     }
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
@@ -278,16 +281,7 @@ fn bf16_layer(
     if bts.is_empty() && !hs.is_empty() {
         dense = vec![0f32; n * m];
         for ((h, r), term) in hs.iter().zip(&extras.low_rank) {
-            let (b_s, b_l) = term.b.storage_and_layout();
-            let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
-            let h = Strided {
-                data: h,
-                rows: n,
-                cols: *r,
-                row_stride: *r,
-                col_stride: 1,
-            };
-            sgemm(&mut dense, m, h, b_t, true, 1.0);
+            term.add_expanded(&mut dense, m, h, *r)?;
         }
     }
     let terms: Vec<_> = hs
@@ -328,7 +322,7 @@ fn widen_rows(x: &[bf16], n: usize, k: usize, lda: usize) -> Vec<f32> {
                 let src = &x[(t * rows_per_task + r) * lda..][..k];
                 row.iter_mut()
                     .zip(src)
-                    .for_each(|(o, v)| *o = f32::from_bits(u32::from(v.to_bits()) << 16));
+                    .for_each(|(o, v)| *o = bf16_kernel::widen(*v));
             }
         });
     out
@@ -388,6 +382,16 @@ impl<'a> Strided<'a> {
             cols: d[1],
             row_stride: s[0],
             col_stride: s[1],
+        }
+    }
+
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
         }
     }
 

@@ -400,7 +400,7 @@ impl Epilogue<'_> {
 
 /// bf16 → f32, exact (bf16 is the top half of an f32), without a NaN branch.
 #[inline(always)]
-fn widen(v: bf16) -> f32 {
+pub(crate) fn widen(v: bf16) -> f32 {
     f32::from_bits(u32::from(v.to_bits()) << 16)
 }
 
