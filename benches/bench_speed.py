@@ -6,10 +6,11 @@ costs) against peft_rs's layer with LoRA merged (its plain matmul path), and giv
 unmerged ÷ merged time (project goal: ≤ 1.05 at ≥ 512 tokens).
 
 Sides are timed in interleaved repetitions (A, B, A, B, ... so drift hits both; before each timed
-call a 20 ms pause, for the other side's spinning worker threads to go idle, and an untimed call of
-the same side) until one side has spent --budget seconds (3 to 30 repetitions); cells show the
-median and ± half the interquartile range as % of the median. ratio = peft_rs / PEFT (< 1:
-peft_rs faster; project goal ≤ 0.9 everywhere). Every cell's outputs are compared before timing.
+call the same side runs untimed for at least 20 ms (one call or more), so that the other side's
+worker threads have gone idle and this side's are awake, as in a loop of calls) until one side has
+spent --budget seconds (3 to 30 repetitions); cells show the median and ± half the interquartile
+range as % of the median. ratio = peft_rs / PEFT (< 1: peft_rs faster; project goal ≤ 0.9
+everywhere). Every cell's outputs are compared before timing.
 
     python benches/bench_speed.py                  # widths 1024/4096 x f32/bf16 x tokens 1/64/512/4096
     python benches/bench_speed.py --quick          # width 1024, tokens 1 and 512, f32
@@ -52,6 +53,8 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
 LORA = "LoRA r16"  # the adapter merged in the base rows
 MIN_REPS, MAX_REPS = 3, 30
+# Untimed calls of a side before each of its timed calls, at least one (see `timed`).
+WARM_UP_S = 0.02
 GOAL_RATIO, GOAL_UNMERGED = 0.9, 1.05
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
 
@@ -98,12 +101,16 @@ def timed(fns: Sequence[Callable[[], object]], budget_s: float) -> list[list[flo
     times: list[list[float]] = [[] for _ in fns]
     while True:
         for fn, side in zip(fns, times, strict=True):
-            # torch's OpenMP workers spin for milliseconds after a call (libgomp's
-            # GOMP_SPINCOUNT) and would share the cores with a peft_rs call made meanwhile (and
-            # rayon's with torch's, less so): a pause for them to go idle, then an untimed call
-            # so that the timed one runs warm, right after its own side's.
-            time.sleep(0.02)
+            # Measured on these VMs: after a torch call, its OpenMP workers keep spinning for
+            # several milliseconds (libgomp's GOMP_SPINCOUNT) and share the cores with whatever
+            # runs next (a 64-token peft_rs call took 1.1 ms instead of 0.5 ms for ~20 ms); after
+            # an idle pause instead, both sides' threads wake slowly and the next few calls run
+            # cold (1 token: 0.21 ms, then 0.13, 0.09 ... 0.06). So each side first runs on its
+            # own for WARM_UP_S, and the call timed is the next one, as in a loop of calls.
+            end = time.perf_counter() + WARM_UP_S
             fn()
+            while time.perf_counter() < end:
+                fn()
             start = time.perf_counter()
             fn()
             side.append(time.perf_counter() - start)

@@ -114,14 +114,15 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     diff / scale.max(1e-6)
 }
 
-/// Inputs of several leading shapes, one of them a non-contiguous view.
+/// Inputs of several leading shapes, one of them a non-contiguous view; 150 and 70 rows span
+/// several of the kernel's row blocks (64 rows), the last one part-filled.
 fn inputs(inp: usize, dtype: DType) -> Vec<Tensor> {
     let mut init = Initializer::new(3);
-    let mut xs: Vec<Tensor> = [vec![1, inp], vec![2, 3, inp], vec![17, inp]]
+    let mut xs: Vec<Tensor> = [vec![1, inp], vec![2, 3, inp], vec![17, inp], vec![150, inp]]
         .iter()
         .map(|d| init.uniform(d, 2.0, dtype).unwrap())
         .collect();
-    let wide = init.uniform(&[9, inp + 3], 2.0, dtype).unwrap();
+    let wide = init.uniform(&[70, inp + 3], 2.0, dtype).unwrap();
     xs.push(wide.narrow(1, 2, inp).unwrap());
     xs
 }

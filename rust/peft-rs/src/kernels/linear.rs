@@ -26,12 +26,31 @@ pub(crate) struct LowRank {
 
 impl LowRank {
     /// `s·x·Aᵀ` for `x (n, in)`, row-major `(n, r)`, and `r`.
-    fn project(&self, x: Strided) -> Result<(Vec<f32>, usize)> {
+    fn project(&self, x: Strided, par: faer::Par) -> Result<(Vec<f32>, usize)> {
         let r = self.a.dim(0)?;
         let mut h = vec![0f32; x.rows * r];
         let (a_s, a_l) = self.a.storage_and_layout();
         let a_t = Strided::new(cpu_slice::<f32>(&a_s, a_l)?, a_l).t();
-        sgemm(&mut h, r, x, a_t, false, self.scale as f32);
+        sgemm(&mut h, r, x, a_t, false, self.scale as f32, par);
+        Ok((h, r))
+    }
+
+    /// [`Self::project`] on the calling thread, for a block of rows `x` (row-major, `data` its
+    /// elements): a thin product whose every output is a dot product of two contiguous rows
+    /// when `A` is contiguous (faer's packing costs more than the product then).
+    fn project_rows(&self, x: Strided, data: &[f32]) -> Result<(Vec<f32>, usize)> {
+        let (a_s, a_l) = self.a.storage_and_layout();
+        let Some((start, end)) = a_l.contiguous_offsets() else {
+            drop(a_s);
+            return self.project(x, faer::Par::Seq);
+        };
+        let r = self.a.dim(0)?;
+        let a = &cpu_slice::<f32>(&a_s, a_l)?[..end - start];
+        let mut h = rows_dot_rows(data, a, x.rows, x.cols, r);
+        let scale = self.scale as f32;
+        if scale != 1.0 {
+            h.iter_mut().for_each(|v| *v *= scale);
+        }
         Ok((h, r))
     }
 
@@ -46,6 +65,7 @@ impl LowRank {
             b_t,
             true,
             1.0,
+            all_threads(),
         );
         Ok(())
     }
@@ -181,7 +201,7 @@ pub(crate) fn linear(
         let (ws, wl) = w32.storage_and_layout();
         let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
         let rhs = Strided::new(cpu_slice::<f32>(&ws, wl)?, wl);
-        sgemm(&mut out, m, lhs, rhs, bias_first, 1.0);
+        sgemm(&mut out, m, lhs, rhs, bias_first, 1.0, all_threads());
     }
     let adapted = !extras.low_rank.is_empty() || extras.out_scale.is_some();
     if x.dtype() == DType::BF16 && adapted {
@@ -193,10 +213,17 @@ pub(crate) fn linear(
     if !extras.low_rank.is_empty() {
         let x32 = x.to_dtype(DType::F32)?;
         let (xs, xl) = x32.storage_and_layout();
-        let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
-        for term in &extras.low_rank {
-            let (h, r) = term.project(lhs)?;
-            term.add_expanded(&mut out, m, &h, r)?;
+        let xv = cpu_slice::<f32>(&xs, xl)?;
+        let hs = if xl.stride()[1] == 1 {
+            project_rows(&extras.low_rank, Rows::F32(xv), n, k, xl.stride()[0].max(k))?
+        } else {
+            let lhs = Strided::new(xv, xl);
+            (extras.low_rank.iter())
+                .map(|term| term.project(lhs, all_threads()))
+                .collect::<Result<_>>()?
+        };
+        for (term, (h, r)) in extras.low_rank.iter().zip(&hs) {
+            term.add_expanded(&mut out, m, h, *r)?;
         }
     }
 
@@ -257,15 +284,7 @@ fn bf16_layer(
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
         return Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?);
     }
-    // Each term's `s·x·Aᵀ` (n × r) from x widened to f32, as PEFT casts x to the adapter's dtype.
-    let mut hs = Vec::with_capacity(extras.low_rank.len());
-    if !extras.low_rank.is_empty() {
-        let x32 = widen_rows(xv, n, k, lda);
-        let lhs = Strided::row_major(&x32, n, k);
-        for term in &extras.low_rank {
-            hs.push(term.project(lhs)?);
-        }
-    }
+    let hs = project_rows(&extras.low_rank, Rows::Bf16(xv), n, k, lda)?;
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
     let bts = if total_rank <= EPILOGUE_MAX_RANK {
         let bt = |t: &LowRank| t.b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>();
@@ -311,21 +330,65 @@ fn bf16_layer(
     Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?)
 }
 
-/// Rows of a bf16 matrix (row stride `lda`) widened to a contiguous f32 `(n, k)`, in parallel.
-fn widen_rows(x: &[bf16], n: usize, k: usize, lda: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * k];
-    let rows_per_task = (1 << 15) / k.max(1) + 1;
-    out.par_chunks_mut(rows_per_task * k.max(1))
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (r, row) in chunk.chunks_mut(k.max(1)).enumerate() {
-                let src = &x[(t * rows_per_task + r) * lda..][..k];
-                row.iter_mut()
-                    .zip(src)
-                    .for_each(|(o, v)| *o = bf16_kernel::widen(*v));
+/// Rows of `x` per task in [`project_rows`]: their f32 copy (`ROWS_PER_TASK · k`) stays in L2.
+const ROWS_PER_TASK: usize = 64;
+
+/// Rows of `x` for [`project_rows`]: `n × k` with row stride `lda`.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+/// Each term's `s·x·Aᵀ` (row-major `(n, r)`, and `r`) for `x (n, k)` with row stride `lda`, a
+/// block of rows per task: bf16 rows are widened to f32 (as PEFT casts `x` to the adapter's
+/// dtype) into a per-thread buffer, so no f32 copy of the whole of `x` is made.
+fn project_rows(
+    terms: &[LowRank],
+    x: Rows,
+    n: usize,
+    k: usize,
+    lda: usize,
+) -> Result<Vec<(Vec<f32>, usize)>> {
+    thread_local! {
+        static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if terms.is_empty() {
+        return Ok(Vec::new());
+    }
+    let project = |data: &[f32], rows: usize| -> Result<Vec<(Vec<f32>, usize)>> {
+        let lhs = Strided::row_major(data, rows, k);
+        terms.iter().map(|t| t.project_rows(lhs, data)).collect()
+    };
+    let blocks: Vec<Vec<(Vec<f32>, usize)>> = (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|b| {
+            let rows = b * ROWS_PER_TASK..n.min((b + 1) * ROWS_PER_TASK);
+            match x {
+                Rows::F32(x) if lda == k => project(&x[rows.start * k..rows.end * k], rows.len()),
+                _ => WIDENED.with_borrow_mut(|buf| {
+                    buf.clear();
+                    for i in rows.clone() {
+                        match x {
+                            Rows::F32(x) => buf.extend_from_slice(&x[i * lda..][..k]),
+                            Rows::Bf16(x) => {
+                                buf.extend(x[i * lda..][..k].iter().map(|v| bf16_kernel::widen(*v)))
+                            }
+                        }
+                    }
+                    project(buf, rows.len())
+                }),
             }
-        });
-    out
+        })
+        .collect::<Result<_>>()?;
+    Ok(terms
+        .iter()
+        .enumerate()
+        .map(|(t, term)| {
+            let h = blocks.iter().flat_map(|b| &b[t].0).copied().collect();
+            (h, term.a.dims()[0])
+        })
+        .collect())
 }
 
 /// `scale · lhs·rhs` for 2-D tensors (any strides): one parallel f32 GEMM on the CPU with the
@@ -349,7 +412,7 @@ pub(crate) fn matmul_scaled(lhs: &Tensor, rhs: &Tensor, scale: f64) -> Result<Te
         let (rs, rl) = rhs.storage_and_layout();
         let a = Strided::new(cpu_slice::<f32>(&ls, ll)?, ll);
         let b = Strided::new(cpu_slice::<f32>(&rs, rl)?, rl);
-        sgemm(&mut out, m, a, b, false, scale as f32);
+        sgemm(&mut out, m, a, b, false, scale as f32, all_threads());
     }
     super::pool::after_parallel_work();
     Ok(Tensor::from_vec(out, (n, m), &Device::Cpu)?)
@@ -424,7 +487,15 @@ impl<'a> Strided<'a> {
 }
 
 /// `out (n, m) = [out +] scale · lhs·rhs`, row-major `out`.
-fn sgemm(out: &mut [f32], m: usize, lhs: Strided, rhs: Strided, accumulate: bool, scale: f32) {
+fn sgemm(
+    out: &mut [f32],
+    m: usize,
+    lhs: Strided,
+    rhs: Strided,
+    accumulate: bool,
+    scale: f32,
+    par: faer::Par,
+) {
     let (n, k) = (lhs.rows, lhs.cols);
     assert!(rhs.rows == k && rhs.cols == m);
     let dst = faer::MatMut::from_row_major_slice_mut(&mut out[..n * m], n, m);
@@ -433,11 +504,15 @@ fn sgemm(out: &mut [f32], m: usize, lhs: Strided, rhs: Strided, accumulate: bool
     } else {
         faer::Accum::Replace
     };
-    let par = match rayon::current_num_threads() {
+    faer::linalg::matmul::matmul(dst, accum, lhs.as_faer(), rhs.as_faer(), scale, par);
+}
+
+/// faer's parallelism over rayon's whole pool.
+fn all_threads() -> faer::Par {
+    match rayon::current_num_threads() {
         1 => faer::Par::Seq,
         threads => faer::Par::rayon(threads),
-    };
-    faer::linalg::matmul::matmul(dst, accum, lhs.as_faer(), rhs.as_faer(), scale, par);
+    }
 }
 
 #[cfg(test)]
