@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16::{round_bf16, widen};
 use crate::error::Result;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
@@ -35,47 +36,55 @@ fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
 }
 
 /// `target` widened to f32, then `op(first, chunk)` on it in place, in parallel over chunks of
-/// whole rows of `cols` elements (`first`: the chunk's first row). Ops are written per slice
-/// so that the compiler vectorises them.
-fn map_rows(target: Values, cols: usize, op: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// whole rows of `cols` elements (`first`: the chunk's first row), stored as a tensor of `dims`
+/// in `dtype` (f32, or bf16 rounded once chunk by chunk: no f32 copy of the whole). Ops are
+/// written per slice so that the compiler vectorises them.
+fn map_rows(
+    target: Values,
+    cols: usize,
+    dtype: DType,
+    dims: &[usize],
+    op: impl Fn(usize, &mut [f32]) + Sync,
+) -> Result<Tensor> {
     let n = match &target {
         Values::F32(v) => v.len(),
         Values::Bf16(v) => v.len(),
     };
     let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
     let chunk_len = rows_per_chunk * cols.max(1);
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(chunk_len)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let range = c * chunk_len..c * chunk_len + chunk.len();
-            match &target {
-                Values::F32(v) => chunk.copy_from_slice(&v[range]),
-                Values::Bf16(v) => chunk
-                    .iter_mut()
-                    .zip(&v[range])
-                    .for_each(|(o, t)| *o = t.to_f32()),
-            }
-            op(c * rows_per_chunk, chunk);
-        });
-    out
-}
-
-fn to_tensor(values: Vec<f32>, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+    let fill = |c: usize, wide: &mut [f32]| {
+        let range = c * chunk_len..c * chunk_len + wide.len();
+        match &target {
+            Values::F32(v) => wide.copy_from_slice(&v[range]),
+            Values::Bf16(v) => wide
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, t)| *o = widen(*t)),
+        }
+        op(c * rows_per_chunk, wide);
+    };
     Ok(match dtype {
         DType::BF16 => {
-            let mut narrow = vec![bf16::ZERO; values.len()];
-            narrow
-                .par_chunks_mut(CHUNK)
-                .zip(values.par_chunks(CHUNK))
-                .for_each(|(n, v)| {
-                    n.iter_mut()
-                        .zip(v)
-                        .for_each(|(n, v)| *n = bf16::from_f32(*v))
+            let mut out = vec![bf16::ZERO; n];
+            out.par_chunks_mut(chunk_len)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let mut wide = vec![0f32; chunk.len()];
+                    fill(c, &mut wide);
+                    chunk
+                        .iter_mut()
+                        .zip(&wide)
+                        .for_each(|(o, w)| *o = round_bf16(*w));
                 });
-            Tensor::from_vec(narrow, dims, &Device::Cpu)?
+            Tensor::from_vec(out, dims, &Device::Cpu)?
         }
-        _ => Tensor::from_vec(values, dims, &Device::Cpu)?,
+        _ => {
+            let mut out = vec![0f32; n];
+            out.par_chunks_mut(chunk_len)
+                .enumerate()
+                .for_each(|(c, chunk)| fill(c, chunk));
+            Tensor::from_vec(out, dims, &Device::Cpu)?
+        }
     })
 }
 
@@ -96,17 +105,17 @@ pub(crate) fn add_scaled_as(
         return Ok(None);
     }
     let factor = factor as f32;
-    let sum = with_values(delta, |d| {
+    with_values(delta, |d| {
         let Values::F32(d) = d else { return None };
         with_values(target, |t| {
-            map_rows(t, 1, |first, out| {
+            map_rows(t, 1, dtype, target.dims(), |first, out| {
                 let d = &d[first..first + out.len()];
                 out.iter_mut().zip(d).for_each(|(o, d)| *o += factor * d);
             })
         })
     })
-    .flatten();
-    sum.map(|v| to_tensor(v, dtype, target.dims())).transpose()
+    .flatten()
+    .transpose()
 }
 
 /// `t ⊙ s` (or `t ⊘ (s + eps)` with `undo`) for a 2-D `t` and an f32 `s` that is a column
@@ -135,16 +144,14 @@ pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<O
             .zip(&factors)
             .for_each(|(v, f)| *v /= f + eps),
     };
-    let scaled = with_values(t, |v| {
-        map_rows(v, cols, |first, out| {
+    with_values(t, |v| {
+        map_rows(v, cols, t.dtype(), t.dims(), |first, out| {
             for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
                 scale_row(first + r, row);
             }
         })
-    });
-    scaled
-        .map(|v| to_tensor(v, t.dtype(), t.dims()))
-        .transpose()
+    })
+    .transpose()
 }
 
 /// DoRA's merge of 2-D tensors, row by row in f32 and stored in `weight`'s dtype (f32 or bf16):
@@ -168,10 +175,10 @@ pub(crate) fn dora_rows(
         return Ok(None);
     }
     let factors = factors.flatten_all()?.to_vec1::<f32>()?;
-    let done = with_values(delta, |d| {
+    with_values(delta, |d| {
         let Values::F32(d) = d else { return None };
         with_values(weight, |w| {
-            map_rows(w, cols, |first, out| {
+            map_rows(w, cols, weight.dtype(), weight.dims(), |first, out| {
                 let d = &d[first * cols..first * cols + out.len()];
                 let rows = out.chunks_mut(cols.max(1)).zip(d.chunks(cols.max(1)));
                 for (r, (row, d)) in rows.enumerate() {
@@ -185,9 +192,8 @@ pub(crate) fn dora_rows(
             })
         })
     })
-    .flatten();
-    done.map(|v| to_tensor(v, weight.dtype(), weight.dims()))
-        .transpose()
+    .flatten()
+    .transpose()
 }
 
 /// `(a ⊙ b) · scale` for f32 tensors of one shape (LoHa's ΔW), in parallel.
@@ -195,11 +201,11 @@ pub(crate) fn mul_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Te
     if a.dims() != b.dims() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return Ok(None);
     }
-    let scale = scale as f32;
-    let product = with_values(b, |b| {
+    let (scale, dims) = (scale as f32, a.dims());
+    with_values(b, |b| {
         let Values::F32(b) = b else { return None };
         with_values(a, |a| {
-            map_rows(a, 1, |first, out| {
+            map_rows(a, 1, DType::F32, dims, |first, out| {
                 let b = &b[first..first + out.len()];
                 out.iter_mut()
                     .zip(b)
@@ -207,10 +213,8 @@ pub(crate) fn mul_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Te
             })
         })
     })
-    .flatten();
-    product
-        .map(|v| to_tensor(v, DType::F32, a.dims()))
-        .transpose()
+    .flatten()
+    .transpose()
 }
 
 /// `kron(a, b) · scale` for 2-D f32 `a (p, q)` and `b (r, t)`: `(p·r, q·t)` (LoKr's ΔW), in
@@ -280,7 +284,7 @@ pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option
                     Values::Bf16(w) => w[i * cols..(i + 1) * cols]
                         .iter()
                         .zip(d)
-                        .map(|(w, d)| f64::from(w.to_f32() + d).powi(2))
+                        .map(|(w, d)| f64::from(widen(*w) + d).powi(2))
                         .sum(),
                 };
                 *norm = sum.sqrt() as f32;
@@ -292,6 +296,66 @@ pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option
     norms
         .map(|v| Ok(Tensor::from_vec(v, rows, &Device::Cpu)?))
         .transpose()
+}
+
+/// `x (…, r·b)` with each of its `r` feature blocks of `b` multiplied by its `b × b` block of
+/// `blocks` (`(r, b, b)`, or `(1, b, b)` shared by all), `y_blk = x_blk · R_blk` (OFT's input
+/// rotation): in f32 from `x` widened, stored in `dtype` (f32 or bf16, rounded once), in
+/// parallel over rows. One pass where candle takes a cast, a transposing copy, a batched
+/// matmul and another cast.
+pub(crate) fn rotate_blocks(x: &Tensor, blocks: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+    let Ok((count, b, b2)) = blocks.dims3() else {
+        return Ok(None);
+    };
+    let k = x.dims().last().copied().unwrap_or(0);
+    let shared = count == 1;
+    if b != b2 || b == 0 || blocks.dtype() != DType::F32 || blocks.track_op() || k % b != 0 {
+        return Ok(None);
+    }
+    let r = k / b;
+    if !shared && count != r {
+        return Ok(None);
+    }
+    let rotation = blocks.flatten_all()?.to_vec1::<f32>()?;
+    with_values(x, |v| {
+        map_rows(v, k, dtype, x.dims(), |_, rows| {
+            // Per block, a (rows × b)·(b × b) product over strided views of the chunk.
+            let n = rows.len() / k;
+            let mut out = vec![0f32; rows.len()];
+            for blk in 0..r {
+                let rot = &rotation[if shared { 0 } else { blk * b * b }..][..b * b];
+                // SAFETY: rows 0..n with stride k and columns blk·b..(blk + 1)·b lie inside
+                // `rows` and `out` (n·k elements each); the views do not outlive them.
+                unsafe {
+                    let lhs = faer::MatRef::from_raw_parts(
+                        rows.as_ptr().add(blk * b),
+                        n,
+                        b,
+                        k as isize,
+                        1,
+                    );
+                    let dst = faer::MatMut::from_raw_parts_mut(
+                        out.as_mut_ptr().add(blk * b),
+                        n,
+                        b,
+                        k as isize,
+                        1,
+                    );
+                    let rhs = faer::MatRef::from_row_major_slice(rot, b, b);
+                    faer::linalg::matmul::matmul(
+                        dst,
+                        faer::Accum::Replace,
+                        lhs,
+                        rhs,
+                        1.0,
+                        faer::Par::Seq,
+                    );
+                }
+            }
+            rows.copy_from_slice(&out);
+        })
+    })
+    .transpose()
 }
 
 /// In-place forms of [`add_scaled`] and [`scale_2d`] (merging into a weight the module owns,
@@ -400,12 +464,12 @@ impl candle_core::InplaceOp2 for InPlace {
                     .par_chunks_mut(rows_per_chunk * cols)
                     .enumerate()
                     .for_each(|(c, chunk)| {
-                        let mut wide: Vec<f32> = chunk.iter().map(|v| v.to_f32()).collect();
+                        let mut wide: Vec<f32> = chunk.iter().map(|v| widen(*v)).collect();
                         self.rows(c * rows_per_chunk, &mut wide, operand, cols);
                         chunk
                             .iter_mut()
                             .zip(&wide)
-                            .for_each(|(v, w)| *v = bf16::from_f32(*w));
+                            .for_each(|(v, w)| *v = round_bf16(*w));
                     });
             }
             _ => candle_core::bail!("merging in place needs an f32 or bf16 weight"),
@@ -541,6 +605,63 @@ mod tests {
             assert!(!op.apply(&target, &wrong).unwrap());
             assert_eq!(max_diff(&target, &before), 0.0, "untouched");
         }
+    }
+
+    /// The block rotation equals candle's batched matmul on the blocks (f32 sums in another
+    /// order: 1e-5), per-block and shared, f32 and bf16 inputs (one rounding apart at most).
+    #[test]
+    fn block_rotation_equals_candles_batched_matmul() {
+        for (dims, count, b) in [
+            (vec![3, 64], 2, 32),
+            (vec![2, 5, 12], 1, 4),
+            (vec![1, 6], 3, 2),
+        ] {
+            let blocks = uniform(&[count, b, b], 11, DType::F32);
+            for dtype in [DType::F32, DType::BF16] {
+                let x = uniform(&dims, 12, dtype);
+                let fast = rotate_blocks(&x, &blocks, dtype).unwrap().unwrap();
+                let k = *dims.last().unwrap();
+                let rows = x.elem_count() / k;
+                let per_block = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .reshape((rows, k / b, b))
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let rot = blocks
+                    .broadcast_as((k / b, b, b))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let plain = per_block
+                    .matmul(&rot)
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .reshape(dims.as_slice())
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                assert_eq!(fast.dims(), x.dims());
+                assert_eq!(fast.dtype(), dtype);
+                let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-5 };
+                let diff = max_diff(&fast, &plain);
+                assert!(
+                    diff < tol,
+                    "{dims:?} {count} blocks of {b}, {dtype:?}: {diff}"
+                );
+            }
+        }
+        // A block count that fits neither the features nor sharing is left to candle.
+        let x = uniform(&[2, 8], 1, DType::F32);
+        assert!(
+            rotate_blocks(&x, &uniform(&[3, 4, 4], 2, DType::F32), DType::F32)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

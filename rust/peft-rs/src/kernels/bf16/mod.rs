@@ -407,7 +407,7 @@ pub(crate) fn widen(v: bf16) -> f32 {
 /// Round-to-nearest-even f32 → bf16, bit-identical to `bf16::from_f32` but
 /// branch-free so that row loops vectorize.
 #[inline(always)]
-fn round_bf16(v: f32) -> bf16 {
+pub(crate) fn round_bf16(v: f32) -> bf16 {
     let x = v.to_bits();
     let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
     let quiet_nan = (x >> 16) | 0x40;
