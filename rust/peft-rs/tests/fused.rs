@@ -79,6 +79,19 @@ fn module(
         assert!(e.to_string().contains("does not support"), "{e}");
         return None;
     }
+    // VeRA's λ_b starts at 1 (PEFT's init): other values, so that the test sees it applied.
+    if config.peft_type() == "VERA" {
+        let adapter = module.adapter("default").unwrap();
+        let mut entries = adapter.params().entries().to_vec();
+        for (name, tensor) in &mut entries {
+            if name.contains("lambda_b") {
+                *tensor = init.uniform(tensor.dims(), 2.0, tensor.dtype()).unwrap();
+            }
+        }
+        module.delete("default").unwrap();
+        let given = ParamSource::Given(entries);
+        module.add("default", &**config, given, &shared).unwrap();
+    }
     // Another base weight: DoRA's magnitude (the initial norm) then no longer equals the norm.
     // f32 only: bf16 DoRA takes the plain path, whose base product rounds at other points with
     // a recorded input (candle adds the bias after rounding), and m/‖W‖ would amplify that.

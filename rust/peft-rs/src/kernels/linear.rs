@@ -15,24 +15,64 @@ use super::bf16 as bf16_kernel;
 use super::{MAX_ROWS, rows_dot_rows};
 use crate::error::Result;
 
-/// A term `scale · x·Aᵀ·Bᵀ (+ scale · bias)` (LoRA and its relatives); `a` is `(r, in)`, `b` is
-/// `(out, r)`, both f32.
+/// A term `((scale · x·Aᵀ) ⊙ rank_scale)·Bᵀ ⊙ out_scale (+ scale · bias)` (LoRA and its
+/// relatives); `a` is `(r, in)`, `b` is `(out, r)`, the scales `(r)` and `(out)`, all f32.
 pub(crate) struct LowRank {
     pub a: Tensor,
     pub b: Tensor,
     pub bias: Option<Tensor>,
     pub scale: f64,
+    /// Per rank, on `x·Aᵀ` (VeRA's `λ_d`).
+    pub rank_scale: Option<Tensor>,
+    /// Per output feature, on the term (VeRA's `λ_b`).
+    pub out_scale: Option<Tensor>,
 }
 
 impl LowRank {
-    /// `s·x·Aᵀ` for `x (n, in)`, row-major `(n, r)`, and `r`.
+    /// A term without per-rank or per-output scales.
+    pub(crate) fn new(a: Tensor, b: Tensor, bias: Option<Tensor>, scale: f64) -> Self {
+        Self {
+            a,
+            b,
+            bias,
+            scale,
+            rank_scale: None,
+            out_scale: None,
+        }
+    }
+
+    /// `(s·x·Aᵀ) ⊙ rank_scale` for `x (n, in)`, row-major `(n, r)`, and `r`.
     fn project(&self, x: Strided, par: faer::Par) -> Result<(Vec<f32>, usize)> {
         let r = self.a.dim(0)?;
         let mut h = vec![0f32; x.rows * r];
         let (a_s, a_l) = self.a.storage_and_layout();
         let a_t = Strided::new(cpu_slice::<f32>(&a_s, a_l)?, a_l).t();
         sgemm(&mut h, r, x, a_t, false, self.scale as f32, par);
+        self.scale_ranks(&mut h, r)?;
         Ok((h, r))
+    }
+
+    fn scale_ranks(&self, h: &mut [f32], r: usize) -> Result<()> {
+        if let Some(s) = &self.rank_scale {
+            let s = s.to_vec1::<f32>()?;
+            h.chunks_mut(r.max(1))
+                .for_each(|row| row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s));
+        }
+        Ok(())
+    }
+
+    /// `B` with its rows scaled by `out_scale` (as one `(out, r)` factor of the term).
+    fn scaled_b(&self) -> Result<Tensor> {
+        let Some(s) = &self.out_scale else {
+            return Ok(self.b.clone());
+        };
+        let column = s.reshape((s.elem_count(), 1))?;
+        Ok(
+            match super::elementwise::scale_2d(&self.b, &column, false, 0.0)? {
+                Some(scaled) => scaled,
+                None => self.b.broadcast_mul(&column)?,
+            },
+        )
     }
 
     /// [`Self::project`] on the calling thread, for a block of rows `x` (row-major, `data` its
@@ -51,12 +91,29 @@ impl LowRank {
         if scale != 1.0 {
             h.iter_mut().for_each(|v| *v *= scale);
         }
+        self.scale_ranks(&mut h, r)?;
         Ok((h, r))
     }
 
     /// `out (n, m) += h·Bᵀ` for a row-major `h (n, r)` from [`Self::project`].
     fn add_expanded(&self, out: &mut [f32], m: usize, h: &[f32], r: usize) -> Result<()> {
-        let (b_s, b_l) = self.b.storage_and_layout();
+        let rows = h.len() / r.max(1);
+        if rows <= MAX_ROWS && self.b.is_contiguous() {
+            // A few rows: dot products of h's rows with B's, B streamed once in parallel, and
+            // the output scale on the (small) term rather than on B.
+            let (b_s, b_l) = self.b.storage_and_layout();
+            let b = &cpu_slice::<f32>(&b_s, b_l)?[..m * r];
+            let mut term = rows_dot_rows(h, b, rows, r, m);
+            if let Some(s) = &self.out_scale {
+                let s = s.to_vec1::<f32>()?;
+                term.chunks_mut(m.max(1))
+                    .for_each(|row| row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s));
+            }
+            out.iter_mut().zip(&term).for_each(|(o, t)| *o += t);
+            return Ok(());
+        }
+        let b = self.scaled_b()?;
+        let (b_s, b_l) = b.storage_and_layout();
         let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
         sgemm(
             out,
@@ -108,7 +165,12 @@ pub(crate) fn linear(
     let f32_tensors = extras
         .low_rank
         .iter()
-        .flat_map(|t| [Some(&t.a), Some(&t.b), t.bias.as_ref()])
+        .flat_map(|t| {
+            [&t.bias, &t.rank_scale, &t.out_scale]
+                .map(Option::as_ref)
+                .into_iter()
+                .chain([Some(&t.a), Some(&t.b)])
+        })
         .chain([extras.in_scale.as_ref(), extras.out_scale.as_ref()])
         .flatten();
     let mut all = [x, w_t].into_iter().chain(bias).chain(f32_tensors.clone());
@@ -255,7 +317,8 @@ pub(crate) fn linear(
 }
 
 /// Total rank up to which low-rank terms are formed in the bf16 kernel's epilogue, tile by
-/// tile (their `Bᵀ` rows then stay in L1); above it one f32 GEMM forms the whole term first.
+/// tile (their `Bᵀ` rows then stay in L1); above it, or for at most `MAX_ROWS` rows, the whole
+/// term is formed first.
 const EPILOGUE_MAX_RANK: usize = 64;
 
 /// A bf16 layer (`x (n, k)`, `w_t (k, m)` with contiguous rows along k) whose adapters' f32
@@ -286,13 +349,12 @@ fn bf16_layer(
     }
     let hs = project_rows(&extras.low_rank, Rows::Bf16(xv), n, k, lda)?;
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
-    let bts = if total_rank <= EPILOGUE_MAX_RANK {
-        let bt = |t: &LowRank| t.b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        extras
-            .low_rank
-            .iter()
-            .map(bt)
-            .collect::<candle_core::Result<Vec<_>>>()?
+    // Few rows take a dense term (`B` is not transposed for them).
+    let bts = if total_rank <= EPILOGUE_MAX_RANK && n > MAX_ROWS {
+        let bt = |t: &LowRank| -> Result<Vec<f32>> {
+            Ok(t.scaled_b()?.t()?.contiguous()?.flatten_all()?.to_vec1()?)
+        };
+        extras.low_rank.iter().map(bt).collect::<Result<Vec<_>>>()?
     } else {
         Vec::new()
     };

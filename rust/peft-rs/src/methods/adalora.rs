@@ -453,12 +453,12 @@ impl LayerAdapter for AdaLoraAdapter {
         }
         if matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {
             let fused = below.fused(x, self.config.lora.lora_dropout, || {
-                Ok(Extras::low_rank(LowRank {
-                    a: self.scaled_a()?,
-                    b: self.params.get(ADALORA_B)?,
-                    bias: None,
-                    scale: self.scaling,
-                }))
+                Ok(Extras::low_rank(LowRank::new(
+                    self.scaled_a()?,
+                    self.params.get(ADALORA_B)?,
+                    None,
+                    self.scaling,
+                )))
             })?;
             if let Some(y) = fused {
                 return Ok(y);

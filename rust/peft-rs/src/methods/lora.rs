@@ -605,12 +605,12 @@ impl LoraAdapter {
             return Ok(None);
         }
         below.fused(x, self.config.lora_dropout, || {
-            let term = LowRank {
-                a: self.params.get(LORA_A)?,
-                b: self.params.get(LORA_B)?,
-                bias: self.params.get_opt(LORA_B_BIAS),
-                scale: self.scaling,
-            };
+            let term = LowRank::new(
+                self.params.get(LORA_A)?,
+                self.params.get(LORA_B)?,
+                self.params.get_opt(LORA_B_BIAS),
+                self.scaling,
+            );
             if !self.config.use_dora {
                 return Ok(Extras::low_rank(term));
             }

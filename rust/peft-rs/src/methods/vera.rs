@@ -384,23 +384,12 @@ impl LayerAdapter for VeraAdapter {
     /// PEFT's forward: `λ_b ⊙ B_s (λ_d ⊙ A_s dropout(x))` in the adapter dtype, added to the
     /// output below and cast back to that output's dtype.
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        // As one low-rank term: (λ_d ⊙ A_s) and (λ_b ⊙ B_s) are r×in and out×r, formed in one
-        // parallel pass each.
+        // As one low-rank term with λ_d on x·A_sᵀ and λ_b on the output, as PEFT applies them.
         let fused = below.fused(x, self.config.vera_dropout, || {
-            let rows = |t: &Tensor, name| -> Result<Tensor> {
-                let lambda = self.params.get(name)?.unsqueeze(1)?;
-                Ok(
-                    match crate::kernels::elementwise::scale_2d(t, &lambda, false, 0.0)? {
-                        Some(scaled) => scaled,
-                        None => t.broadcast_mul(&lambda)?,
-                    },
-                )
-            };
             Ok(Extras::low_rank(LowRank {
-                a: rows(&self.a, VERA_LAMBDA_D)?,
-                b: rows(&self.b, VERA_LAMBDA_B)?,
-                bias: None,
-                scale: 1.0,
+                rank_scale: Some(self.params.get(VERA_LAMBDA_D)?),
+                out_scale: Some(self.params.get(VERA_LAMBDA_B)?),
+                ..LowRank::new(self.a.clone(), self.b.clone(), None, 1.0)
             }))
         })?;
         if let Some(y) = fused {
