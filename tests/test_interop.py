@@ -62,6 +62,24 @@ def test_dtypes_follow_the_base(dtype):
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_strided_inputs_equal_their_contiguous_copies(framework):
+    """Transposed and sliced views come in through DLPack with their strides."""
+    layer = linear()
+    g = torch.Generator().manual_seed(1)
+    views = [
+        torch.randn(12, 5, generator=g).T,
+        torch.randn(4, 24, generator=g)[:, ::2],
+        torch.randn(3, 12)[1:],
+    ]
+    for view in views:
+        x = view if framework == "torch" else view.numpy()
+        contiguous = view.contiguous() if framework == "torch" else np.ascontiguousarray(view.numpy())
+        y, want = layer.forward(x), layer.forward(contiguous)
+        assert type(y) is type(want)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
 def test_requires_grad_input_is_accepted():
     layer = linear()
     x = torch.ones(2, 12, requires_grad=True)

@@ -11,7 +11,9 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyCapsule, PyDict, PyTuple};
 
 const KDL_CPU: i32 = 1;
@@ -86,7 +88,8 @@ impl ArrayKind {
     }
 
     pub fn of(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let module: String = obj.get_type().getattr("__module__")?.extract()?;
+        let module = obj.get_type().module()?;
+        let module = module.to_str()?;
         if module.starts_with("torch") {
             Ok(Self::Torch)
         } else if module.starts_with("numpy") {
@@ -101,23 +104,23 @@ impl ArrayKind {
 
     /// Wraps a candle tensor as this library's array, without copying.
     pub fn wrap<'py>(self, py: Python<'py>, tensor: Tensor) -> PyResult<Bound<'py, PyAny>> {
-        let export = Bound::new(
-            py,
-            DLPackExport {
-                tensor: tensor.contiguous().map_err(crate::errors::candle_err)?,
-            },
-        )?;
-        match self {
-            Self::Torch => py.import("torch")?.getattr("from_dlpack")?.call1((export,)),
-            Self::Numpy => {
-                if export.borrow().tensor.dtype() == DType::BF16 {
-                    return Err(crate::errors::type_error(
-                        "numpy has no bfloat16 dtype: pass torch tensors for bf16",
-                    ));
-                }
-                py.import("numpy")?.getattr("from_dlpack")?.call1((export,))
-            }
+        let tensor = tensor.contiguous().map_err(crate::errors::candle_err)?;
+        if self == Self::Numpy && tensor.dtype() == DType::BF16 {
+            return Err(crate::errors::type_error(
+                "numpy has no bfloat16 dtype: pass torch tensors for bf16",
+            ));
         }
+        if self == Self::Torch
+            && let Some(from_dlpack) = torch_c(py, TorchC::FromDlpack)
+        {
+            return from_dlpack.call1((capsule(py, &tensor, false)?,));
+        }
+        let export = Bound::new(py, DLPackExport { tensor })?;
+        let library = match self {
+            Self::Torch => "torch",
+            Self::Numpy => "numpy",
+        };
+        py.import(library)?.getattr("from_dlpack")?.call1((export,))
     }
 }
 
@@ -234,23 +237,29 @@ impl<'a> SendRef<'a> {
 
 /// A numpy array or torch tensor (CPU) as a candle tensor (one copy).
 pub fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    ArrayKind::of(obj)?;
+    let py = obj.py();
+    let kind = ArrayKind::of(obj)?;
     let mut obj = obj.clone();
-    if obj.hasattr("requires_grad")? && obj.getattr("requires_grad")?.extract::<bool>()? {
-        obj = obj.call_method0("detach")?;
-    }
-    let (device_type, _): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
-    if device_type != KDL_CPU {
-        return Err(crate::errors::type_error(
-            "only CPU arrays are accepted by this build of peft_rs (CUDA needs the `cuda` feature)",
-        ));
-    }
-    let kwargs = PyDict::new(obj.py());
-    kwargs.set_item("max_version", (1, 0))?;
-    let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
-        Ok(c) => c,
-        Err(e) if e.is_instance_of::<PyTypeError>(obj.py()) => obj.call_method0("__dlpack__")?,
-        Err(e) => return Err(e),
+    let to_dlpack = match kind {
+        ArrayKind::Torch => {
+            if obj.getattr(intern!(py, "requires_grad"))?.is_truthy()? {
+                obj = obj.call_method0(intern!(py, "detach"))?;
+            }
+            torch_c(py, TorchC::ToDlpack)
+        }
+        ArrayKind::Numpy => None,
+    };
+    let capsule = match to_dlpack {
+        Some(to_dlpack) => to_dlpack.call1((&obj,))?,
+        None => {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("max_version", (1, 0))?;
+            match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+                Ok(c) => c,
+                Err(e) if e.is_instance_of::<PyTypeError>(py) => obj.call_method0("__dlpack__")?,
+                Err(e) => return Err(e),
+            }
+        }
     };
     let capsule = capsule
         .cast_into::<PyCapsule>()
@@ -277,6 +286,11 @@ pub fn tensor_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
                 "__dlpack__ returned an invalid or consumed capsule",
             ));
         };
+        if dl.device.device_type != KDL_CPU {
+            return Err(crate::errors::type_error(
+                "only CPU arrays are accepted by this build of peft_rs (CUDA needs the `cuda` feature)",
+            ));
+        }
         let shape: Vec<usize> = if dl.ndim == 0 {
             Vec::new()
         } else {
@@ -386,6 +400,80 @@ fn data_pointer(tensor: &Tensor) -> PyResult<*mut c_void> {
     Ok(ptr as *mut c_void)
 }
 
+/// A DLPack capsule (versioned or legacy) pointing into `t`'s buffer (`t` contiguous), which it
+/// keeps alive until the consumer's deleter or the capsule's destructor runs.
+fn capsule<'py>(py: Python<'py>, t: &Tensor, versioned: bool) -> PyResult<Bound<'py, PyCapsule>> {
+    let ctx = Box::new(ExportCtx {
+        _tensor: t.clone(),
+        shape: t.dims().iter().map(|&d| d as i64).collect(),
+        strides: t.stride().iter().map(|&s| s as i64).collect(),
+    });
+    let dl_tensor = DLTensor {
+        data: data_pointer(t)?,
+        device: DLDevice {
+            device_type: KDL_CPU,
+            device_id: 0,
+        },
+        ndim: t.rank() as i32,
+        dtype: dtype_to_dl(t.dtype())?,
+        shape: ctx.shape.as_ptr() as *mut i64,
+        strides: ctx.strides.as_ptr() as *mut i64,
+        byte_offset: 0,
+    };
+    let ctx = Box::into_raw(ctx) as *mut c_void;
+    let (pointer, name) = if versioned {
+        let m = Box::new(DLManagedTensorVersioned {
+            version: DLPackVersion { major: 1, minor: 0 },
+            manager_ctx: ctx,
+            deleter: Some(delete_versioned),
+            flags: 0,
+            dl_tensor,
+        });
+        (Box::into_raw(m) as *mut c_void, NAME_VERSIONED)
+    } else {
+        let m = Box::new(DLManagedTensor {
+            dl_tensor,
+            manager_ctx: ctx,
+            deleter: Some(delete_legacy),
+        });
+        (Box::into_raw(m) as *mut c_void, NAME)
+    };
+    // SAFETY: `pointer` is a leaked Box released by the destructor or the consumer's deleter.
+    unsafe {
+        PyCapsule::new_with_pointer_and_destructor(
+            py,
+            NonNull::new(pointer).expect("Box pointers are non-null"),
+            name,
+            Some(capsule_destructor),
+        )
+    }
+}
+
+/// torch's C-level DLPack converters, what `torch.utils.dlpack` wraps: `Tensor.__dlpack__` and
+/// `torch.from_dlpack` are Python functions costing several microseconds per call, as much as
+/// a small layer's forward.
+#[derive(Clone, Copy)]
+enum TorchC {
+    ToDlpack,
+    FromDlpack,
+}
+
+/// The converter from `torch._C` (imported by then: a torch tensor came in), looked up once;
+/// `None` where this torch has no such function (the public API is used then).
+fn torch_c(py: Python<'_>, which: TorchC) -> Option<Bound<'_, PyAny>> {
+    static TO: PyOnceLock<Option<Py<PyAny>>> = PyOnceLock::new();
+    static FROM: PyOnceLock<Option<Py<PyAny>>> = PyOnceLock::new();
+    let (cell, name) = match which {
+        TorchC::ToDlpack => (&TO, "_to_dlpack"),
+        TorchC::FromDlpack => (&FROM, "_from_dlpack"),
+    };
+    let function = cell.get_or_init(py, || {
+        let module = py.import("torch._C").ok()?;
+        Some(module.getattr(name).ok()?.unbind())
+    });
+    function.as_ref().map(|f| f.bind(py).clone())
+}
+
 #[pymethods]
 impl DLPackExport {
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
@@ -410,52 +498,7 @@ impl DLPackExport {
                 "copy=True is not supported; the export is zero-copy",
             ));
         }
-        let t = &self.tensor;
-        let ctx = Box::new(ExportCtx {
-            _tensor: t.clone(),
-            shape: t.dims().iter().map(|&d| d as i64).collect(),
-            strides: t.stride().iter().map(|&s| s as i64).collect(),
-        });
-        let dl_tensor = DLTensor {
-            data: data_pointer(t)?,
-            device: DLDevice {
-                device_type: KDL_CPU,
-                device_id: 0,
-            },
-            ndim: t.rank() as i32,
-            dtype: dtype_to_dl(t.dtype())?,
-            shape: ctx.shape.as_ptr() as *mut i64,
-            strides: ctx.strides.as_ptr() as *mut i64,
-            byte_offset: 0,
-        };
-        let ctx = Box::into_raw(ctx) as *mut c_void;
-        let versioned = max_version.is_some_and(|v| v.0 >= 1);
-        let (pointer, name) = if versioned {
-            let m = Box::new(DLManagedTensorVersioned {
-                version: DLPackVersion { major: 1, minor: 0 },
-                manager_ctx: ctx,
-                deleter: Some(delete_versioned),
-                flags: 0,
-                dl_tensor,
-            });
-            (Box::into_raw(m) as *mut c_void, NAME_VERSIONED)
-        } else {
-            let m = Box::new(DLManagedTensor {
-                dl_tensor,
-                manager_ctx: ctx,
-                deleter: Some(delete_legacy),
-            });
-            (Box::into_raw(m) as *mut c_void, NAME)
-        };
-        // SAFETY: `pointer` is a leaked Box released by the destructor or the consumer's deleter.
-        unsafe {
-            PyCapsule::new_with_pointer_and_destructor(
-                py,
-                NonNull::new(pointer).expect("Box pointers are non-null"),
-                name,
-                Some(capsule_destructor),
-            )
-        }
+        capsule(py, &self.tensor, max_version.is_some_and(|v| v.0 >= 1))
     }
 
     fn __dlpack_device__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {

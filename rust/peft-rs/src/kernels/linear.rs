@@ -231,6 +231,14 @@ pub(crate) fn linear(
         out.par_chunks_mut(m.max(1))
             .for_each(|o| o.copy_from_slice(&row));
     }
+    // In f32 the low-rank terms go into the output first and the base GEMM accumulates onto
+    // them, in the pass that writes the output anyway (after it, adding them would read and
+    // write the whole output once more). bf16 rounds the base output first, as PEFT does.
+    let low_rank_first = x.dtype() == DType::F32;
+    if low_rank_first {
+        add_low_rank(&x, &extras.low_rank, &mut out, m)?;
+    }
+    let accumulate = bias_first || (low_rank_first && !extras.low_rank.is_empty());
     if bf16_kernel_fits {
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w_t.storage_and_layout();
@@ -238,7 +246,7 @@ pub(crate) fn linear(
         let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
         let out = bf16_kernel::Out::F32 {
             y: &mut out,
-            accumulate: bias_first,
+            accumulate,
         };
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
     } else if x.dtype() == DType::F32
@@ -251,7 +259,7 @@ pub(crate) fn linear(
         let (ws, wl) = w_t.storage_and_layout();
         let (xv, wv) = (cpu_slice::<f32>(&xs, xl)?, cpu_slice::<f32>(&ws, wl)?);
         let y = rows_dot_rows(xv, wv, n, k, m);
-        if bias_first {
+        if accumulate {
             out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
         } else {
             out = y;
@@ -263,7 +271,7 @@ pub(crate) fn linear(
         let (ws, wl) = w32.storage_and_layout();
         let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
         let rhs = Strided::new(cpu_slice::<f32>(&ws, wl)?, wl);
-        sgemm(&mut out, m, lhs, rhs, bias_first, 1.0, all_threads());
+        sgemm(&mut out, m, lhs, rhs, accumulate, 1.0, all_threads());
     }
     let adapted = !extras.low_rank.is_empty() || extras.out_scale.is_some();
     if x.dtype() == DType::BF16 && adapted {
@@ -272,21 +280,8 @@ pub(crate) fn linear(
             .for_each(|o| o.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()));
     }
 
-    if !extras.low_rank.is_empty() {
-        let x32 = x.to_dtype(DType::F32)?;
-        let (xs, xl) = x32.storage_and_layout();
-        let xv = cpu_slice::<f32>(&xs, xl)?;
-        let hs = if xl.stride()[1] == 1 {
-            project_rows(&extras.low_rank, Rows::F32(xv), n, k, xl.stride()[0].max(k))?
-        } else {
-            let lhs = Strided::new(xv, xl);
-            (extras.low_rank.iter())
-                .map(|term| term.project(lhs, all_threads()))
-                .collect::<Result<_>>()?
-        };
-        for (term, (h, r)) in extras.low_rank.iter().zip(&hs) {
-            term.add_expanded(&mut out, m, h, *r)?;
-        }
+    if !low_rank_first {
+        add_low_rank(&x, &extras.low_rank, &mut out, m)?;
     }
 
     if let Some(s) = &extras.out_scale {
@@ -314,6 +309,29 @@ pub(crate) fn linear(
     };
     super::pool::after_parallel_work();
     Ok(Some(y))
+}
+
+/// `out (n, m) += Σ term(x)` for the low-rank terms, `x (n, k)` in f32 or bf16 (widened).
+fn add_low_rank(x: &Tensor, terms: &[LowRank], out: &mut [f32], m: usize) -> Result<()> {
+    if terms.is_empty() {
+        return Ok(());
+    }
+    let (n, k) = x.dims2()?;
+    let x32 = x.to_dtype(DType::F32)?;
+    let (xs, xl) = x32.storage_and_layout();
+    let xv = cpu_slice::<f32>(&xs, xl)?;
+    let hs = if xl.stride()[1] == 1 {
+        project_rows(terms, Rows::F32(xv), n, k, xl.stride()[0].max(k))?
+    } else {
+        let lhs = Strided::new(xv, xl);
+        (terms.iter())
+            .map(|term| term.project(lhs, all_threads()))
+            .collect::<Result<_>>()?
+    };
+    for (term, (h, r)) in terms.iter().zip(&hs) {
+        term.add_expanded(out, m, h, *r)?;
+    }
+    Ok(())
 }
 
 /// Total rank up to which low-rank terms are formed in the bf16 kernel's epilogue, tile by
