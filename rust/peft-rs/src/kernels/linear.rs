@@ -223,12 +223,17 @@ pub(crate) fn linear(
     let bf16_kernel_fits = x.dtype() == DType::BF16 && bf16_rows(&x, 1) && bf16_rows(w_t, 0);
     if bf16_kernel_fits && bias_first == has_bias {
         let y = bf16_layer(&x, w_t, bias, has_bias.then_some(&row[..]), extras)?;
-        super::pool::after_parallel_work();
+        super::pool::after_parallel_work(n * m * k);
         return Ok(Some(y));
     }
     let mut out = vec![0f32; n * m];
+    // Whole rows per task in the passes over the output, enough that a small output is one
+    // task: waking rayon's workers costs more than such a pass, and they then spin for a while
+    // competing with the caller.
+    let rows_per_task = ELEMENTS_PER_TASK.div_ceil(m.max(1));
     if bias_first {
         out.par_chunks_mut(m.max(1))
+            .with_min_len(rows_per_task)
             .for_each(|o| o.copy_from_slice(&row));
     }
     // In f32 the low-rank terms go into the output first and the base GEMM accumulates onto
@@ -276,7 +281,7 @@ pub(crate) fn linear(
     let adapted = !extras.low_rank.is_empty() || extras.out_scale.is_some();
     if x.dtype() == DType::BF16 && adapted {
         // PEFT adds the adapter's f32 terms to the base layer's bf16 output: round it first.
-        out.par_chunks_mut(1 << 15)
+        out.par_chunks_mut(ELEMENTS_PER_TASK)
             .for_each(|o| o.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()));
     }
 
@@ -287,17 +292,19 @@ pub(crate) fn linear(
     if let Some(s) = &extras.out_scale {
         let s = s.to_vec1::<f32>()?;
         out.par_chunks_mut(m.max(1))
+            .with_min_len(rows_per_task)
             .for_each(|o| o.iter_mut().zip(&s).for_each(|(v, s)| *v *= s));
     }
     if has_bias && !bias_first {
         out.par_chunks_mut(m.max(1))
+            .with_min_len(rows_per_task)
             .for_each(|o| o.iter_mut().zip(&row).for_each(|(v, b)| *v += b));
     }
     let y = match x.dtype() {
         DType::BF16 => {
             let mut y = vec![bf16::ZERO; n * m];
-            y.par_chunks_mut(4096)
-                .zip(out.par_chunks(4096))
+            y.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(out.par_chunks(ELEMENTS_PER_TASK))
                 .for_each(|(y, o)| {
                     y.iter_mut()
                         .zip(o)
@@ -307,7 +314,7 @@ pub(crate) fn linear(
         }
         _ => Tensor::from_vec(out, (n, m), &Device::Cpu)?,
     };
-    super::pool::after_parallel_work();
+    super::pool::after_parallel_work(n * m * k);
     Ok(Some(y))
 }
 
@@ -410,6 +417,9 @@ fn bf16_layer(
     Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?)
 }
 
+/// Elements per parallel task in the passes over the output.
+const ELEMENTS_PER_TASK: usize = 1 << 15;
+
 /// Rows of `x` per task in [`project_rows`]: their f32 copy (`ROWS_PER_TASK · k`) stays in L2.
 const ROWS_PER_TASK: usize = 64;
 
@@ -440,8 +450,12 @@ fn project_rows(
         let lhs = Strided::row_major(data, rows, k);
         terms.iter().map(|t| t.project_rows(lhs, data)).collect()
     };
-    let blocks: Vec<Vec<(Vec<f32>, usize)>> = (0..n.div_ceil(ROWS_PER_TASK))
+    let blocks = n.div_ceil(ROWS_PER_TASK);
+    let rank: usize = terms.iter().map(|t| t.a.dims()[0]).sum();
+    let small = n * k * rank < super::pool::PARALLEL_MIN_WORK;
+    let blocks: Vec<Vec<(Vec<f32>, usize)>> = (0..blocks)
         .into_par_iter()
+        .with_min_len(if small { blocks } else { 1 })
         .map(|b| {
             let rows = b * ROWS_PER_TASK..n.min((b + 1) * ROWS_PER_TASK);
             match x {
@@ -494,7 +508,7 @@ pub(crate) fn matmul_scaled(lhs: &Tensor, rhs: &Tensor, scale: f64) -> Result<Te
         let b = Strided::new(cpu_slice::<f32>(&rs, rl)?, rl);
         sgemm(&mut out, m, a, b, false, scale as f32, all_threads());
     }
-    super::pool::after_parallel_work();
+    super::pool::after_parallel_work(n * m * lhs.dim(1)?);
     Ok(Tensor::from_vec(out, (n, m), &Device::Cpu)?)
 }
 
@@ -583,6 +597,11 @@ fn sgemm(
         faer::Accum::Add
     } else {
         faer::Accum::Replace
+    };
+    let par = if n * m * k < super::pool::PARALLEL_MIN_WORK {
+        faer::Par::Seq
+    } else {
+        par
     };
     faer::linalg::matmul::matmul(dst, accum, lhs.as_faer(), rhs.as_faer(), scale, par);
 }

@@ -39,12 +39,21 @@ fn spin_window() -> Duration {
     })
 }
 
-/// To be called at the end of a kernel that ran on rayon's pool (any thread, outside the pool or
-/// in it): clears the vector registers' upper halves on this thread and the workers (see
-/// [`zero_upper`]) and keeps the workers awake for the spin window.
-pub(crate) fn after_parallel_work() {
+/// Multiply-adds below which a product runs on the calling thread and is not followed by the
+/// spin window: waking workers costs more than they save, and awake workers spin for a while
+/// (rayon's own idle rounds, or the window) competing with the caller for the cores.
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// To be called at the end of a kernel of `work` multiply-adds that may have run on rayon's pool
+/// (any thread, outside the pool or in it): clears the vector registers' upper halves on this
+/// thread and the workers (see [`zero_upper`]) and, after enough work, keeps the workers awake
+/// for the spin window.
+pub(crate) fn after_parallel_work(work: usize) {
     zero_upper();
-    if rayon::current_num_threads() == 1 || rayon::current_thread_index().is_some() {
+    if work < PARALLEL_MIN_WORK
+        || rayon::current_num_threads() == 1
+        || rayon::current_thread_index().is_some()
+    {
         return;
     }
     let window = spin_window();
@@ -104,10 +113,10 @@ mod tests {
         if rayon::current_num_threads() == 1 || spin_window().is_zero() {
             return;
         }
-        after_parallel_work();
+        after_parallel_work(PARALLEL_MIN_WORK);
         let sum: u64 = (0..100_000u64).into_par_iter().sum();
         assert_eq!(sum, 100_000 * 99_999 / 2);
-        after_parallel_work();
+        after_parallel_work(PARALLEL_MIN_WORK);
         let deadline = Instant::now() + Duration::from_secs(5);
         while SPINNING.load(Ordering::Acquire) != 0 {
             assert!(
