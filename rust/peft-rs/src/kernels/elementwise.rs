@@ -7,7 +7,9 @@ use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::bf16::{round_bf16, widen};
+#[cfg(target_arch = "x86_64")]
+use super::bf16::Simd;
+use super::bf16::{round_into, widen, widen_into};
 use crate::error::Result;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
@@ -56,10 +58,7 @@ fn map_rows(
         let range = c * chunk_len..c * chunk_len + wide.len();
         match &target {
             Values::F32(v) => wide.copy_from_slice(&v[range]),
-            Values::Bf16(v) => wide
-                .iter_mut()
-                .zip(&v[range])
-                .for_each(|(o, t)| *o = widen(*t)),
+            Values::Bf16(v) => widen_into(&v[range], wide),
         }
         op(c * rows_per_chunk, wide);
     };
@@ -71,10 +70,7 @@ fn map_rows(
                 .for_each(|(c, chunk)| {
                     let mut wide = vec![0f32; chunk.len()];
                     fill(c, &mut wide);
-                    chunk
-                        .iter_mut()
-                        .zip(&wide)
-                        .for_each(|(o, w)| *o = round_bf16(*w));
+                    round_into(&wide, chunk);
                 });
             Tensor::from_vec(out, dims, &Device::Cpu)?
         }
@@ -400,7 +396,38 @@ impl InPlace {
             .for_each(|(c, chunk)| self.rows(c * rows_per_chunk, chunk, operand, cols));
     }
 
+    /// [`Self::rows_inline`] compiled for AVX-512 or AVX2 + FMA where the CPU has them (the
+    /// portable build's loops are SSE2).
     fn rows(&self, first: usize, values: &mut [f32], operand: &[f32], cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            fn avx512(
+                op: &InPlace,
+                first: usize,
+                values: &mut [f32],
+                operand: &[f32],
+                cols: usize,
+            ) {
+                op.rows_inline(first, values, operand, cols)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2(op: &InPlace, first: usize, values: &mut [f32], operand: &[f32], cols: usize) {
+                op.rows_inline(first, values, operand, cols)
+            }
+            match Simd::detect() {
+                // SAFETY: the CPU has the features (detected).
+                Simd::Avx512 => return unsafe { avx512(self, first, values, operand, cols) },
+                // SAFETY: as above.
+                Simd::Avx2 => return unsafe { avx2(self, first, values, operand, cols) },
+                Simd::Baseline => {}
+            }
+        }
+        self.rows_inline(first, values, operand, cols)
+    }
+
+    #[inline(always)]
+    fn rows_inline(&self, first: usize, values: &mut [f32], operand: &[f32], cols: usize) {
         match *self {
             Self::AddScaled { factor } => {
                 let start = first * cols;
@@ -464,12 +491,10 @@ impl candle_core::InplaceOp2 for InPlace {
                     .par_chunks_mut(rows_per_chunk * cols)
                     .enumerate()
                     .for_each(|(c, chunk)| {
-                        let mut wide: Vec<f32> = chunk.iter().map(|v| widen(*v)).collect();
+                        let mut wide = vec![0f32; chunk.len()];
+                        widen_into(chunk, &mut wide);
                         self.rows(c * rows_per_chunk, &mut wide, operand, cols);
-                        chunk
-                            .iter_mut()
-                            .zip(&wide)
-                            .for_each(|(v, w)| *v = round_bf16(*w));
+                        round_into(&wide, chunk);
                     });
             }
             _ => candle_core::bail!("merging in place needs an f32 or bf16 weight"),

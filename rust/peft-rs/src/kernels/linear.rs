@@ -305,11 +305,7 @@ pub(crate) fn linear(
             let mut y = vec![bf16::ZERO; n * m];
             y.par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(out.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|(y, o)| {
-                    y.iter_mut()
-                        .zip(o)
-                        .for_each(|(y, o)| *y = bf16::from_f32(*o))
-                });
+                .for_each(|(y, o)| bf16_kernel::round_into(o, y));
             Tensor::from_vec(y, (n, m), &Device::Cpu)?
         }
         _ => Tensor::from_vec(out, (n, m), &Device::Cpu)?,
@@ -466,7 +462,9 @@ fn project_rows(
                         match x {
                             Rows::F32(x) => buf.extend_from_slice(&x[i * lda..][..k]),
                             Rows::Bf16(x) => {
-                                buf.extend(x[i * lda..][..k].iter().map(|v| bf16_kernel::widen(*v)))
+                                let at = buf.len();
+                                buf.resize(at + k, 0.0);
+                                bf16_kernel::widen_into(&x[i * lda..][..k], &mut buf[at..]);
                             }
                         }
                     }

@@ -1,6 +1,6 @@
 use half::bf16;
 
-use super::{Addend, Backend, LowRank, Out, Problem, round_bf16, run};
+use super::{Addend, Backend, LowRank, Out, Problem, round_bf16, round_into, run, widen_into};
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
 fn data(len: usize, seed: u64) -> Vec<bf16> {
@@ -319,12 +319,37 @@ fn rounding_matches_half() {
         s ^= s << 17;
         f32::from_bits(s as u32)
     });
-    for v in specials.into_iter().chain(random) {
+    let values: Vec<f32> = specials.into_iter().chain(random).collect();
+    for &v in &values {
         assert_eq!(
             round_bf16(v).to_bits(),
             bf16::from_f32(v).to_bits(),
             "{v:e}"
         );
+    }
+    // The vectorised slice forms, on every length's tail (odd lengths leave remainders).
+    for len in [0, 1, 15, 17, 63, values.len()] {
+        let mut rounded = vec![bf16::ZERO; len];
+        round_into(&values[..len], &mut rounded);
+        for (r, v) in rounded.iter().zip(&values) {
+            assert_eq!(r.to_bits(), bf16::from_f32(*v).to_bits(), "{v:e}");
+        }
+    }
+}
+
+#[test]
+fn widening_matches_half_for_every_bf16() {
+    let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+    for len in [0, 1, 33, all.len()] {
+        let mut wide = vec![0f32; len];
+        widen_into(&all[..len], &mut wide);
+        for (w, b) in wide.iter().zip(&all) {
+            let want = f32::from_bits(u32::from(b.to_bits()) << 16);
+            assert_eq!(w.to_bits(), want.to_bits(), "{:#06x}", b.to_bits());
+            if !b.is_nan() {
+                assert_eq!(*w, b.to_f32());
+            }
+        }
     }
 }
 
