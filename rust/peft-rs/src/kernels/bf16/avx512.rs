@@ -31,7 +31,7 @@ const NC: usize = 512;
 /// Bound on a task's packed slab of `w`, which narrows `NC` for large k.
 const PACK_BYTES: usize = 4 << 20;
 /// Below this many rows the dot-product scheme is used.
-const DOT_MAX_M: usize = 16;
+pub(super) const DOT_MAX_M: usize = 16;
 /// Rows of `x` per dot-product tile.
 const DMR: usize = 4;
 /// Rows of `w` (output columns) per dot-product tile.
@@ -224,22 +224,22 @@ unsafe fn dot_step<const R: usize>(
 /// A 64-byte aligned block of 16 words, the unit of the scratch buffers.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u32; 16]);
+pub(super) struct Line([u32; 16]);
 
 /// Per-thread buffers reused across calls: packed `w` and, in bf16 mode, the
 /// f32 accumulator tile.
 #[derive(Default)]
-struct Scratch {
-    b: Vec<Line>,
-    c: Vec<Line>,
+pub(super) struct Scratch {
+    pub(super) b: Vec<Line>,
+    pub(super) c: Vec<Line>,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::default();
+    pub(super) static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 /// Grows `buf` to at least `words` 32-bit words and returns its start.
-fn words(buf: &mut Vec<Line>, words: usize) -> *mut u32 {
+pub(super) fn words(buf: &mut Vec<Line>, words: usize) -> *mut u32 {
     let lines = words.div_ceil(16);
     if buf.len() < lines {
         buf.resize(lines, Line([0; 16]));
@@ -329,7 +329,7 @@ unsafe fn packed_block(
 }
 
 /// Rows of `x` per packed panel when `x` is the packed operand.
-const XR: usize = 64;
+pub(super) const XR: usize = 64;
 /// Rows of `w` (output columns) per microkernel tile when `x` is packed.
 const WR: usize = 6;
 
@@ -342,18 +342,8 @@ const WR: usize = 6;
 /// CPU features as for [`matmul`].
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
 unsafe fn x_packed(p: &Problem<'_>, sink: &Sink<'_>, threads: usize) {
-    let panels = p.m.div_ceil(XR);
-    let kp = p.k.div_ceil(2);
-    let mut packed = vec![Line([0; 16]); panels * kp * XR / 16];
-    let dst = SharedMut(packed.as_mut_ptr().cast::<u32>());
-    parallel_for(panels, threads, |q| {
-        let rows = XR.min(p.m - q * XR);
-        let x = p.x[q * XR * p.lda..].as_ptr().cast::<u16>();
-        // SAFETY: features are present (caller); rows 64q.. of `x` have k
-        // elements; panel q's words lie inside `packed`, written by this
-        // task alone.
-        unsafe { pack_b(x, p.lda, rows, p.k, dst.at(q * kp * XR)) };
-    });
+    // SAFETY: features are present (caller).
+    let mut packed = unsafe { pack_x(p, threads) };
     let xp = SharedMut(packed.as_mut_ptr().cast::<u32>());
     let nc = chunk_len(p.n, 4 * threads, 16);
     parallel_for(p.n.div_ceil(nc), threads, |t| {
@@ -366,9 +356,31 @@ unsafe fn x_packed(p: &Problem<'_>, sink: &Sink<'_>, threads: usize) {
     });
 }
 
+/// `x` packed by [`pack_b`] into `m.div_ceil(64)` panels of 64 rows, each
+/// `k.div_ceil(2)` pairs long, the panels packed in parallel.
+///
+/// # Safety
+/// CPU features as for [`matmul`].
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+pub(super) unsafe fn pack_x(p: &Problem<'_>, threads: usize) -> Vec<Line> {
+    let panels = p.m.div_ceil(XR);
+    let kp = p.k.div_ceil(2);
+    let mut packed = vec![Line([0; 16]); panels * kp * XR / 16];
+    let dst = SharedMut(packed.as_mut_ptr().cast::<u32>());
+    parallel_for(panels, threads, |q| {
+        let rows = XR.min(p.m - q * XR);
+        let x = p.x[q * XR * p.lda..].as_ptr().cast::<u16>();
+        // SAFETY: features are present (caller); rows 64q.. of `x` have k
+        // elements; panel q's words lie inside `packed`, written by this
+        // task alone.
+        unsafe { pack_b(x, p.lda, rows, p.k, dst.at(q * kp * XR)) };
+    });
+    packed
+}
+
 /// A raw output pointer shared by tasks that write disjoint parts.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut u32);
+pub(super) struct SharedMut(pub(super) *mut u32);
 // SAFETY: only used for writes to disjoint ranges, inside one parallel call.
 unsafe impl Send for SharedMut {}
 // SAFETY: as above.
@@ -377,7 +389,7 @@ unsafe impl Sync for SharedMut {}
 impl SharedMut {
     /// # Safety
     /// `at` is inside the buffer.
-    unsafe fn at(self, at: usize) -> *mut u32 {
+    pub(super) unsafe fn at(self, at: usize) -> *mut u32 {
         // SAFETY: per the contract.
         unsafe { self.0.add(at) }
     }
@@ -432,15 +444,38 @@ unsafe fn x_packed_block(
             }
         }
     }
-    // Back to rows: 16 × 16 transposes into a buffer of 16 output rows.
-    let row_buf = words(&mut s.b, 16 * n_pad).cast::<f32>();
-    for i0 in (0..p.m).step_by(16) {
+    // SAFETY: `ct` holds the block's sums for rows 0..m (m_pad wide).
+    unsafe { store_transposed(sink, ct, m_pad, 0..p.m, cols, &mut s.b) };
+}
+
+/// Hands the output rows `rows` × columns `cols` to the sink from their sums
+/// kept transposed in `ct`: column `c` of the block at row `c`, output row
+/// `rows.start + i` at float `i`, rows `ldc` floats apart.
+///
+/// # Safety
+/// CPU features as for [`matmul`]; `ct` is 64-byte aligned, `ldc` and
+/// `rows.start` are multiples of 16, and `ct` has `cols.len()` rounded up
+/// to 16 rows of `rows.len()` rounded up to 16 readable floats, outside
+/// `buf`; no other thread writes these output elements.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+pub(super) unsafe fn store_transposed(
+    sink: &Sink<'_>,
+    ct: *const f32,
+    ldc: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    buf: &mut Vec<Line>,
+) {
+    // 16 × 16 transposes into a buffer of 16 output rows.
+    let n_pad = cols.len().next_multiple_of(16);
+    let row_buf = words(buf, 16 * n_pad).cast::<f32>();
+    for i0 in (0..rows.len()).step_by(16) {
         for c0 in (0..n_pad).step_by(16) {
             let mut v = [_mm512_setzero_si512(); 16];
             for (c, v) in v.iter_mut().enumerate() {
-                // SAFETY: row c0 + c < n_pad of `ct` has m_pad ≥ i0 + 16
-                // floats, 64-byte aligned (m_pad is a multiple of 64).
-                *v = unsafe { _mm512_load_si512(ct.add((c0 + c) * m_pad + i0).cast()) };
+                // SAFETY: row c0 + c < n_pad of `ct` has ≥ i0 + 16 floats,
+                // 64-byte aligned (ldc and i0 are multiples of 16).
+                *v = unsafe { _mm512_load_si512(ct.add((c0 + c) * ldc + i0).cast()) };
             }
             transpose16(&mut v);
             for (r, v) in v.into_iter().enumerate() {
@@ -448,12 +483,13 @@ unsafe fn x_packed_block(
                 unsafe { _mm512_storeu_si512(row_buf.add(r * n_pad + c0).cast(), v) };
             }
         }
-        for r in 0..16.min(p.m - i0) {
+        for r in 0..16.min(rows.len() - i0) {
             // SAFETY: the buffer row holds cols.len() finished sums; row
-            // i0 + r < m and columns `cols` of the output are ours.
+            // rows.start + i0 + r is inside the output and columns `cols`
+            // are ours.
             unsafe {
                 let vals = std::slice::from_raw_parts(row_buf.add(r * n_pad), cols.len());
-                sink.put_row(i0 + r, cols.start, vals);
+                sink.put_row(rows.start + i0 + r, cols.start, vals);
             }
         }
     }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use half::bf16;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod portable;
 #[cfg(test)]
@@ -77,6 +79,20 @@ pub fn has_bf16_dot() -> bool {
     }
 }
 
+/// Whether this CPU has the AMX BF16 tile instructions and the OS lets this
+/// process use them; the kernel then runs on them where shapes allow.
+#[must_use]
+pub fn has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Computes `y = x · wᵀ` into `out`, accumulating in f32, on the calling
 /// thread helped by rayon's global pool (small products stay serial).
 ///
@@ -97,7 +113,9 @@ pub fn matmul_bf16_nt(
     ldw: usize,
     out: Out<'_>,
 ) {
-    let backend = if has_bf16_dot() {
+    let backend = if has_amx() {
+        Backend::Amx
+    } else if has_bf16_dot() {
         Backend::Bf16Dot
     } else {
         Backend::Portable
@@ -108,6 +126,8 @@ pub fn matmul_bf16_nt(
 /// Which implementation computes the product; tests force each one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
+    /// AMX tiles where the shape fits them, the AVX-512 BF16 kernels elsewhere.
+    Amx,
     Bf16Dot,
     Portable,
 }
@@ -169,7 +189,12 @@ fn run(backend: Backend, p: Problem<'_>, out: Out<'_>) {
     }
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Bf16Dot if has_bf16_dot() => {
+        Backend::Amx if amx::available() && amx::fits(&p) => {
+            // SAFETY: AMX was just detected and the shape fits its tiles.
+            unsafe { amx::matmul(&p, &sink) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Amx | Backend::Bf16Dot if has_bf16_dot() => {
             // SAFETY: the required CPU features were just detected.
             unsafe { avx512::matmul(&p, &sink) }
         }

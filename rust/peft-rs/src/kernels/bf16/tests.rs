@@ -100,12 +100,23 @@ const SHAPES: &[(usize, usize, usize)] = &[
     // x packed (m ≤ n): a part-filled panel, odd k, k across cache blocks.
     (50, 77, 33),
     (150, 301, 257),
+    // AMX tiles (k a multiple of 32, n of 16): one or two column tiles per
+    // step, part-filled panels, several row passes, k across cache blocks.
+    (16, 16, 32),
+    (40, 48, 64),
+    (100, 80, 96),
+    (300, 112, 160),
+    (700, 64, 64),
+    (70, 48, 1088),
 ];
 
 fn backends() -> Vec<Backend> {
     let mut b = vec![Backend::Portable];
     if super::has_bf16_dot() {
         b.push(Backend::Bf16Dot);
+    }
+    if super::has_amx() {
+        b.push(Backend::Amx);
     }
     b
 }
