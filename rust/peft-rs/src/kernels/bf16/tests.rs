@@ -104,6 +104,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     // step, part-filled panels, several row passes, k across cache blocks.
     (16, 16, 32),
     (40, 48, 64),
+    (50, 80, 96),
+    (40, 64, 1088),
     (100, 80, 96),
     (300, 112, 160),
     (700, 64, 64),
