@@ -265,6 +265,13 @@ impl Tiles {
     }
 }
 
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by this thread.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
 /// Where [`Tiles::product`] leaves its sums: transposed, column i of output
 /// column f at float `f·ldc + i` of `c`, added to what is there when `add`.
 #[derive(Clone, Copy)]
@@ -272,11 +279,4 @@ struct Sums {
     c: *mut f32,
     ldc: usize,
     add: bool,
-}
-
-impl Drop for Tiles {
-    fn drop(&mut self) {
-        // SAFETY: tiles were configured by this thread.
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    }
 }
