@@ -112,8 +112,10 @@ __all__ = [
     "Trainer",
     "VeraConfig",
     "__version__",
+    "blas_info",
     "combine_adapters",
     "merge_checkpoint",
+    "use_blas",
 ]
 # END generated
 
@@ -445,6 +447,14 @@ def merge_checkpoint(
     resume: bool = False,
     progress: Callable[[int, int], object] | None = None,
 ) -> _MergeSummary: ...
+
+class _BlasInfo(TypedDict):
+    path: Path
+    description: str
+    ilp64: bool
+
+def use_blas(path: str | PathLike[str] | None) -> _BlasInfo | None: ...
+def blas_info() -> _BlasInfo | None: ...
 @overload
 def combine_adapters(  # type: ignore[overload-overlap]
     adapter_dirs: Sequence[str | PathLike[str]],

@@ -57,6 +57,11 @@ class AdapterIOError(PeftError, OSError):
     """Reading or writing a file failed."""
 
 
+class LibraryError(PeftError, OSError):
+    """A shared library (a BLAS given to :func:`peft_rs.use_blas`) cannot be opened or lacks a
+    function peft_rs needs."""
+
+
 class InvalidFileError(PeftError, ValueError):
     """A config or weights file cannot be parsed (malformed JSON, truncated safetensors...)."""
 
@@ -83,6 +88,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidFileError",
     "InvalidOperationError",
+    "LibraryError",
     "MissingKeyError",
     "NonFiniteMergeError",
     "PeftError",

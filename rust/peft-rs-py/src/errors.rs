@@ -19,6 +19,7 @@ fn class_name(e: &PeftError) -> &'static str {
         PeftError::FileNotFound { .. } => "AdapterFileNotFoundError",
         PeftError::Io { .. } => "AdapterIOError",
         PeftError::Json { .. } | PeftError::InvalidWeightsFile { .. } => "InvalidFileError",
+        PeftError::Library { .. } => "LibraryError",
         PeftError::Candle(_) => "ComputeError",
     }
 }

@@ -3,6 +3,7 @@
 
 mod adapter;
 mod arithmetic;
+mod blas;
 mod config;
 mod dlpack;
 mod errors;
@@ -63,5 +64,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dlpack::DLPackExport>()?;
     m.add_function(wrap_pyfunction!(stream_merge::merge_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(arithmetic::combine_adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(blas::use_blas, m)?)?;
+    m.add_function(wrap_pyfunction!(blas::blas_info, m)?)?;
     Ok(())
 }

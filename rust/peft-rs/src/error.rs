@@ -71,6 +71,10 @@ pub enum PeftError {
     #[error("invalid weights file {}: {reason}", .path.display())]
     InvalidWeightsFile { path: PathBuf, reason: String },
 
+    /// A shared library (a BLAS) that cannot be opened or lacks what is needed of it.
+    #[error("cannot use the library {}: {reason}", .path.display())]
+    Library { path: PathBuf, reason: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -29,6 +29,7 @@
 
 pub mod arithmetic;
 pub mod base;
+pub mod blas;
 pub mod config;
 pub mod error;
 pub mod init;
