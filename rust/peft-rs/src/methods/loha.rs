@@ -23,7 +23,7 @@ use crate::method::{
 };
 use crate::methods::lycoris::{
     LycorisAdapter, LycorisFields, LycorisMethod, TrainingDropout, check_kind, config_object,
-    cp_weight, take_field, take_fields,
+    cp_weight, low_rank_pays, take_field, take_fields,
 };
 use crate::params::take_params;
 
@@ -277,6 +277,39 @@ impl LycorisMethod for LoHaConfig {
             None => w1.mul(&w2)?.affine(scale, 0.0)?,
         };
         Ok(delta.reshape(base.weight_dims())?)
+    }
+
+    /// `(w1a·w1b) ⊙ (w2a·w2b)` has rank at most `r1·r2`: entry `(i, j)` is
+    /// `Σ_pq w1a[i,p]·w2a[i,q] · w1b[p,j]·w2b[q,j]`, so `up[i, pq] = w1a[i,p]·w2a[i,q]` and
+    /// `down[pq, j] = w1b[p,j]·w2b[q,j]`.
+    fn low_rank_form(
+        adapter: &LycorisAdapter<Self>,
+        base: &BaseLayer,
+        rows: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let p = &adapter.params;
+        let [w1a, w1b, w2a, w2b] = [HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B].map(|n| p.get(n));
+        let (w1a, w1b, w2a, w2b) = (w1a?, w1b?, w2a?, w2b?);
+        if p.get_opt(HADA_T1).is_some() || !matches!(base.kind(), ModuleKind::Linear) {
+            return Ok(None);
+        }
+        let (out, r1) = w1a.dims2()?;
+        let (r2, inputs) = w2b.dims2()?;
+        let rank = r1 * r2;
+        if !low_rank_pays(rows, rank, (out, inputs), out * inputs * (r1 + r2)) {
+            return Ok(None);
+        }
+        let scale = adapter.scaling as f32 as f64; // as in `delta_weight`
+        let up = w1a
+            .unsqueeze(2)?
+            .broadcast_mul(&w2a.unsqueeze(1)?)?
+            .reshape((out, rank))?
+            .affine(scale, 0.0)?;
+        let down = w1b
+            .unsqueeze(1)?
+            .broadcast_mul(&w2b.unsqueeze(0)?)?
+            .reshape((rank, inputs))?;
+        Ok(Some((down, up)))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::method::{
 };
 use crate::methods::lycoris::{
     LycorisAdapter, LycorisFields, LycorisMethod, TrainingDropout, check_kind, config_object,
-    cp_weight, take_field, take_fields,
+    cp_weight, low_rank_pays, take_field, take_fields,
 };
 use crate::params::take_params;
 
@@ -332,6 +332,14 @@ pub fn kron(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok(product.reshape(out)?)
 }
 
+/// `scale · kron(x, y)`: the parallel kernel for 2-D f32, [`kron`] otherwise.
+fn kron_scaled(x: &Tensor, y: &Tensor, scale: f64) -> Result<Tensor> {
+    match crate::kernels::elementwise::kron_scaled(x, y, scale)? {
+        Some(product) => Ok(product),
+        None => Ok(kron(x, y)?.affine(scale, 0.0)?),
+    }
+}
+
 /// A LoKr adapter on one module.
 pub type LoKrAdapter = LycorisAdapter<LoKrConfig>;
 
@@ -388,11 +396,43 @@ impl LycorisMethod for LoKrConfig {
         } else {
             w1
         };
-        let delta = match crate::kernels::elementwise::kron_scaled(&w1, &w2, adapter.scaling)? {
-            Some(delta) => delta,
-            None => kron(&w1, &w2)?.affine(adapter.scaling, 0.0)?,
+        Ok(kron_scaled(&w1, &w2, adapter.scaling)?.reshape(base.weight_dims())?)
+    }
+
+    /// With `w1 = P1·Q1` and `w2 = P2·Q2` (a factor pair where the file has one, else the matrix
+    /// and the identity), `kron(w1, w2) = kron(P1, P2) · kron(Q1, Q2)`: rank `k1·k2`, the inner
+    /// sizes of the pairs.
+    fn low_rank_form(
+        adapter: &LycorisAdapter<Self>,
+        base: &BaseLayer,
+        rows: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let p = &adapter.params;
+        if p.get_opt(LOKR_T2).is_some() || !matches!(base.kind(), ModuleKind::Linear) {
+            return Ok(None);
+        }
+        // (P, Q) per factor; `None` for Q is the identity of P's column count.
+        let pair = |full: &str, a: &str, b: &str| -> Result<(Tensor, Option<Tensor>)> {
+            Ok(match p.get_opt(full) {
+                Some(w) => (w, None),
+                None => (p.get(a)?, Some(p.get(b)?)),
+            })
         };
-        Ok(delta.reshape(base.weight_dims())?)
+        let (p1, q1) = pair(LOKR_W1, LOKR_W1_A, LOKR_W1_B)?;
+        let (p2, q2) = pair(LOKR_W2, LOKR_W2_A, LOKR_W2_B)?;
+        if q1.is_none() && q2.is_none() {
+            return Ok(None); // rank = in_features: nothing to save
+        }
+        let ((out1, k1), (out2, k2)) = (p1.dims2()?, p2.dims2()?);
+        let (out, inputs) = (out1 * out2, base.weight_dims()[1]);
+        if !low_rank_pays(rows, k1 * k2, (out, inputs), out * inputs) {
+            return Ok(None);
+        }
+        let identity = |k: usize| Tensor::eye(k, p1.dtype(), p1.device());
+        let q1 = q1.map_or_else(|| identity(k1), Ok)?;
+        let q2 = q2.map_or_else(|| identity(k2), Ok)?;
+        let up = kron_scaled(&p1, &p2, adapter.scaling)?;
+        Ok(Some((kron_scaled(&q1, &q2, 1.0)?, up)))
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{ModuleSelector, OneOrMany, deserialize_fields, number, take_peft_type};
 use crate::error::{PeftError, Result};
-use crate::kernels::linear::Extras;
+use crate::kernels::linear::{Extras, LowRank};
 use crate::matching::{Selection, check_pattern_keys, pattern_value};
 use crate::method::{LayerAdapter, MergeRule, MethodConfig};
 use crate::methods::lora::Patterns;
@@ -245,6 +245,29 @@ impl TrainingDropout {
 pub trait LycorisMethod: MethodConfig + Sized + 'static {
     /// `ΔW` in the base weight's layout, without rank dropout (PEFT's `get_delta_weight`).
     fn delta_weight(adapter: &LycorisAdapter<Self>, base: &BaseLayer) -> Result<Tensor>;
+
+    /// `ΔW = up · down` (`down (R, in)`, `up (out, R)` with the scale in it) for a Linear weight
+    /// where the method's factors give one and, for `rows` rows of input, `x·downᵀ·upᵀ` costs
+    /// less than forming `ΔW` (see [`low_rank_pays`]); a forward then never forms `ΔW`.
+    fn low_rank_form(
+        _adapter: &LycorisAdapter<Self>,
+        _base: &BaseLayer,
+        _rows: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+/// Whether `rows` rows through rank-`rank` factors of an `out × in` `ΔW` cost fewer
+/// multiply-adds than forming `ΔW` (`delta_work` of them) and adding it to the weight, counted
+/// as three more per element (the passes that write `ΔW`, add it and read the sum again).
+pub(crate) fn low_rank_pays(
+    rows: usize,
+    rank: usize,
+    (out, inputs): (usize, usize),
+    delta_work: usize,
+) -> bool {
+    (rows + 1) * rank * (out + inputs) <= delta_work + 3 * out * inputs
 }
 
 /// A LyCORIS adapter (LoHa, LoKr) on one module: its tensors, rank, scaling and training-time
@@ -290,6 +313,15 @@ impl<C: LycorisMethod + std::fmt::Debug> LayerAdapter for LycorisAdapter<C> {
         let rng = below.training_rng();
         if self.dropout.skip_module(rng) {
             return below.forward(x);
+        }
+        if rng.is_none() && below.is_base() {
+            let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+            if let Some((down, up)) = C::low_rank_form(self, below.base(), rows)? {
+                let term = || Ok(Extras::low_rank(LowRank::new(down, up, None, 1.0)));
+                if let Some(y) = below.fused(x, 0.0, term)? {
+                    return Ok(y);
+                }
+            }
         }
         let delta = self
             .dropout
