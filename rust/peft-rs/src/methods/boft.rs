@@ -27,6 +27,8 @@ use crate::base::{BaseLayer, ModuleKind, linear_rows};
 use crate::config::{CommonFields, ModuleSelector, OneOrMany, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
+use crate::kernels::elementwise::rotate_blocks;
+use crate::kernels::linear::Extras;
 use crate::linalg::{block_diag, cayley};
 use crate::matching::Selection;
 use crate::merge::{adapter_dtype, apply_rule};
@@ -546,14 +548,11 @@ impl BoftAdapter {
     /// `get_delta_weight`); with a training stream `dropout`, PEFT's multiplicative dropout
     /// first replaces blocks of one random factor by the identity.
     pub fn rotation(&self, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        let r = self.params.get(BOFT_R)?;
-        let (factors, num, size, _) = r.dims4()?;
-        let flat = r.reshape((factors * num, size, size))?;
-        let skew = flat.sub(&flat.t()?)?.affine(0.5, 0.0)?;
-        let mut blocks = cayley(&skew)?.reshape((factors, num, size, size))?;
-        if let Some(rng) = dropout.filter(|_| self.config.boft_dropout > 0.0) {
-            blocks = self.drop_blocks(&blocks, rng)?;
-        }
+        self.rotation_of(&self.factor_blocks(dropout)?)
+    }
+
+    /// `R` from the factors' blocks ([`Self::factor_blocks`]).
+    fn rotation_of(&self, blocks: &Tensor) -> Result<Tensor> {
         let mut rotation: Option<Tensor> = None;
         for (i, perm) in self.perms.iter().enumerate() {
             let diag = block_diag(&blocks.get(i)?)?;
@@ -567,6 +566,49 @@ impl BoftAdapter {
             });
         }
         rotation.ok_or_else(|| PeftError::InvalidOperation("BOFT layer without factors".into()))
+    }
+
+    /// The orthogonal blocks of each factor `(factors, block_num, size, size)`, after the
+    /// multiplicative dropout of a training stream.
+    fn factor_blocks(&self, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        let r = self.params.get(BOFT_R)?;
+        let (factors, num, size, _) = r.dims4()?;
+        let flat = r.reshape((factors * num, size, size))?;
+        let skew = flat.sub(&flat.t()?)?.affine(0.5, 0.0)?;
+        let blocks = cayley(&skew)?.reshape((factors, num, size, size))?;
+        match dropout.filter(|_| self.config.boft_dropout > 0.0) {
+            Some(rng) => self.drop_blocks(&blocks, rng),
+            None => Ok(blocks),
+        }
+    }
+
+    /// `x · R` without forming `R` (`D²` multiply-adds per row where the factors take
+    /// `factors · D · block_size`): `x·R = x·M_N ⋯ M_0`, and `x·M_i` with
+    /// `M_i[a, b] = D_i[p(a), p(b)]` is `x` scattered by `p`, the block products of `D_i`, then
+    /// gathered by `p`. In f32 on the CPU, `x`'s dtype stored once at the end; `None` where the
+    /// block kernel does not apply (other devices, f64 adapters).
+    fn rotate_input(&self, x: &Tensor, blocks: &Tensor) -> Result<Option<Tensor>> {
+        let last = x.rank() - 1;
+        let mut y = x.contiguous()?;
+        for (i, perm) in self.perms.iter().enumerate().rev() {
+            let dtype = if i == 0 { x.dtype() } else { DType::F32 };
+            if let Some(p) = perm {
+                let mut inverse = vec![0u32; p.dim(0)?];
+                for (a, pa) in p.to_vec1::<u32>()?.into_iter().enumerate() {
+                    inverse[pa as usize] = a as u32;
+                }
+                let inverse = Tensor::from_vec(inverse, p.dim(0)?, p.device())?;
+                y = y.index_select(&inverse, last)?;
+            }
+            let Some(rotated) = rotate_blocks(&y, &blocks.get(i)?, dtype)? else {
+                return Ok(None);
+            };
+            y = match perm {
+                Some(p) => rotated.index_select(p, last)?,
+                None => rotated,
+            };
+        }
+        Ok(Some(y))
     }
 
     /// PEFT's `MultiplicativeDropoutLayer`: in one random factor, `int(p · block_num)` random
@@ -650,10 +692,10 @@ impl LayerAdapter for BoftAdapter {
     }
 
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
-        let rotation = self.rotation(below.training_rng())?;
         let base = below.base();
         match self.kind {
             ModuleKind::Conv2d(_) => {
+                let rotation = self.rotation(below.training_rng())?;
                 // PEFT's Conv2d forward is the conv with the merged weight, which the f32
                 // scaling promotes: the conv runs in the adapter dtype, its result is cast back.
                 let dtype = rotation.dtype();
@@ -666,10 +708,28 @@ impl LayerAdapter for BoftAdapter {
                 Ok(y.to_dtype(x.dtype())?)
             }
             _ => {
-                // x · R, the rotation cast to the input's dtype as PEFT does.
-                let rotation = rotation.to_dtype(x.dtype())?;
-                let rotated = linear_rows(x, &rotation, None, self.butterfly.dim)?;
-                self.scale_output(&below.forward(&rotated)?, base)
+                let blocks = self.factor_blocks(below.training_rng())?;
+                let rotated = match self.rotate_input(x, &blocks)? {
+                    Some(rotated) => rotated,
+                    None => {
+                        // x · R, the rotation cast to the input's dtype as PEFT does.
+                        let rotation = self.rotation_of(&blocks)?.to_dtype(x.dtype())?;
+                        linear_rows(x, &rotation, None, self.butterfly.dim)?
+                    }
+                };
+                // `(base(x·R) − b) · s + b` is the base product scaled per output before the
+                // bias: the fused kernel's output scale, in the pass that writes the output.
+                let scale = || {
+                    Ok(Extras {
+                        out_scale: Some(self.params.get(BOFT_S)?.flatten_all()?),
+                        unscaled_bias: true,
+                        ..Extras::default()
+                    })
+                };
+                match below.fused(&rotated, 0.0, scale)? {
+                    Some(y) => Ok(y),
+                    None => self.scale_output(&below.forward(&rotated)?, base),
+                }
             }
         }
     }
@@ -910,6 +970,49 @@ mod tests {
             let eye = Tensor::eye(16, DType::F32, &Device::Cpu).unwrap();
             assert!(max_abs(&(r.matmul(&r.t().unwrap()).unwrap() - &eye).unwrap()) < 1e-5);
             assert_eq!(max_abs(&(r - &eye).unwrap()) == 0.0, zero);
+        }
+    }
+
+    /// The input rotation by factor blocks equals `x · R` with `R` formed, for one and several
+    /// butterfly factors (permuted), f32 and bf16, strided and 3-D inputs.
+    #[test]
+    fn input_rotation_by_blocks_equals_the_formed_rotation() {
+        let base = linear(3, 16);
+        let mut init = Initializer::new(4);
+        for (block_size, factors) in [(2, 1), (2, 3), (4, 2), (8, 1)] {
+            let json = serde_json::json!({"boft_block_size": block_size,
+                "boft_n_butterfly_factor": factors, "init_weights": false});
+            let a = BoftAdapter::new(
+                "lin",
+                &base,
+                config(json).unwrap(),
+                ParamSource::Init { seed: 3 },
+            )
+            .unwrap();
+            let blocks = a.factor_blocks(None).unwrap();
+            let rotation = a.rotation(None).unwrap();
+            let wide = init.uniform(&[5, 19], 1.0, DType::F32).unwrap();
+            let inputs = [
+                init.uniform(&[7, 16], 1.0, DType::F32).unwrap(),
+                init.uniform(&[2, 3, 16], 1.0, DType::F32).unwrap(),
+                wide.narrow(1, 2, 16).unwrap(),
+            ];
+            for x in inputs {
+                for dtype in [DType::F32, DType::BF16] {
+                    let x = x.to_dtype(dtype).unwrap();
+                    let fast = a.rotate_input(&x, &blocks).unwrap().unwrap();
+                    assert_eq!(fast.dtype(), dtype);
+                    let x32 = x.to_dtype(DType::F32).unwrap();
+                    let formed = x32.broadcast_matmul(&rotation).unwrap();
+                    let diff = max_abs(&(fast.to_dtype(DType::F32).unwrap() - formed).unwrap());
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                    assert!(
+                        diff < tol,
+                        "{block_size} {factors} {dtype:?} {:?}: {diff}",
+                        x.dims()
+                    );
+                }
+            }
         }
     }
 
