@@ -400,7 +400,8 @@ fn add_low_rank(x: &Tensor, terms: &[LowRank], out: &mut [f32], m: usize) -> Res
 }
 
 /// Rank up to which `s·x·Aᵀ` is formed by row dot products ([`project_rows`]); a GEMM is
-/// faster for larger ones (VeRA's shared rank 256, width 1024, 512 rows, f32: a forward 6.2 → 5.2 ms).
+/// faster for larger ones (VeRA's shared rank 256, width 1024, 512 rows, f32: a forward 6.2 →
+/// 5.2 ms).
 const ROW_DOTS_MAX_RANK: usize = 64;
 
 /// Total rank up to which low-rank terms are formed in the bf16 kernel's epilogue, tile by
