@@ -52,10 +52,9 @@ def env_without_blas_choice() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PEFT_RS_BLAS"}
 
 
-def blas_info_in_subprocess(**env: str) -> subprocess.CompletedProcess:
-    code = "import peft_rs; print(peft_rs.blas_info())"
+def blas_info_in_subprocess(code: str = "import peft_rs", **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", f"{code}; import peft_rs; print(peft_rs.blas_info())"],
         env={**env_without_blas_choice(), **env},
         capture_output=True,
         text=True,
@@ -63,15 +62,33 @@ def blas_info_in_subprocess(**env: str) -> subprocess.CompletedProcess:
     )
 
 
+FORWARD_TORCH = (
+    "import numpy as np, peft_rs, torch; "
+    "layer = peft_rs.AdaptedLayer(np.ones((4, 3), np.float32)); "
+    "layer.add_adapter('default', peft_rs.LoraConfig(r=2)); "
+    "layer.forward(torch.ones(2, 3))"
+)
+
+
 @pytest.mark.skipif(not HAS_MKL, reason="torch here has no MKL")
-def test_auto_opens_torchs_mkl():
-    result = blas_info_in_subprocess()
+@pytest.mark.parametrize(
+    ("code", "opened"),
+    [
+        ("import peft_rs", False),  # numpy-only use does not pay for torch's library
+        ("import torch, peft_rs", True),
+        (FORWARD_TORCH, True),  # torch imported after peft_rs, its tensors given to it
+        (FORWARD_TORCH.replace("layer.forward", "peft_rs.use_blas(None); layer.forward"), False),
+    ],
+)
+def test_default_opens_torchs_mkl_once_torch_is_in_use(code, opened):
+    result = blas_info_in_subprocess(code)
     assert result.returncode == 0, result.stderr
-    assert "'description': 'MKL'" in result.stdout and str(TORCH_MKL) in result.stdout
+    assert ("'description': 'MKL'" in result.stdout and str(TORCH_MKL) in result.stdout) == opened
+    assert ("None" in result.stdout.splitlines()[-1]) != opened
 
 
 def test_environment_variable_chooses_the_library():
-    off = blas_info_in_subprocess(PEFT_RS_BLAS="off")
+    off = blas_info_in_subprocess("import torch", PEFT_RS_BLAS="off")
     assert off.returncode == 0 and off.stdout.strip() == "None", off.stderr
     missing = blas_info_in_subprocess(PEFT_RS_BLAS="/no/such/libblas.so")
     assert missing.returncode != 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from . import errors, models
+from . import _core, errors, models
 from ._core import *  # noqa: F403  (one config class per registered method: CONFIG_CLASSES)
 from ._core import (
     CONFIG_CLASSES,
@@ -24,7 +25,6 @@ from ._core import (
     blas_info,
     combine_adapters,
     merge_checkpoint,
-    use_blas,
 )
 from .errors import PeftError
 from .protocols import Adapter, Mergeable
@@ -43,21 +43,43 @@ def _torch_mkl() -> Path | None:
 
 def _choose_blas() -> None:
     """The BLAS for the CPU kernels' f32 products: ``PEFT_RS_BLAS`` names a library's path, or
-    ``off`` for the built-in kernels (faer); unset (or ``auto``), torch's MKL when torch is
-    installed with it, else the built-in kernels (``blas_info()`` says which)."""
+    ``off`` for the built-in kernels (faer); unset (or ``auto``), torch's MKL once torch is in
+    use (imported before peft_rs, or its tensors given to peft_rs), where torch has one: opening
+    it takes ~0.1 s and ~110 MB of memory, which numpy-only use does not pay."""
+    global _blas_pending
     choice = os.environ.get("PEFT_RS_BLAS") or "auto"
     if choice == "off":
         return
     if choice != "auto":
         use_blas(choice)  # an explicit choice that fails is an error
         return
-    path = _torch_mkl()
-    if path is None:
+    _blas_pending = True
+    if "torch" in sys.modules:
+        _torch_in_use()
+
+
+def _torch_in_use() -> None:
+    """Called by the bindings when the first torch tensor arrives (and by the import when torch
+    was imported first): opens torch's MKL in the default mode, once."""
+    global _blas_pending
+    if not _blas_pending:
         return
-    with contextlib.suppress(PeftError):  # a torch without MKL (e.g. aarch64): the built-in kernels
-        use_blas(path)
+    _blas_pending = False
+    path = _torch_mkl()
+    if path is not None:
+        with contextlib.suppress(PeftError):  # a torch without MKL (aarch64...): faer stays
+            use_blas(path)
 
 
+def use_blas(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """Opens the BLAS library at ``path`` for the CPU kernels' f32 products (``None``: the
+    built-in kernels); returns what :func:`blas_info` returns. Replaces the default choice."""
+    global _blas_pending
+    _blas_pending = False
+    return _core.use_blas(path)
+
+
+_blas_pending = False
 _choose_blas()
 
 

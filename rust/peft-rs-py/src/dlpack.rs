@@ -468,6 +468,14 @@ fn torch_c(py: Python<'_>, which: TorchC) -> Option<Bound<'_, PyAny>> {
         TorchC::FromDlpack => (&FROM, "_from_dlpack"),
     };
     let function = cell.get_or_init(py, || {
+        // torch is in use: the package may now open torch's MKL (`peft_rs._torch_in_use`,
+        // which decides by `PEFT_RS_BLAS` and raises nothing in the default mode).
+        if let Err(error) = py
+            .import("peft_rs")
+            .and_then(|m| m.call_method0("_torch_in_use"))
+        {
+            error.write_unraisable(py, None);
+        }
         let module = py.import("torch._C").ok()?;
         Some(module.getattr(name).ok()?.unbind())
     });
