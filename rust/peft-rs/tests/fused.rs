@@ -39,6 +39,11 @@ fn configs() -> Vec<(&'static str, serde_json::Value)> {
             "vera",
             json!({"peft_type": "VERA", "r": 4, "init_weights": false}),
         ),
+        // A rank above the row-dot projections' (a GEMM projects it).
+        (
+            "vera rank 80",
+            json!({"peft_type": "VERA", "r": 80, "init_weights": false}),
+        ),
         (
             "loha",
             json!({"peft_type": "LOHA", "r": 3, "alpha": 5, "init_weights": false}),

@@ -440,7 +440,21 @@ fn bf16_layer(
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
         return Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?);
     }
-    let hs = project_rows(&extras.low_rank, Rows::Bf16(xv), n, k, lda)?;
+    let hs = if extras
+        .low_rank
+        .iter()
+        .all(|t| t.rank() <= ROW_DOTS_MAX_RANK)
+    {
+        project_rows(&extras.low_rank, Rows::Bf16(xv), n, k, lda)?
+    } else {
+        // Large ranks by a GEMM, on x widened once.
+        let x32 = x.to_dtype(DType::F32)?;
+        let (x32s, x32l) = x32.storage_and_layout();
+        let lhs = Strided::new(cpu_slice::<f32>(&x32s, x32l)?, x32l);
+        (extras.low_rank.iter())
+            .map(|term| term.project(lhs, all_threads()))
+            .collect::<Result<_>>()?
+    };
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
     // Few rows take a dense term (`B` is not transposed for them).
     let bts = if total_rank <= EPILOGUE_MAX_RANK && n > MAX_ROWS {
