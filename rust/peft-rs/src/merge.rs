@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::base::{BaseLayer, ModuleKind};
 use crate::error::{PeftError, Result};
+use crate::kernels::linear::matmul_scaled;
 use crate::method::{MergeRule, Side};
 
 /// The dtype PEFT keeps adapter weights in (`autocast_adapter_dtype=True`): f32 for f32, f16 and
@@ -292,9 +293,10 @@ fn transform(
     if undo && let Some(s) = &s {
         w = w.broadcast_div(s)?;
     }
+    // The CPU's f32 GEMM (and the loaded BLAS) where it applies, candle's matmul elsewhere.
     w = match side {
-        Side::Input => w.matmul(&matrix.t()?)?,
-        Side::Output => matrix.t()?.matmul(&w)?,
+        Side::Input => matmul_scaled(&w, &matrix.t()?, 1.0)?,
+        Side::Output => matmul_scaled(&matrix.t()?, &w, 1.0)?,
     };
     if !undo && let Some(s) = &s {
         w = w.broadcast_mul(s)?;
