@@ -497,7 +497,8 @@ pub(crate) fn round_into(src: &[f32], dst: &mut [bf16]) {
     run(src, dst)
 }
 
-/// The widest vector unit the element loops may use.
+/// The widest vector unit the element loops may use (`Avx2` includes FMA, which the AVX2
+/// copies of some loops enable).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) enum Simd {
@@ -514,7 +515,7 @@ impl Simd {
             && is_x86_feature_detected!("avx512vl")
         {
             Self::Avx512
-        } else if is_x86_feature_detected!("avx2") {
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             Self::Avx2
         } else {
             Self::Baseline
