@@ -15,6 +15,7 @@ use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CommonFields, check_extra_fields};
 use crate::error::Result;
 use crate::init::Initializer;
+use crate::kernels::elementwise::hadamard_of_products;
 use crate::kernels::linear::matmul_scaled;
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
@@ -260,6 +261,15 @@ impl LycorisMethod for LoHaConfig {
     /// `ΔW` in the base weight's layout, without rank dropout (PEFT's `get_delta_weight`).
     fn delta_weight(adapter: &LycorisAdapter<Self>, base: &BaseLayer) -> Result<Tensor> {
         let p = &adapter.params;
+        // PEFT passes the scaling as a float32 tensor, so an f64 adapter sees it rounded.
+        let scale = adapter.scaling as f32 as f64;
+        if p.get_opt(HADA_T1).is_none() {
+            let first = (&p.get(HADA_W1_A)?, &p.get(HADA_W1_B)?);
+            let second = (&p.get(HADA_W2_A)?, &p.get(HADA_W2_B)?);
+            if let Some(delta) = hadamard_of_products(first, second, scale)? {
+                return Ok(delta.reshape(base.weight_dims())?);
+            }
+        }
         let (w1, w2) = match p.get_opt(HADA_T1) {
             Some(t1) => (
                 cp_weight(&t1, &p.get(HADA_W1_A)?, &p.get(HADA_W1_B)?)?,
@@ -270,8 +280,6 @@ impl LycorisMethod for LoHaConfig {
                 matmul_scaled(&p.get(HADA_W2_A)?, &p.get(HADA_W2_B)?, 1.0)?,
             ),
         };
-        // PEFT passes the scaling as a float32 tensor, so an f64 adapter sees it rounded.
-        let scale = adapter.scaling as f32 as f64;
         let delta = match crate::kernels::elementwise::mul_scaled(&w1, &w2, scale)? {
             Some(delta) => delta,
             None => w1.mul(&w2)?.affine(scale, 0.0)?,
