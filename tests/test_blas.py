@@ -29,10 +29,15 @@ def numpy_openblas() -> Path | None:
 
 TORCH_MKL = peft_rs._torch_mkl()
 HAS_MKL = TORCH_MKL is not None and platform.machine() == "x86_64" and torch.backends.mkl.is_available()
+# The libraries this machine has (torch's MKL and numpy's OpenBLAS on x86-64 Linux: checked below).
 LIBRARIES = {
-    "built-in": None,
-    "torch's MKL": TORCH_MKL if HAS_MKL else "skip",
-    "numpy's OpenBLAS": numpy_openblas() or "skip",
+    name: path
+    for name, path in [
+        ("built-in", None),
+        ("torch's MKL", TORCH_MKL if HAS_MKL else False),
+        ("numpy's OpenBLAS", numpy_openblas() or False),
+    ]
+    if path is not False
 }
 
 
@@ -40,12 +45,16 @@ LIBRARIES = {
 def library(request):
     """Makes the parametrized library current for the test, and restores the previous one."""
     before = peft_rs.blas_info()
-    path = LIBRARIES[request.param]
-    if path == "skip":
-        pytest.skip(f"{request.param} is not installed here")
-    peft_rs.use_blas(path)
+    peft_rs.use_blas(LIBRARIES[request.param])
     yield request.param
     peft_rs.use_blas(before["path"] if before else None)
+
+
+def test_the_wheels_libraries_are_found_on_x86_64_linux():
+    """torch's PyPI wheel carries MKL there and numpy's (>= 2) bundles OpenBLAS, so the parity
+    test below runs through both."""
+    if platform.machine() == "x86_64" and sys.platform == "linux":
+        assert set(LIBRARIES) == {"built-in", "torch's MKL", "numpy's OpenBLAS"}
 
 
 def env_without_blas_choice() -> dict[str, str]:

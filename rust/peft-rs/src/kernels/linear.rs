@@ -743,6 +743,17 @@ mod tests {
     use super::*;
     use crate::init::Initializer;
 
+    fn max_abs_diff(a: Tensor, b: Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// Scaled low-rank terms (VeRA's per-rank and per-output scales, a term bias) with the base
     /// and bias equal candle's ops, for few rows (the terms per row) and many rows (folded into
     /// the weight: `fold_low_rank` applies, checked).
@@ -778,14 +789,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&(&term_bias * 0.7).unwrap())
             .unwrap();
-            let diff = (y - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(y, expected);
             assert!(diff < 1e-4, "{n} rows: {diff}");
         }
     }
@@ -807,14 +811,7 @@ mod tests {
             let (lhs, rhs) = (a.t().unwrap(), b);
             let fast = matmul_scaled(&lhs, &rhs, 0.5).unwrap();
             let plain = lhs.matmul(&rhs).unwrap().affine(0.5, 0.0).unwrap();
-            let diff = (fast - plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(fast, plain);
             assert!(diff < 1e-5, "{n}x{k}x{m}: {diff}");
         }
     }
