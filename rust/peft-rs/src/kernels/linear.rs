@@ -386,22 +386,33 @@ fn add_low_rank(x: &Tensor, terms: &[LowRank], out: &mut [f32], m: usize) -> Res
     if terms.is_empty() {
         return Ok(());
     }
-    let (n, k) = x.dims2()?;
-    let x32 = x.to_dtype(DType::F32)?;
-    let (xs, xl) = x32.storage_and_layout();
-    let xv = cpu_slice::<f32>(&xs, xl)?;
-    let hs = if xl.stride()[1] == 1 && terms.iter().all(|t| t.rank() <= ROW_DOTS_MAX_RANK) {
-        project_rows(terms, Rows::F32(xv), n, k, xl.stride()[0].max(k))?
-    } else {
-        let lhs = Strided::new(xv, xl);
-        (terms.iter())
-            .map(|term| term.project(lhs, all_threads()))
-            .collect::<Result<_>>()?
-    };
-    for (term, (h, r)) in terms.iter().zip(&hs) {
+    for (term, (h, r)) in terms.iter().zip(&project_terms(x, terms)?) {
         term.add_expanded(out, m, h, *r)?;
     }
     Ok(())
+}
+
+/// Each term's `s·x·Aᵀ` (row-major `(n, r)`, and `r`) for `x (n, k)` in f32 or bf16: by row dot
+/// products ([`project_rows`]) where `x`'s rows are contiguous and every rank is small, by a
+/// GEMM on `x` in f32 otherwise.
+fn project_terms(x: &Tensor, terms: &[LowRank]) -> Result<Vec<(Vec<f32>, usize)>> {
+    let (n, k) = x.dims2()?;
+    if x.stride()[1] == 1 && terms.iter().all(|t| t.rank() <= ROW_DOTS_MAX_RANK) {
+        let lda = x.stride()[0].max(k);
+        let (xs, xl) = x.storage_and_layout();
+        let rows = match x.dtype() {
+            DType::BF16 => Rows::Bf16(cpu_slice::<bf16>(&xs, xl)?),
+            _ => Rows::F32(cpu_slice::<f32>(&xs, xl)?),
+        };
+        return project_rows(terms, rows, n, k, lda);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let (xs, xl) = x32.storage_and_layout();
+    let lhs = Strided::new(cpu_slice::<f32>(&xs, xl)?, xl);
+    terms
+        .iter()
+        .map(|term| term.project(lhs, all_threads()))
+        .collect()
 }
 
 /// Rank up to which `s·x·Aᵀ` is formed by row dot products ([`project_rows`]); a GEMM is
@@ -440,21 +451,7 @@ fn bf16_layer(
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
         return Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?);
     }
-    let hs = if extras
-        .low_rank
-        .iter()
-        .all(|t| t.rank() <= ROW_DOTS_MAX_RANK)
-    {
-        project_rows(&extras.low_rank, Rows::Bf16(xv), n, k, lda)?
-    } else {
-        // Large ranks by a GEMM, on x widened once.
-        let x32 = x.to_dtype(DType::F32)?;
-        let (x32s, x32l) = x32.storage_and_layout();
-        let lhs = Strided::new(cpu_slice::<f32>(&x32s, x32l)?, x32l);
-        (extras.low_rank.iter())
-            .map(|term| term.project(lhs, all_threads()))
-            .collect::<Result<_>>()?
-    };
+    let hs = project_terms(x, &extras.low_rank)?;
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
     // Few rows take a dense term (`B` is not transposed for them).
     let bts = if total_rank <= EPILOGUE_MAX_RANK && n > MAX_ROWS {
