@@ -2,32 +2,49 @@
 //! × 32 bf16 by one of 16 k-pairs × 16 columns and adds the 16 × 16 f32 sums
 //! to a third tile: 16 times the work of a `vdpbf16ps` per instruction.
 //!
-//! `w`'s rows are loaded as tiles where they lie (output columns × k), and
-//! `x` is packed into the 64-row panels of k-pairs of the AVX-512 scheme,
-//! whose 16-row slices are the second operand with a stride: the sums come
-//! out transposed (output columns × rows) and go to the sink through the
-//! same 16 × 16 transposes. Rust has no stable AMX intrinsics, so the
-//! instructions are written as inline assembly; no compiled code uses the
-//! tile registers, so nothing else can clobber them.
+//! Measured on a Xeon with AMX: a tile load whose rows straddle cache lines
+//! takes ~17 ns, an aligned one ~2.6 ns, against ~5.5 ns per `tdpbf16ps`.
+//! So both operands are normally copied into 1 KiB tiles (`x` as it is, `w`
+//! transposed into k-pairs), aligned and contiguous, and the sums come out
+//! row-major. For few rows of `x` and an aligned `w`, the copy of `w` does
+//! not pay: then `w`'s rows are loaded where they lie, `x` is packed into the
+//! AVX-512 scheme's panels, and the sums come out transposed. Rust has no
+//! stable AMX intrinsics, so the instructions are written as inline assembly;
+//! no compiled code uses the tile registers, so nothing else can clobber them.
 
 use std::arch::asm;
+use std::arch::x86_64::{_mm512_maskz_loadu_epi16, _mm512_setzero_si512, _mm512_store_si512};
+use std::cell::Cell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::avx512::{self, DOT_MAX_M, Line, SCRATCH, SharedMut, XR, words};
+use super::avx512::{self, DOT_MAX_M, Line, SCRATCH, SharedMut, XR, mask32, transpose16, words};
 use super::{Problem, Sink, chunk_len, parallel_for, threads_for};
 
-/// Output columns (rows of `w`) per tile.
+/// Rows (of a tile of `x`) or columns (of a tile of `w`) per tile.
 const TILE: usize = 16;
-/// k per tile step: 16 rows of 64 bytes.
+/// k per tile: 16 rows of 64 bytes.
 const TK: usize = 32;
-/// Rows of `x` per pass over a task's columns: their sums (`cols × TC`
-/// floats) and a `KC` slice of their packed rows (512 KiB) stay in L2.
-const TC: usize = 256;
-/// k per cache block, between which the sums go through memory. Measured on
-/// a Xeon with AMX (2 cores): 256 → 1024 gained 10–50%, 2048 nothing more; a
-/// tile load costs about three `tdpbf16ps` there, wherever the data is.
-const KC: usize = 1024;
+/// 32-bit words per tile (1 KiB).
+const TILE_WORDS: usize = 256;
+/// Rows and columns of one 2 × 2 tile product.
+const BLOCK: usize = 2 * TILE;
+/// Rows and at most columns per task: its sums (256 KiB) stay in L2.
+const TASK_ROWS: usize = 256;
+const TASK_COLS: usize = 256;
+/// k per cache block: the 32 columns of `w` a product reads (`KC / 16` KiB)
+/// stay in L1 while the task's rows pass over them.
+const KC: usize = 256;
+/// k per cache block of the scheme that reads `w` in place.
+const KC_IN_PLACE: usize = 1024;
+/// Rows of `x` from which `w` is copied into tiles even when aligned.
+const IN_PLACE_MAX_M: usize = 1024;
+
+thread_local! {
+    /// The packed operands, reused across calls (taken out during one, so a
+    /// nested call on this thread allocates its own).
+    static PACKED: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+}
 
 /// Whether this CPU has AMX-BF16 and the kernel lets this process use the
 /// tile registers (Linux hands them out on request, once per process).
@@ -63,11 +80,24 @@ fn request_tile_data() -> bool {
     false
 }
 
-/// Whether the tile kernel takes problem `p`: whole tiles along k and the
-/// output columns (`w` is read in place, so a part tile would read past its
-/// rows), and enough rows to fill them.
+/// Whether the tile kernel takes problem `p`: enough rows to fill a tile.
 pub(super) fn fits(p: &Problem<'_>) -> bool {
-    p.m >= DOT_MAX_M && p.k.is_multiple_of(TK) && p.n.is_multiple_of(TILE)
+    p.m >= DOT_MAX_M
+}
+
+/// Whether reading `w`'s rows where they lie beats copying them into tiles:
+/// only if every tile row is aligned (a misaligned tile load costs ~6× an
+/// aligned one) and for fewer than `IN_PLACE_MAX_M` rows of `x`, over which
+/// the copy of `w` is not yet paid back. Measured on a Xeon with AMX, 2
+/// cores, aligned `w`: 64 rows 0.15 ms in place vs 0.26 copied (1024 × 1024),
+/// 1.6 vs 3.6 ms (4096 × 4096); 512 rows about even; 4096 rows 8.4 vs 6.8 ms
+/// (1024 × 1024) and 97 vs 87 ms (4096 × 4096).
+pub(super) fn w_in_place_pays(p: &Problem<'_>) -> bool {
+    p.m < IN_PLACE_MAX_M
+        && p.k.is_multiple_of(TK)
+        && p.n.is_multiple_of(TILE)
+        && (p.w.as_ptr() as usize).is_multiple_of(64)
+        && (2 * p.ldw).is_multiple_of(64)
 }
 
 /// Computes the product of `p` into `sink`.
@@ -75,79 +105,182 @@ pub(super) fn fits(p: &Problem<'_>) -> bool {
 /// # Safety
 /// [`available`] and [`fits`] hold.
 pub(super) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) {
+    if w_in_place_pays(p) {
+        // SAFETY: the caller's contract; the shape fits whole tiles.
+        return unsafe { matmul_w_in_place(p, sink) };
+    }
     let threads = threads_for(p);
-    // SAFETY: AMX implies the AVX-512 features (checked by `available`).
-    let mut packed = unsafe { avx512::pack_x(p, threads) };
-    let xp = SharedMut(packed.as_mut_ptr().cast::<u32>());
-    let nc = chunk_len(p.n, 4 * threads, 2 * TILE);
-    parallel_for(p.n.div_ceil(nc), threads, |t| {
-        let cols = t * nc..p.n.min((t + 1) * nc);
-        SCRATCH.with_borrow_mut(|s| {
-            // SAFETY: the caller's contract; tasks own disjoint columns.
-            unsafe { block(p, sink, cols, xp.at(0), &mut s.c, &mut s.b) }
-        });
-    });
-}
-
-/// All rows of the output in columns `cols`, `TC` rows at a time.
-///
-/// # Safety
-/// As for [`matmul`]; `xp` is `x` packed by [`avx512::pack_x`]; `cols` is
-/// a whole number of tiles inside the output, written by no other thread.
-unsafe fn block(
-    p: &Problem<'_>,
-    sink: &Sink<'_>,
-    cols: Range<usize>,
-    xp: *const u32,
-    sums: &mut Vec<Line>,
-    rows_buf: &mut Vec<Line>,
-) {
-    let m_pad = p.m.next_multiple_of(XR);
-    let kp = p.k / 2;
-    let w = p.w.as_ptr().cast::<u16>();
-    let tiles = Tiles::configure();
-    for r0 in (0..m_pad).step_by(TC) {
-        let tc = TC.min(m_pad - r0);
-        // Sums, transposed: output column c of the block at row c, tc wide.
-        let ct = words(sums, cols.len() * tc).cast::<f32>();
-        for k0 in (0..p.k).step_by(KC) {
-            let kc = KC.min(p.k - k0);
-            for g in (0..cols.len()).step_by(2 * TILE) {
-                // SAFETY: rows cols.start + g.. of `w` exist (whole tiles).
-                let w_rows = unsafe { w.add((cols.start + g) * p.ldw + k0) };
-                let two = cols.len() - g >= 2 * TILE;
-                for r in (0..tc).step_by(2 * TILE) {
-                    // Rows r0 + r.. lie in one 64-row panel (TC and 2·TILE
-                    // divide XR's multiples), at row offset (r0 + r) % 64.
-                    let (q, o) = ((r0 + r) / XR, (r0 + r) % XR);
-                    // SAFETY: the panel slice, `w`'s rows and `ct`'s rows
-                    // g.. (columns r..r + 32) are inside their buffers.
-                    unsafe {
-                        let x = xp.add((q * kp + k0 / 2) * XR + o);
-                        let c = ct.add(g * tc + r);
-                        let sums = Sums {
-                            c,
-                            ldc: tc,
-                            add: k0 > 0,
-                        };
-                        if two {
-                            tiles.product::<2>(w_rows, p.ldw, x, kc / 2, sums);
-                        } else {
-                            tiles.product::<1>(w_rows, p.ldw, x, kc / 2, sums);
-                        }
-                    }
-                }
+    let kt = p.k.div_ceil(TK);
+    let (m_pad, n_pad) = (p.m.next_multiple_of(BLOCK), p.n.next_multiple_of(BLOCK));
+    let mut buf = PACKED.take();
+    let a_words = m_pad / TILE * kt * TILE_WORDS;
+    let a = SharedMut(words(&mut buf, a_words + n_pad / TILE * kt * TILE_WORDS));
+    // SAFETY: `a_words` is inside the buffer.
+    let b = unsafe { SharedMut(a.at(a_words)) };
+    let (a_strips, b_strips) = (m_pad / TILE, n_pad / TILE);
+    parallel_for(a_strips + b_strips, threads, |s| {
+        // SAFETY: AMX implies the AVX-512 features; strip s's rows or
+        // columns exist up to m or n, and its tiles are written by this task
+        // alone.
+        unsafe {
+            let (x, w) = (p.x.as_ptr().cast::<u16>(), p.w.as_ptr().cast::<u16>());
+            if s < a_strips {
+                let rows = TILE.min(p.m.saturating_sub(s * TILE));
+                let dst = a.at(s * kt * TILE_WORDS);
+                pack_strip::<false>(x.wrapping_add(s * TILE * p.lda), p.lda, rows, p.k, dst);
+            } else {
+                let s = s - a_strips;
+                let cols = TILE.min(p.n.saturating_sub(s * TILE));
+                let dst = b.at(s * kt * TILE_WORDS);
+                pack_strip::<true>(w.wrapping_add(s * TILE * p.ldw), p.ldw, cols, p.k, dst);
             }
         }
-        let rows = r0..p.m.min(r0 + tc);
-        // SAFETY: `ct` holds the sums of these rows, laid out as
-        // `store_transposed` reads them (tc and r0 are multiples of 16).
-        unsafe { avx512::store_transposed(sink, ct, tc, rows, cols.clone(), rows_buf) };
+    });
+    let row_blocks = m_pad.div_ceil(TASK_ROWS);
+    let nc = chunk_len(n_pad, (4 * threads).div_ceil(row_blocks), BLOCK).min(TASK_COLS);
+    let col_blocks = n_pad.div_ceil(nc);
+    parallel_for(row_blocks * col_blocks, threads, |t| {
+        let rows = (t / col_blocks) * TASK_ROWS..m_pad.min((t / col_blocks + 1) * TASK_ROWS);
+        let cols = (t % col_blocks) * nc..n_pad.min((t % col_blocks + 1) * nc);
+        SCRATCH.with_borrow_mut(|s| {
+            // SAFETY: the caller's contract; `a` and `b` hold the packed
+            // operands; tasks own disjoint output blocks.
+            unsafe { block(p, sink, rows, cols, a.at(0), b.at(0), &mut s.c) }
+        });
+    });
+    PACKED.set(buf);
+}
+
+/// Copies one strip of 16 rows (`rows` of them real, the rest zero) of `x`
+/// or `w`, all of k, into `k / 32` tiles at `dst`, k padded with zeros. Rows
+/// of `x` are stored as they are (tile row i = row i); rows of `w` are
+/// transposed into k-pairs (tile row t = pair t of the 16 columns).
+///
+/// # Safety
+/// AVX-512 is available; `rows` rows of `k` elements at `src` (stride `ld`);
+/// `dst` is 64-byte aligned with room for `k.div_ceil(32)` tiles.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn pack_strip<const PAIRS: bool>(
+    src: *const u16,
+    ld: usize,
+    rows: usize,
+    k: usize,
+    dst: *mut u32,
+) {
+    for t in 0..k.div_ceil(TK) {
+        let mask = mask32(k - t * TK);
+        // Fixed trip counts keep the 16 vectors in registers.
+        let mut v = [_mm512_setzero_si512(); TILE];
+        for (i, v) in v.iter_mut().enumerate() {
+            if i < rows {
+                // SAFETY: row i < rows exists; the mask stops at k.
+                *v = unsafe { _mm512_maskz_loadu_epi16(mask, src.add(i * ld + t * TK).cast()) };
+            }
+        }
+        if PAIRS {
+            transpose16(&mut v);
+        }
+        for (i, v) in v.into_iter().enumerate() {
+            // SAFETY: tile t's row i is inside `dst`, 64-byte aligned.
+            unsafe { _mm512_store_si512(dst.add(t * TILE_WORDS + i * TILE).cast(), v) };
+        }
     }
 }
 
+/// Output rows `rows` × columns `cols` (block-aligned, possibly past m and
+/// n) from the packed operands: sums kept in `sums` (row-major) through the
+/// k blocks, then the real rows and columns handed to the sink.
+///
+/// # Safety
+/// As for [`matmul`]; `a` and `b` hold `x` and `w` packed by
+/// [`pack_strip`]; no other thread writes these output elements.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn block(
+    p: &Problem<'_>,
+    sink: &Sink<'_>,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    a: *const u32,
+    b: *const u32,
+    sums: &mut Vec<Line>,
+) {
+    let kt = p.k.div_ceil(TK);
+    let strip = kt * TILE_WORDS;
+    let ldc = cols.len();
+    let c = words(sums, rows.len() * ldc).cast::<f32>();
+    let tiles = Tiles::configure();
+    for k0 in (0..kt).step_by(KC / TK) {
+        let steps = (KC / TK).min(kt - k0);
+        for g in (0..ldc).step_by(BLOCK) {
+            for r in (0..rows.len()).step_by(BLOCK) {
+                // SAFETY: the strips of these rows and columns exist up to
+                // m_pad and n_pad; the sums block is inside `c`.
+                unsafe {
+                    tiles.product::<2>(
+                        Operand::packed(
+                            a.add((rows.start + r) / TILE * strip + k0 * TILE_WORDS),
+                            strip,
+                        ),
+                        Operand::packed(
+                            b.add((cols.start + g) / TILE * strip + k0 * TILE_WORDS),
+                            strip,
+                        ),
+                        steps,
+                        Sums {
+                            c: c.add(r * ldc + g),
+                            ldc,
+                            add: k0 > 0,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    drop(tiles);
+    let n_real = cols.len().min(p.n.saturating_sub(cols.start));
+    for i in 0..rows.len().min(p.m.saturating_sub(rows.start)) {
+        // SAFETY: row i of the sums holds finished sums for `cols`; output
+        // row rows.start + i and these columns are ours.
+        unsafe {
+            let vals = std::slice::from_raw_parts(c.add(i * ldc), n_real);
+            sink.put_row(rows.start + i, cols.start, vals);
+        }
+    }
+}
+
+/// Where one operand's tiles lie: `F` tiles (`next` bytes apart), rows
+/// `stride` bytes apart, each followed by its next k tile `step` bytes on.
+#[derive(Clone, Copy)]
+struct Operand {
+    at: *const u8,
+    next: usize,
+    stride: usize,
+    step: usize,
+}
+
+impl Operand {
+    /// Tiles packed by [`pack_strip`]: 1 KiB each, `strip` words per strip.
+    fn packed(at: *const u32, strip: usize) -> Self {
+        Self {
+            at: at.cast(),
+            next: 4 * strip,
+            stride: 64,
+            step: 4 * TILE_WORDS,
+        }
+    }
+}
+
+/// Where [`Tiles::product`] leaves its 32 × 32 sums: row-major f32 at `c`,
+/// `ldc` floats per row, added to what is there when `add`.
+#[derive(Clone, Copy)]
+struct Sums {
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+}
+
 /// The tile registers of the calling thread, configured as 16 rows × 64
-/// bytes each: tmm0–3 sums, tmm4–5 rows of `w`, tmm6–7 pairs of `x`.
+/// bytes each: tmm0–3 sums, tmm4–5 rows of `x`, tmm6–7 pairs of `w`.
 /// Released (back to the initial state, so the OS saves no tile data on a
 /// context switch) when dropped.
 struct Tiles;
@@ -168,43 +301,35 @@ impl Tiles {
         Self
     }
 
-    /// Sums of `F` × 16 output columns (`w`'s rows from `w`, stride `ldw`
-    /// elements) by 32 rows of `x` (a panel slice at `x`: pair t of row i
-    /// at word `64t + i`), over `2·kp` of k, stored in `sums`.
+    /// `C (+)= A · B` for `16F` rows (`F` tiles of `a`) × 32 columns (two
+    /// tiles of `b`) over `steps` tiles of k, `C` in tile registers.
     ///
     /// # Safety
-    /// `16F` rows of `w` with `2·kp` elements each, `kp` panel rows of 32
-    /// words at `x`, and `16F` rows of 32 floats at `sums.c`.
+    /// `steps` tiles at each tile address, and `16F` rows of 32 floats at
+    /// `sums.c` (stride `sums.ldc`).
     #[inline(always)]
-    unsafe fn product<const F: usize>(
-        &self,
-        w: *const u16,
-        ldw: usize,
-        x: *const u32,
-        kp: usize,
-        sums: Sums,
-    ) {
-        let (w_stride, x_stride, c_stride) = (2 * ldw, 4 * XR, 4 * sums.ldc);
+    unsafe fn product<const F: usize>(&self, a: Operand, b: Operand, steps: usize, sums: Sums) {
+        let row = 4 * sums.ldc;
         let c = [sums.c, sums.c.wrapping_add(TILE * sums.ldc)];
         // SAFETY (all blocks): tiles are configured; the loads stay inside
-        // the rows the caller vouches for and the stores inside `sums`.
+        // the tiles the caller vouches for and the stores inside `sums`.
         unsafe {
             if sums.add {
                 asm!(
-                    "tileloadd tmm0, [{c0} + {cs}]",
-                    "tileloadd tmm1, [{c1} + {cs}]",
+                    "tileloadd tmm0, [{c0} + {row}]",
+                    "tileloadd tmm1, [{c1} + {row}]",
                     c0 = in(reg) c[0],
                     c1 = in(reg) c[0].add(TILE),
-                    cs = in(reg) c_stride,
+                    row = in(reg) row,
                     options(nostack, readonly)
                 );
                 if F == 2 {
                     asm!(
-                        "tileloadd tmm2, [{c0} + {cs}]",
-                        "tileloadd tmm3, [{c1} + {cs}]",
+                        "tileloadd tmm2, [{c0} + {row}]",
+                        "tileloadd tmm3, [{c1} + {row}]",
                         c0 = in(reg) c[1],
                         c1 = in(reg) c[1].add(TILE),
-                        cs = in(reg) c_stride,
+                        row = in(reg) row,
                         options(nostack, readonly)
                     );
                 }
@@ -217,47 +342,47 @@ impl Tiles {
                     options(nostack, nomem)
                 );
             }
-            for t in (0..kp).step_by(TK / 2) {
-                let xt = x.add(t * XR);
+            for t in 0..steps {
+                let (a0, b0) = (a.at.add(t * a.step), b.at.add(t * b.step));
                 asm!(
-                    "tileloadd tmm6, [{x} + {xs}]",
-                    "tileloadd tmm7, [{x1} + {xs}]",
-                    "tileloadd tmm4, [{w} + {ws}]",
+                    "tileloadd tmm4, [{a0} + {sa}]",
+                    "tileloadd tmm6, [{b0} + {sb}]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb}]",
                     "tdpbf16ps tmm1, tmm4, tmm7",
-                    x = in(reg) xt,
-                    x1 = in(reg) xt.add(TILE),
-                    xs = in(reg) x_stride,
-                    w = in(reg) w.add(2 * t),
-                    ws = in(reg) w_stride,
+                    a0 = in(reg) a0,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(b.next),
+                    sa = in(reg) a.stride,
+                    sb = in(reg) b.stride,
                     options(nostack, readonly)
                 );
                 if F == 2 {
                     asm!(
-                        "tileloadd tmm5, [{w} + {ws}]",
+                        "tileloadd tmm5, [{a1} + {sa}]",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        w = in(reg) w.add(TILE * ldw + 2 * t),
-                        ws = in(reg) w_stride,
+                        a1 = in(reg) a0.add(a.next),
+                        sa = in(reg) a.stride,
                         options(nostack, readonly)
                     );
                 }
             }
             asm!(
-                "tilestored [{c0} + {cs}], tmm0",
-                "tilestored [{c1} + {cs}], tmm1",
+                "tilestored [{c0} + {row}], tmm0",
+                "tilestored [{c1} + {row}], tmm1",
                 c0 = in(reg) c[0],
                 c1 = in(reg) c[0].add(TILE),
-                cs = in(reg) c_stride,
+                row = in(reg) row,
                 options(nostack)
             );
             if F == 2 {
                 asm!(
-                    "tilestored [{c0} + {cs}], tmm2",
-                    "tilestored [{c1} + {cs}], tmm3",
+                    "tilestored [{c0} + {row}], tmm2",
+                    "tilestored [{c1} + {row}], tmm3",
                     c0 = in(reg) c[1],
                     c1 = in(reg) c[1].add(TILE),
-                    cs = in(reg) c_stride,
+                    row = in(reg) row,
                     options(nostack)
                 );
             }
@@ -272,11 +397,89 @@ impl Drop for Tiles {
     }
 }
 
-/// Where [`Tiles::product`] leaves its sums: transposed, column i of output
-/// column f at float `f·ldc + i` of `c`, added to what is there when `add`.
-#[derive(Clone, Copy)]
-struct Sums {
-    c: *mut f32,
-    ldc: usize,
-    add: bool,
+/// Computes the product of `p` into `sink` with `w`'s rows loaded where
+/// they lie (aligned) and `x` packed in the AVX-512 scheme's panels.
+///
+/// # Safety
+/// As for [`matmul`]; `k` is a multiple of 32 and `n` of 16.
+unsafe fn matmul_w_in_place(p: &Problem<'_>, sink: &Sink<'_>) {
+    let threads = threads_for(p);
+    // SAFETY: AMX implies the AVX-512 features (checked by `available`).
+    let mut packed = unsafe { avx512::pack_x(p, threads) };
+    let xp = SharedMut(packed.as_mut_ptr().cast::<u32>());
+    let nc = chunk_len(p.n, 4 * threads, 2 * TILE);
+    parallel_for(p.n.div_ceil(nc), threads, |t| {
+        let cols = t * nc..p.n.min((t + 1) * nc);
+        SCRATCH.with_borrow_mut(|s| {
+            // SAFETY: the caller's contract; tasks own disjoint columns.
+            unsafe { block_w_in_place(p, sink, cols, xp.at(0), &mut s.c, &mut s.b) }
+        });
+    });
+}
+
+/// All rows of the output in columns `cols`, `TASK_ROWS` rows at a time.
+///
+/// # Safety
+/// As for [`matmul`]; `xp` is `x` packed by [`avx512::pack_x`]; `cols` is
+/// a whole number of tiles inside the output, written by no other thread.
+unsafe fn block_w_in_place(
+    p: &Problem<'_>,
+    sink: &Sink<'_>,
+    cols: Range<usize>,
+    xp: *const u32,
+    sums: &mut Vec<Line>,
+    rows_buf: &mut Vec<Line>,
+) {
+    let m_pad = p.m.next_multiple_of(XR);
+    let kp = p.k / 2;
+    let w = p.w.as_ptr().cast::<u16>();
+    let tiles = Tiles::configure();
+    for r0 in (0..m_pad).step_by(TASK_ROWS) {
+        let tc = TASK_ROWS.min(m_pad - r0);
+        // Sums, transposed: output column c of the block at row c, tc wide.
+        let ct = words(sums, cols.len() * tc).cast::<f32>();
+        for k0 in (0..p.k).step_by(KC_IN_PLACE) {
+            let kc = KC_IN_PLACE.min(p.k - k0);
+            for g in (0..cols.len()).step_by(2 * TILE) {
+                // SAFETY: rows cols.start + g.. of `w` exist (whole tiles).
+                let w_rows = unsafe { w.add((cols.start + g) * p.ldw + k0) };
+                let two = cols.len() - g >= 2 * TILE;
+                for r in (0..tc).step_by(2 * TILE) {
+                    // Rows r0 + r.. lie in one 64-row panel (TASK_ROWS and 2·TILE
+                    // divide XR's multiples), at row offset (r0 + r) % 64.
+                    let (q, o) = ((r0 + r) / XR, (r0 + r) % XR);
+                    // SAFETY: the panel slice, `w`'s rows and `ct`'s rows
+                    // g.. (columns r..r + 32) are inside their buffers.
+                    unsafe {
+                        let w = Operand {
+                            at: w_rows.cast(),
+                            next: 2 * TILE * p.ldw,
+                            stride: 2 * p.ldw,
+                            step: 2 * TK,
+                        };
+                        let x = Operand {
+                            at: xp.add((q * kp + k0 / 2) * XR + o).cast(),
+                            next: 4 * TILE,
+                            stride: 4 * XR,
+                            step: 4 * XR * TK / 2,
+                        };
+                        let sums = Sums {
+                            c: ct.add(g * tc + r),
+                            ldc: tc,
+                            add: k0 > 0,
+                        };
+                        if two {
+                            tiles.product::<2>(w, x, kc / TK, sums);
+                        } else {
+                            tiles.product::<1>(w, x, kc / TK, sums);
+                        }
+                    }
+                }
+            }
+        }
+        let rows = r0..p.m.min(r0 + tc);
+        // SAFETY: `ct` holds the sums of these rows, laid out as
+        // `store_transposed` reads them (tc and r0 are multiples of 16).
+        unsafe { avx512::store_transposed(sink, ct, tc, rows, cols.clone(), rows_buf) };
+    }
 }

@@ -88,7 +88,7 @@ fn bh(v: __m512i) -> __m512bh {
 
 /// Mask selecting the first `len` of 32 lanes.
 #[inline(always)]
-fn mask32(len: usize) -> u32 {
+pub(super) fn mask32(len: usize) -> u32 {
     if len >= 32 { u32::MAX } else { (1 << len) - 1 }
 }
 
@@ -605,8 +605,9 @@ unsafe fn pack_b(w: *const u16, ldw: usize, rows: usize, kc: usize, dst: *mut u3
 }
 
 /// Transposes a 16 × 16 matrix of 32-bit words held as 16 row vectors.
+#[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [__m512i; 16]) {
+pub(super) fn transpose16(r: &mut [__m512i; 16]) {
     // Interleave words, then word pairs: u[4s + c] holds, in 128-bit lane
     // l, word 4l + c of rows 4s..4s + 4.
     let mut u = [_mm512_setzero_si512(); 16];

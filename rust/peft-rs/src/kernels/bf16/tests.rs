@@ -22,6 +22,7 @@ struct Case {
     lda: usize,
     ldw: usize,
     off: usize,
+    w_off: usize,
     x_buf: Vec<bf16>,
     w_buf: Vec<bf16>,
 }
@@ -34,6 +35,16 @@ impl Case {
         let off = pad % 2;
         let x_len = if m == 0 { 0 } else { (m - 1) * lda + k };
         let w_len = if n == 0 { 0 } else { (n - 1) * ldw + k };
+        // Without padding, `w` starts 64-byte aligned, so the AMX kernel may
+        // read it in place; with an odd pad it is misaligned.
+        let w_buf = data(w_len + off + 32, (n * 17 + k + 5) as u64);
+        let w_off = if pad == 0 {
+            (0..32)
+                .find(|o| (w_buf[*o..].as_ptr() as usize).is_multiple_of(64))
+                .expect("an aligned start")
+        } else {
+            off
+        };
         Self {
             m,
             n,
@@ -41,8 +52,9 @@ impl Case {
             lda,
             ldw,
             off,
+            w_off,
             x_buf: data(x_len + off, (m * 31 + k) as u64),
-            w_buf: data(w_len + off, (n * 17 + k + 5) as u64),
+            w_buf,
         }
     }
 
@@ -51,7 +63,7 @@ impl Case {
     }
 
     fn w(&self) -> &[bf16] {
-        &self.w_buf[self.off..]
+        &self.w_buf[self.w_off..]
     }
 
     fn problem(&self) -> Problem<'_> {
@@ -110,6 +122,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (300, 112, 160),
     (700, 64, 64),
     (70, 48, 1088),
+    // AMX with `w` copied into tiles although aligned (many rows).
+    (1040, 32, 64),
 ];
 
 fn backends() -> Vec<Backend> {
@@ -387,4 +401,17 @@ fn public_entry_point_runs() {
     for ((&g, &e), &s) in y.iter().zip(&exact).zip(&scale) {
         check_close(g.into(), e, s, 0.0, "public");
     }
+}
+
+/// The AMX kernel's two ways to read `w` (in place when aligned and `x` has
+/// few rows, copied into tiles otherwise) both occur among the test shapes.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_schemes_are_both_tested() {
+    let in_place = |m, n, k, pad| super::amx::w_in_place_pays(&Case::new(m, n, k, pad).problem());
+    assert!(in_place(40, 64, 1088, 0));
+    assert!(in_place(300, 112, 160, 0));
+    assert!(!in_place(40, 64, 1088, 3), "misaligned w");
+    assert!(!in_place(1040, 32, 64, 0), "many rows");
+    assert!(!in_place(50, 77, 33, 0), "part tiles");
 }
