@@ -440,15 +440,18 @@ fn bf16_layer(
     let (ws, wl) = w_t.storage_and_layout();
     let (xv, wv) = (cpu_slice::<bf16>(&xs, xl)?, cpu_slice::<bf16>(&ws, wl)?);
     let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
-    let mut y = vec![bf16::ZERO; n * m];
+    // Not zeroed first: the kernel writes every element of a bf16 output.
+    let mut y = Vec::with_capacity(n * m);
     if extras.low_rank.is_empty() && extras.out_scale.is_none() {
         // A plain bf16 linear: torch's rounding (bias added to the f32 sum, rounded once).
         let bias = bias.map(|b| b.to_vec1::<bf16>()).transpose()?;
         let out = bf16_kernel::Out::Bf16 {
-            y: &mut y,
+            y: &mut y.spare_capacity_mut()[..n * m],
             bias: bias.as_deref(),
         };
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+        // SAFETY: the kernel wrote all n × m elements.
+        unsafe { y.set_len(n * m) };
         return Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?);
     }
     let hs = project_terms(x, &extras.low_rank)?;
@@ -487,12 +490,14 @@ fn bf16_layer(
         .map(|s| s.to_vec1::<f32>())
         .transpose()?;
     let out = bf16_kernel::Out::Adapted {
-        y: &mut y,
+        y: &mut y.spare_capacity_mut()[..n * m],
         bias: bias_row,
         addend,
         scale: scale.as_deref(),
     };
     bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+    // SAFETY: the kernel wrote all n × m elements.
+    unsafe { y.set_len(n * m) };
     Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?)
 }
 

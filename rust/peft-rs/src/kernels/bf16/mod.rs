@@ -5,6 +5,7 @@
 //! AVX-512 BF16 the work runs on `vdpbf16ps` kernels; elsewhere a portable
 //! f32 path gives the same result up to summation order.
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::bf16;
@@ -17,13 +18,14 @@ mod portable;
 #[cfg(test)]
 mod tests;
 
-/// Destination of `x · wᵀ`: an `m × n` row-major contiguous buffer.
+/// Destination of `x · wᵀ`: an `m × n` row-major contiguous buffer. The bf16
+/// modes may be handed uninitialized memory: every element is written.
 #[derive(Debug)]
 pub enum Out<'a> {
     /// `y = bf16(x · wᵀ + bias)`, rounded once from the f32 accumulator; the bias has one
     /// entry per output column.
     Bf16 {
-        y: &'a mut [bf16],
+        y: &'a mut [MaybeUninit<bf16>],
         bias: Option<&'a [bf16]>,
     },
     /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate` is set (to fuse
@@ -33,7 +35,7 @@ pub enum Out<'a> {
     /// adapters' f32 outputs to the base layer's bf16 output and rounds the
     /// sum once: `y = bf16((bf16(x · wᵀ + bias) + addend) ⊙ scale)`.
     Adapted {
-        y: &'a mut [bf16],
+        y: &'a mut [MaybeUninit<bf16>],
         /// One f32 entry per output column.
         bias: Option<&'a [f32]>,
         addend: Addend<'a>,
@@ -213,7 +215,7 @@ struct Sink<'a> {
 #[derive(Clone, Copy)]
 enum Dst<'a> {
     Bf16 {
-        y: *mut bf16,
+        y: *mut MaybeUninit<bf16>,
         bias: Option<&'a [bf16]>,
     },
     F32 {
@@ -221,7 +223,7 @@ enum Dst<'a> {
         accumulate: bool,
     },
     Adapted {
-        y: *mut bf16,
+        y: *mut MaybeUninit<bf16>,
         epilogue: Epilogue<'a>,
     },
 }
@@ -320,12 +322,12 @@ impl<'a> Sink<'a> {
                 match bias {
                     None => {
                         for (o, &v) in row.iter_mut().zip(vals) {
-                            *o = round_bf16(v);
+                            o.write(round_bf16(v));
                         }
                     }
                     Some(b) => {
                         for ((o, &v), &b) in row.iter_mut().zip(vals).zip(&b[cols]) {
-                            *o = round_bf16(v + b.to_f32());
+                            o.write(round_bf16(v + b.to_f32()));
                         }
                     }
                 }
@@ -349,13 +351,13 @@ impl<'a> Sink<'a> {
                 let (full, _) = vals.as_chunks::<64>();
                 for (c, chunk) in full.iter().enumerate() {
                     let (j, out) = (j0 + 64 * c, &mut row[64 * c..64 * c + 64]);
-                    let out: &mut [bf16; 64] = out.try_into().expect("64 columns");
+                    let out: &mut [MaybeUninit<bf16>; 64] = out.try_into().expect("64 columns");
                     epilogue.finish(self.n, i, j, chunk, out);
                 }
                 let done = 64 * full.len();
                 for (c, &v) in vals[done..].iter().enumerate() {
                     let (j, out) = (j0 + done + c, &mut row[done + c..done + c + 1]);
-                    let out: &mut [bf16; 1] = out.try_into().expect("one column");
+                    let out: &mut [MaybeUninit<bf16>; 1] = out.try_into().expect("one column");
                     epilogue.finish(self.n, i, j, &[v], out);
                 }
             }
@@ -372,7 +374,7 @@ impl Epilogue<'_> {
         i: usize,
         j: usize,
         vals: &[f32; L],
-        out: &mut [bf16; L],
+        out: &mut [MaybeUninit<bf16>; L],
     ) {
         let Self {
             bias,
@@ -418,7 +420,7 @@ impl Epilogue<'_> {
             }
         }
         for c in 0..L {
-            out[c] = round_bf16(v[c]);
+            out[c].write(round_bf16(v[c]));
         }
     }
 }

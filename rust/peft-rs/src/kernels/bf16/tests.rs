@@ -1,3 +1,5 @@
+use std::mem::MaybeUninit;
+
 use half::bf16;
 
 use super::{Addend, Backend, LowRank, Out, Problem, round_bf16, round_into, run, widen_into};
@@ -196,8 +198,9 @@ fn bf16_output_matches_reference() {
             let biases = [None, Some(&bias_bf16[..])];
             for bias in biases {
                 let what = format!("{backend:?} m={m} n={n} k={k} bias={bias:?}");
-                let mut y = vec![bf16::NAN; m * n];
+                let mut y = nan_out(m * n);
                 run(backend, case.problem(), Out::Bf16 { y: &mut y, bias });
+                let y = written(y);
                 for (idx, ((&g, &e), &s)) in y.iter().zip(&exact).zip(&scale).enumerate() {
                     let b = bias.map_or(0.0, |b| b[idx % n].to_f64());
                     let want = e + b;
@@ -207,6 +210,17 @@ fn bf16_output_matches_reference() {
             }
         }
     }
+}
+
+/// A bf16 output buffer filled with NaN, so an element the kernel skips
+/// shows.
+fn nan_out(len: usize) -> Vec<MaybeUninit<bf16>> {
+    vec![MaybeUninit::new(bf16::NAN); len]
+}
+
+fn written(y: Vec<MaybeUninit<bf16>>) -> Vec<bf16> {
+    // SAFETY: every element was initialized by `nan_out`.
+    y.into_iter().map(|v| unsafe { v.assume_init() }).collect()
 }
 
 /// f32 values in about [-1, 1] from [`data`].
@@ -258,7 +272,7 @@ fn adapted_output_is_the_rounded_base_plus_the_addend() {
                 };
                 let bias = with_bias.then_some(&bias[..]);
                 let scale = with_scale.then_some(&scale[..]);
-                let mut y = vec![bf16::NAN; m * n];
+                let mut y = nan_out(m * n);
                 let out = Out::Adapted {
                     y: &mut y,
                     bias,
@@ -266,6 +280,7 @@ fn adapted_output_is_the_rounded_base_plus_the_addend() {
                     scale,
                 };
                 run(backend, case.problem(), out);
+                let y = written(y);
                 for i in 0..m {
                     for j in 0..n {
                         let b = bias.map_or(0.0, |b| b[j]);
