@@ -8,6 +8,36 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+/// Evaluates `$body` (whose arguments are the listed parameters) through a copy compiled for
+/// AVX-512 or for AVX2 + FMA where the CPU has them (`Simd::detect`), else as compiled: the
+/// portable build's loops are SSE2. `$body` must call only `#[inline(always)]` code, so that each
+/// copy is vectorised for its features (a closure passed to a generic dispatcher was not
+/// inlined into them: checked by disassembly).
+macro_rules! with_simd {
+    (($($arg:ident: $ty:ty),* $(,)?) => $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            fn avx512($($arg: $ty),*) {
+                $body
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) {
+                $body
+            }
+            match $crate::kernels::bf16::Simd::detect() {
+                // SAFETY: the CPU has the features (detected).
+                $crate::kernels::bf16::Simd::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                $crate::kernels::bf16::Simd::Avx2 => unsafe { avx2($($arg),*) },
+                $crate::kernels::bf16::Simd::Baseline => $body,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        $body
+    }};
+}
+
 mod bf16;
 pub(crate) mod elementwise;
 pub(crate) mod linear;

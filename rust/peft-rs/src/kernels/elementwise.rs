@@ -8,7 +8,6 @@ use half::bf16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::bf16::Simd;
 use super::bf16::{round_into, widen, widen_into};
 use crate::error::Result;
 
@@ -280,37 +279,13 @@ fn hadamard_row(
             .zip(&*second)
             .for_each(|(o, v)| *o = (*o * v) * scale);
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(
-            row: &mut [f32],
-            second: &mut [f32],
-            first: (&[f32], &[f32]),
-            other: (&[f32], &[f32]),
-            scale: f32,
-        ) {
-            inline(row, second, first, other, scale)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2(
-            row: &mut [f32],
-            second: &mut [f32],
-            first: (&[f32], &[f32]),
-            other: (&[f32], &[f32]),
-            scale: f32,
-        ) {
-            inline(row, second, first, other, scale)
-        }
-        match Simd::detect() {
-            // SAFETY: the CPU has the features (detected).
-            Simd::Avx512 => return unsafe { avx512(row, second, first, other, scale) },
-            // SAFETY: as above.
-            Simd::Avx2 => return unsafe { avx2(row, second, first, other, scale) },
-            Simd::Baseline => {}
-        }
-    }
-    inline(row, second, first, other, scale)
+    with_simd!((
+        row: &mut [f32],
+        second: &mut [f32],
+        first: (&[f32], &[f32]),
+        other: (&[f32], &[f32]),
+        scale: f32,
+    ) => inline(row, second, first, other, scale))
 }
 
 /// `kron(a, b) · scale` for 2-D f32 `a (p, q)` and `b (r, t)`: `(p·r, q·t)` (LoKr's ΔW), in
@@ -504,25 +479,7 @@ fn small_block_products(x: &mut [f32], b: usize, rotation: &[f32], shared: bool)
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(x: &mut [f32], b: usize, rotation: &[f32], shared: bool) {
-            products(x, b, rotation, shared)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2(x: &mut [f32], b: usize, rotation: &[f32], shared: bool) {
-            products(x, b, rotation, shared)
-        }
-        match Simd::detect() {
-            // SAFETY: the CPU has the features (detected).
-            Simd::Avx512 => return unsafe { avx512(x, b, rotation, shared) },
-            // SAFETY: as above.
-            Simd::Avx2 => return unsafe { avx2(x, b, rotation, shared) },
-            Simd::Baseline => {}
-        }
-    }
-    products(x, b, rotation, shared)
+    with_simd!((x: &mut [f32], b: usize, rotation: &[f32], shared: bool) => products(x, b, rotation, shared))
 }
 
 /// In-place forms of [`add_scaled`] and [`scale_2d`] (merging into a weight the module owns,
@@ -570,31 +527,9 @@ impl InPlace {
     /// [`Self::rows_inline`] compiled for AVX-512 or AVX2 + FMA where the CPU has them (the
     /// portable build's loops are SSE2).
     fn rows(&self, first: usize, values: &mut [f32], operand: &[f32], cols: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-            fn avx512(
-                op: &InPlace,
-                first: usize,
-                values: &mut [f32],
-                operand: &[f32],
-                cols: usize,
-            ) {
-                op.rows_inline(first, values, operand, cols)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2(op: &InPlace, first: usize, values: &mut [f32], operand: &[f32], cols: usize) {
-                op.rows_inline(first, values, operand, cols)
-            }
-            match Simd::detect() {
-                // SAFETY: the CPU has the features (detected).
-                Simd::Avx512 => return unsafe { avx512(self, first, values, operand, cols) },
-                // SAFETY: as above.
-                Simd::Avx2 => return unsafe { avx2(self, first, values, operand, cols) },
-                Simd::Baseline => {}
-            }
-        }
-        self.rows_inline(first, values, operand, cols)
+        let op = self;
+        with_simd!((op: &InPlace, first: usize, values: &mut [f32], operand: &[f32], cols: usize)
+            => op.rows_inline(first, values, operand, cols))
     }
 
     #[inline(always)]

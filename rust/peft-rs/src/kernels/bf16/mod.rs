@@ -449,25 +449,7 @@ pub(crate) fn widen_into(src: &[bf16], dst: &mut [f32]) {
     fn run(src: &[bf16], dst: &mut [f32]) {
         dst.iter_mut().zip(src).for_each(|(d, s)| *d = widen(*s));
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(src: &[bf16], dst: &mut [f32]) {
-            run(src, dst)
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(src: &[bf16], dst: &mut [f32]) {
-            run(src, dst)
-        }
-        match Simd::detect() {
-            // SAFETY: the CPU has the features (detected).
-            Simd::Avx512 => return unsafe { avx512(src, dst) },
-            // SAFETY: as above.
-            Simd::Avx2 => return unsafe { avx2(src, dst) },
-            Simd::Baseline => {}
-        }
-    }
-    run(src, dst)
+    with_simd!((src: &[bf16], dst: &mut [f32]) => run(src, dst))
 }
 
 /// `dst[i] = round_bf16(src[i])` over the shorter of the two, vectorised as [`widen_into`].
@@ -478,25 +460,7 @@ pub(crate) fn round_into(src: &[f32], dst: &mut [bf16]) {
             .zip(src)
             .for_each(|(d, s)| *d = round_bf16(*s));
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(src: &[f32], dst: &mut [bf16]) {
-            run(src, dst)
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(src: &[f32], dst: &mut [bf16]) {
-            run(src, dst)
-        }
-        match Simd::detect() {
-            // SAFETY: the CPU has the features (detected).
-            Simd::Avx512 => return unsafe { avx512(src, dst) },
-            // SAFETY: as above.
-            Simd::Avx2 => return unsafe { avx2(src, dst) },
-            Simd::Baseline => {}
-        }
-    }
-    run(src, dst)
+    with_simd!((src: &[f32], dst: &mut [bf16]) => run(src, dst))
 }
 
 /// The widest vector unit the element loops may use (`Avx2` includes FMA, which the AVX2
