@@ -33,12 +33,15 @@ const BLOCK: usize = 2 * TILE;
 const TASK_ROWS: usize = 256;
 const TASK_COLS: usize = 256;
 /// k per cache block: the 32 columns of `w` a product reads (`KC / 16` KiB)
-/// stay in L1 while the task's rows pass over them.
-const KC: usize = 256;
+/// stay in L1 while the task's rows pass over them (loaded with the
+/// streaming hint, see [`Operand::streamed`]). Measured: the sums' store and
+/// reload after each k block cost ~40% of the tile products at 256, and
+/// 512 is the most `w` that stays in L1 beside the passing rows.
+const KC: usize = 512;
 /// k per cache block of the scheme that reads `w` in place.
 const KC_IN_PLACE: usize = 1024;
 /// Rows of `x` from which `w` is copied into tiles even when aligned.
-const IN_PLACE_MAX_M: usize = 1024;
+const IN_PLACE_MAX_M: usize = 512;
 
 thread_local! {
     /// The packed operands, reused across calls (a fresh multi-MiB buffer
@@ -91,9 +94,9 @@ pub(super) fn fits(p: &Problem<'_>) -> bool {
 /// only if every tile row is aligned (a misaligned tile load costs ~6× an
 /// aligned one) and for fewer than `IN_PLACE_MAX_M` rows of `x`, over which
 /// the copy of `w` is not yet paid back. Measured on a Xeon with AMX, 2
-/// cores, aligned `w`: 64 rows 0.15 ms in place vs 0.26 copied (1024 × 1024),
-/// 1.6 vs 3.6 ms (4096 × 4096); 512 rows about even; 4096 rows 8.4 vs 6.8 ms
-/// (1024 × 1024) and 97 vs 87 ms (4096 × 4096).
+/// cores, aligned `w`, in place vs copied: 128 rows 0.25 vs 0.30 ms
+/// (1024 × 1024) and 3.1 vs 3.9–4.4 ms (4096 × 4096); 256 rows 0.42 vs 0.43
+/// and 5.7–6.2 vs 6.0–7.0; 512 rows 0.85 vs 0.74 and 11.6–12.0 vs 10.9–11.5.
 pub(super) fn w_in_place_pays(p: &Problem<'_>) -> bool {
     p.m < IN_PLACE_MAX_M
         && p.k.is_multiple_of(TK)
@@ -222,10 +225,12 @@ unsafe fn block(
                         Operand::packed(
                             a.add((rows.start + r) / TILE * strip + k0 * TILE_WORDS),
                             strip,
+                            true,
                         ),
                         Operand::packed(
                             b.add((cols.start + g) / TILE * strip + k0 * TILE_WORDS),
                             strip,
+                            false,
                         ),
                         steps,
                         Sums {
@@ -258,16 +263,22 @@ struct Operand {
     next: usize,
     stride: usize,
     step: usize,
+    /// Loaded once per product and not again soon: loaded with
+    /// `tileloaddt1`, whose hint keeps these lines from pushing the other
+    /// operand's reused tiles out of L1 (measured with `w`'s 32 KiB reused
+    /// and `x` streamed from L2: ~8.9 ns per tile product, 11.8 without).
+    streamed: bool,
 }
 
 impl Operand {
     /// Tiles packed by [`pack_strip`]: 1 KiB each, `strip` words per strip.
-    fn packed(at: *const u32, strip: usize) -> Self {
+    fn packed(at: *const u32, strip: usize, streamed: bool) -> Self {
         Self {
             at: at.cast(),
             next: 4 * strip,
             stride: 64,
             step: 4 * TILE_WORDS,
+            streamed,
         }
     }
 }
@@ -279,6 +290,28 @@ struct Sums {
     c: *mut f32,
     ldc: usize,
     add: bool,
+}
+
+/// Loads tile register `$tmm` from `$at` (rows `$stride` bytes apart), with
+/// the streaming hint (`tileloaddt1`) when `$streamed`.
+macro_rules! tile_load {
+    ($streamed:expr, $tmm:literal, $at:expr, $stride:expr) => {
+        if $streamed {
+            asm!(
+                concat!("tileloaddt1 ", $tmm, ", [{at} + {stride}]"),
+                at = in(reg) $at,
+                stride = in(reg) $stride,
+                options(nostack, readonly)
+            )
+        } else {
+            asm!(
+                concat!("tileloadd ", $tmm, ", [{at} + {stride}]"),
+                at = in(reg) $at,
+                stride = in(reg) $stride,
+                options(nostack, readonly)
+            )
+        }
+    };
 }
 
 /// The tile registers of the calling thread, configured as 16 rows × 64
@@ -346,27 +379,17 @@ impl Tiles {
             }
             for t in 0..steps {
                 let (a0, b0) = (a.at.add(t * a.step), b.at.add(t * b.step));
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}]",
-                    "tileloadd tmm6, [{b0} + {sb}]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb}]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    a0 = in(reg) a0,
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b0.add(b.next),
-                    sa = in(reg) a.stride,
-                    sb = in(reg) b.stride,
-                    options(nostack, readonly)
-                );
+                tile_load!(a.streamed, "tmm4", a0, a.stride);
+                tile_load!(b.streamed, "tmm6", b0, b.stride);
+                asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem));
+                tile_load!(b.streamed, "tmm7", b0.add(b.next), b.stride);
+                asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
                 if F == 2 {
+                    tile_load!(a.streamed, "tmm5", a0.add(a.next), a.stride);
                     asm!(
-                        "tileloadd tmm5, [{a1} + {sa}]",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        a1 = in(reg) a0.add(a.next),
-                        sa = in(reg) a.stride,
-                        options(nostack, readonly)
+                        options(nostack, nomem)
                     );
                 }
             }
@@ -458,12 +481,14 @@ unsafe fn block_w_in_place(
                             next: 2 * TILE * p.ldw,
                             stride: 2 * p.ldw,
                             step: 2 * TK,
+                            streamed: false,
                         };
                         let x = Operand {
                             at: xp.add((q * kp + k0 / 2) * XR + o).cast(),
                             next: 4 * TILE,
                             stride: 4 * XR,
                             step: 4 * XR * TK / 2,
+                            streamed: true,
                         };
                         let sums = Sums {
                             c: ct.add(g * tc + r),
