@@ -400,6 +400,9 @@ fn project_terms(x: &Tensor, terms: &[LowRank]) -> Result<Vec<(Vec<f32>, usize)>
     if x.stride()[1] == 1 && terms.iter().all(|t| t.rank() <= ROW_DOTS_MAX_RANK) {
         let lda = x.stride()[0].max(k);
         let (xs, xl) = x.storage_and_layout();
+        if x.dtype() == DType::BF16 && n >= AMX_MIN_ROWS && bf16_kernel::has_amx() {
+            return project_split(terms, cpu_slice::<bf16>(&xs, xl)?, n, k, lda);
+        }
         let rows = match x.dtype() {
             DType::BF16 => Rows::Bf16(cpu_slice::<bf16>(&xs, xl)?),
             _ => Rows::F32(cpu_slice::<f32>(&xs, xl)?),
@@ -413,6 +416,75 @@ fn project_terms(x: &Tensor, terms: &[LowRank]) -> Result<Vec<(Vec<f32>, usize)>
         .iter()
         .map(|term| term.project(lhs, all_threads()))
         .collect()
+}
+
+/// Rows of bf16 `x` from which [`project_split`] forms the low-rank projections on AMX tiles
+/// (a tile holds 16 rows).
+const AMX_MIN_ROWS: usize = 16;
+
+/// Each term's `s·x·Aᵀ` (as [`project_terms`]) for bf16 `x`, on the bf16 kernel: each f32 `A`
+/// is split into three bf16 parts that sum to it exactly (the bf16 rounding of `A`, of what it
+/// leaves, and the rest, which fits), so `x·Aᵀ` is three bf16 products whose multiplies are
+/// exact and whose sums are f32, as in PEFT's f32 product on `x` cast to f32; all terms' parts
+/// go through one product, so `x` is read once. On AMX this takes half the time of the row dot
+/// products on `x` widened to f32 (width 1024, rank 16, 2 threads: 4096 rows 2.2–2.5 → 0.9–1.1
+/// ms; a whole unmerged LoRA forward 10.8–11.1 → 8.3–8.5 ms).
+fn project_split(
+    terms: &[LowRank],
+    x: &[bf16],
+    n: usize,
+    k: usize,
+    lda: usize,
+) -> Result<Vec<(Vec<f32>, usize)>> {
+    let ranks: Vec<usize> = terms.iter().map(LowRank::rank).collect();
+    let parts_rows = 3 * ranks.iter().sum::<usize>();
+    let mut parts = Vec::with_capacity(parts_rows * k);
+    for term in terms {
+        let a = term.a.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (hi, mid, lo) = split_bf16(&a);
+        parts.extend(hi.into_iter().chain(mid).chain(lo));
+    }
+    let mut sums = vec![0f32; n * parts_rows];
+    let out = bf16_kernel::Out::F32 {
+        y: &mut sums,
+        accumulate: false,
+    };
+    bf16_kernel::matmul_bf16_nt(n, parts_rows, k, x, lda, &parts, k, out);
+    let mut first = 0;
+    terms
+        .iter()
+        .zip(ranks)
+        .map(|(term, r)| {
+            let scale = term.scale as f32;
+            let mut h = Vec::with_capacity(n * r);
+            for row in sums.chunks_exact(parts_rows) {
+                let [hi, mid, lo] = [0, 1, 2].map(|p| &row[first + p * r..][..r]);
+                // The small parts first, as the exact sum's rounding is then closest.
+                h.extend((0..r).map(|q| (lo[q] + mid[q] + hi[q]) * scale));
+            }
+            first += 3 * r;
+            term.scale_ranks(&mut h, r)?;
+            Ok((h, r))
+        })
+        .collect()
+}
+
+/// `a` as three bf16 parts with `hi + mid + lo == a` exactly, for finite `|a| ≥ 2⁻¹⁰⁰` (all
+/// three parts then normal, as the tile instructions, which treat subnormals as zero, need):
+/// `hi` and `mid` are the top eight significant bits of what the parts before them left (cut,
+/// not rounded, so nothing overflows), which leaves eight bits for `lo`. Smaller values lose at
+/// most their last bits.
+fn split_bf16(a: &[f32]) -> (Vec<bf16>, Vec<bf16>, Vec<bf16>) {
+    let top = |v: f32| bf16::from_bits((v.to_bits() >> 16) as u16);
+    let hi: Vec<bf16> = a.iter().map(|&v| top(v)).collect();
+    let rest: Vec<f32> = a.iter().zip(&hi).map(|(&v, h)| v - h.to_f32()).collect();
+    let mid: Vec<bf16> = rest.iter().map(|&v| top(v)).collect();
+    let lo = rest
+        .iter()
+        .zip(&mid)
+        .map(|(&v, m)| bf16::from_f32(v - m.to_f32()))
+        .collect();
+    (hi, mid, lo)
 }
 
 /// Rank up to which `s·x·Aᵀ` is formed by row dot products ([`project_rows`]); a GEMM is
@@ -457,9 +529,11 @@ fn bf16_layer(
     let hs = project_terms(x, &extras.low_rank)?;
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
     // Few rows take a dense term (`B` is not transposed for them).
+    let ldbt = bf16_kernel::LowRank::padded_stride(m);
     let bts = if total_rank <= EPILOGUE_MAX_RANK && n > MAX_ROWS {
         let bt = |t: &LowRank| -> Result<Vec<f32>> {
-            Ok(t.scaled_b()?.t()?.contiguous()?.flatten_all()?.to_vec1()?)
+            let bt = t.scaled_b()?.t()?.pad_with_zeros(1, 0, ldbt - m)?;
+            Ok(bt.flatten_all()?.to_vec1()?)
         };
         extras.low_rank.iter().map(bt).collect::<Result<Vec<_>>>()?
     } else {
@@ -475,7 +549,12 @@ fn bf16_layer(
     let terms: Vec<_> = hs
         .iter()
         .zip(&bts)
-        .map(|((h, rank), bt)| bf16_kernel::LowRank { h, bt, rank: *rank })
+        .map(|((h, rank), bt)| bf16_kernel::LowRank {
+            h,
+            bt,
+            rank: *rank,
+            ldbt,
+        })
         .collect();
     let addend = if !terms.is_empty() {
         bf16_kernel::Addend::LowRank(&terms)
@@ -793,6 +872,75 @@ mod tests {
             .unwrap();
             let diff = max_abs_diff(y, expected);
             assert!(diff < 1e-4, "{n} rows: {diff}");
+        }
+    }
+
+    /// The three bf16 parts of an f32 sum to it exactly, down to 2⁻¹⁰⁰.
+    #[test]
+    fn split_bf16_parts_sum_exactly() {
+        let mut rng = crate::rng::TorchGenerator::new(11);
+        let mut a: Vec<f32> = (0..20_000)
+            .map(|_| {
+                let mantissa = rng.next_u32() >> 9;
+                let exponent = 27 + rng.next_u32() % 227;
+                f32::from_bits((rng.next_u32() & 0x8000_0000) | (exponent << 23) | mantissa)
+            })
+            .collect();
+        a.extend([0.0, -0.0, 1.0, f32::MAX, -f32::MAX, 2f32.powi(-100)]);
+        let (hi, mid, lo) = split_bf16(&a);
+        for (i, &v) in a.iter().enumerate() {
+            let sum =
+                f64::from(hi[i].to_f32()) + f64::from(mid[i].to_f32()) + f64::from(lo[i].to_f32());
+            assert_eq!(
+                sum,
+                f64::from(v),
+                "{v:e} = {} + {} + {}",
+                hi[i],
+                mid[i],
+                lo[i]
+            );
+        }
+    }
+
+    /// The low-rank projections of a bf16 `x` (on AMX tiles where the CPU has them) equal the
+    /// f64 product of `x` and the f32 `A`, scaled per term and per rank, to f32 accuracy.
+    #[test]
+    fn bf16_projections_equal_the_f32_product() {
+        let mut init = Initializer::new(9);
+        let (n, k) = (40, 300);
+        let x = init.uniform(&[n, k], 1.0, DType::F32).unwrap();
+        let x = x.to_dtype(DType::BF16).unwrap();
+        let terms: Vec<LowRank> = [(3, 0.5), (5, 2.0)]
+            .into_iter()
+            .map(|(r, scale)| {
+                let a = init.uniform(&[r, k], 1.0, DType::F32).unwrap();
+                let b = init.uniform(&[7, r], 1.0, DType::F32).unwrap();
+                LowRank {
+                    rank_scale: Some(init.uniform(&[r], 1.0, DType::F32).unwrap()),
+                    ..LowRank::new(a, b, None, scale)
+                }
+            })
+            .collect();
+        let hs = project_terms(&x, &terms).unwrap();
+        let xs = x.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        for ((h, r), term) in hs.iter().zip(&terms) {
+            assert_eq!(*r, term.rank());
+            let a = term.a.to_vec2::<f32>().unwrap();
+            let rank_scale = term.rank_scale.as_ref().unwrap().to_vec1::<f32>().unwrap();
+            for i in 0..n {
+                for q in 0..*r {
+                    let dot: f64 = (0..k)
+                        .map(|c| f64::from(xs[i][c]) * f64::from(a[q][c]))
+                        .sum();
+                    let size: f64 = (0..k).map(|c| f64::from((xs[i][c] * a[q][c]).abs())).sum();
+                    let factor = term.scale * f64::from(rank_scale[q]);
+                    let err = (f64::from(h[i * r + q]) - dot * factor).abs();
+                    assert!(
+                        err <= 1e-6 * size * factor.abs(),
+                        "row {i} rank {q}: {err:e}"
+                    );
+                }
+            }
         }
     }
 

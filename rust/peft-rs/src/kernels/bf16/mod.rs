@@ -56,12 +56,25 @@ pub enum Addend<'a> {
 }
 
 /// One low-rank term `h · bt`: `h` is `m × rank`, `bt` is `rank × n`, both
-/// row-major.
+/// row-major, `bt`'s rows `ldbt ≥ n` floats apart. A tile's columns read
+/// all `rank` rows of `bt` at once, so a stride of a multiple of 4 KiB puts
+/// them in one L1 set (16 rows > 12 ways: every read misses); see
+/// [`LowRank::padded_stride`].
 #[derive(Debug, Clone, Copy)]
 pub struct LowRank<'a> {
     pub h: &'a [f32],
     pub bt: &'a [f32],
     pub rank: usize,
+    pub ldbt: usize,
+}
+
+impl LowRank<'_> {
+    /// A row stride for `bt` of `n` columns whose rows fall in different L1
+    /// sets: `n` rounded up to a cache line, plus one line.
+    #[must_use]
+    pub fn padded_stride(n: usize) -> usize {
+        n.next_multiple_of(16) + 16
+    }
 }
 
 /// Whether this CPU has the AVX-512 BF16 dot-product instructions used by
@@ -279,7 +292,11 @@ impl<'a> Sink<'a> {
                     Addend::LowRank(terms) => {
                         for t in terms {
                             assert!(t.h.len() == m * t.rank, "h must be m × rank");
-                            assert!(t.bt.len() == t.rank * n, "bt must be rank × n");
+                            assert!(t.ldbt >= n, "bt's row stride must be at least n");
+                            assert!(
+                                t.rank == 0 || t.bt.len() >= (t.rank - 1) * t.ldbt + n,
+                                "bt must be rank × n"
+                            );
                         }
                     }
                 }
@@ -406,7 +423,7 @@ impl Epilogue<'_> {
             Addend::LowRank(terms) => {
                 for t in terms {
                     for (q, &hq) in t.h[i * t.rank..(i + 1) * t.rank].iter().enumerate() {
-                        let bt = &t.bt[q * n + j..][..L];
+                        let bt = &t.bt[q * t.ldbt + j..][..L];
                         for c in 0..L {
                             v[c] += hq * bt[c];
                         }

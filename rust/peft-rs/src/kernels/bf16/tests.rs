@@ -248,15 +248,19 @@ fn adapted_output_is_the_rounded_base_plus_the_addend() {
                 .iter()
                 .map(|&r| data_f32(m * r, 13 + r as u64))
                 .collect();
+            // One term packed (stride n), one with padded rows.
+            let ldbts = [n, LowRank::padded_stride(n)];
             let bts: Vec<Vec<f32>> = ranks
                 .iter()
-                .map(|&r| data_f32(r * n, 17 + r as u64))
+                .zip(ldbts)
+                .map(|(&r, ld)| data_f32(r * ld, 17 + r as u64))
                 .collect();
             let terms: Vec<LowRank> = (0..2)
                 .map(|t| LowRank {
                     h: &hs[t],
                     bt: &bts[t],
                     rank: ranks[t],
+                    ldbt: ldbts[t],
                 })
                 .collect();
             let dense = data_f32(m * n, 19);
@@ -291,7 +295,7 @@ fn adapted_output_is_the_rounded_base_plus_the_addend() {
                             Addend::LowRank(terms) => {
                                 for t in *terms {
                                     for q in 0..t.rank {
-                                        v += t.h[i * t.rank + q] * t.bt[q * n + j];
+                                        v += t.h[i * t.rank + q] * t.bt[q * t.ldbt + j];
                                     }
                                 }
                             }
