@@ -88,8 +88,15 @@ def build(config: PeftConfig, width: int, dtype: torch.dtype, xs: dict[int, torc
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         adapter = peft_rs.PeftAdapter.from_pretrained(tmp)
+    f32_state = {name: t.detach().clone() for name, t in peft_model.state_dict().items()}
     peft_model.to(dtype)
     peft_model.base_model._cast_adapter_dtype("default", autocast_adapter_dtype=True)
+    # The round trip through bf16 rounded the adapter's weights: give PEFT back the f32 values
+    # peft_rs loaded (as a model made in bf16 with an f32 adapter has them).
+    with torch.no_grad():
+        for name, t in peft_model.state_dict().items():
+            if t.dtype == torch.float32:
+                t.copy_(f32_state[name])
     return Built(layer, adapter, state_dict, types, f32_outputs)
 
 
