@@ -8,7 +8,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::bf16::{round_into, widen, widen_into};
+use super::bf16::{round_into, round_into_uninit, widen, widen_into};
 use crate::error::Result;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
@@ -63,14 +63,18 @@ fn map_rows(
     };
     Ok(match dtype {
         DType::BF16 => {
-            let mut out = vec![bf16::ZERO; n];
-            out.par_chunks_mut(chunk_len)
+            // Not zeroed first: every element is written once.
+            let mut out = Vec::with_capacity(n);
+            out.spare_capacity_mut()[..n]
+                .par_chunks_mut(chunk_len)
                 .enumerate()
                 .for_each(|(c, chunk)| {
                     let mut wide = vec![0f32; chunk.len()];
                     fill(c, &mut wide);
-                    round_into(&wide, chunk);
+                    round_into_uninit(&wide, chunk);
                 });
+            // SAFETY: the chunks cover all n elements, each written above.
+            unsafe { out.set_len(n) };
             Tensor::from_vec(out, dims, &Device::Cpu)?
         }
         _ => {

@@ -319,10 +319,14 @@ pub(crate) fn linear(
     }
     let y = match x.dtype() {
         DType::BF16 => {
-            let mut y = vec![bf16::ZERO; n * m];
-            y.par_chunks_mut(ELEMENTS_PER_TASK)
+            // Not zeroed first: every element is written once.
+            let mut y = Vec::<bf16>::with_capacity(n * m);
+            y.spare_capacity_mut()[..n * m]
+                .par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(out.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|(y, o)| bf16_kernel::round_into(o, y));
+                .for_each(|(y, o)| bf16_kernel::round_into_uninit(o, y));
+            // SAFETY: the chunks cover all n × m elements, each written above.
+            unsafe { y.set_len(n * m) };
             Tensor::from_vec(y, (n, m), &Device::Cpu)?
         }
         _ => Tensor::from_vec(out, (n, m), &Device::Cpu)?,

@@ -471,13 +471,22 @@ pub(crate) fn widen_into(src: &[bf16], dst: &mut [f32]) {
 
 /// `dst[i] = round_bf16(src[i])` over the shorter of the two, vectorised as [`widen_into`].
 pub(crate) fn round_into(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: `MaybeUninit<bf16>` has bf16's layout, and only initialized
+    // values are written through the view.
+    let dst = unsafe { &mut *(std::ptr::from_mut(dst) as *mut [MaybeUninit<bf16>]) };
+    round_into_uninit(src, dst);
+}
+
+/// [`round_into`] into memory not yet initialized (a new output need not be
+/// zeroed first).
+pub(crate) fn round_into_uninit(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     #[inline(always)]
-    fn run(src: &[f32], dst: &mut [bf16]) {
-        dst.iter_mut()
-            .zip(src)
-            .for_each(|(d, s)| *d = round_bf16(*s));
+    fn run(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| {
+            d.write(round_bf16(*s));
+        });
     }
-    with_simd!((src: &[f32], dst: &mut [bf16]) => run(src, dst))
+    with_simd!((src: &[f32], dst: &mut [MaybeUninit<bf16>]) => run(src, dst))
 }
 
 /// The widest vector unit the element loops may use (`Avx2` includes FMA, which the AVX2
