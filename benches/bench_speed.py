@@ -43,14 +43,15 @@ from torch import nn
 
 import peft_rs
 
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # Output agreement per dtype: |peft_rs - PEFT| <= atol + rtol * |PEFT| elementwise (assert_close's
 # rule), atol = the given fraction of the PEFT output's RMS (the scale at which a sum of terms
 # cancels). f32: summation order and OFT/BOFT's solves differ, ~1e-6 relative; 1e-4 / 1e-3 are
 # bench_methods' bounds at unit scale. bf16 (8-bit mantissa, one rounding ≤ 2**-8 ≈ 3.9e-3
 # relative): both keep the adapter in f32 but round at different points (peft_rs's LoHa/LoKr
 # fold ΔW into the weight and round once; OFT/BOFT rotate in f32): a few roundings apart, 2e-2.
-TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
+# f16 (11-bit mantissa) the same roundings, 8x finer.
+TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2.5e-3, 2.5e-3)}
 LORA = "LoRA r16"  # the adapter merged in the base rows
 MIN_REPS, MAX_REPS = 3, 30
 # Untimed calls of a side before each of its timed calls, at least one (see `timed`).
@@ -333,7 +334,7 @@ def main() -> None:
     )
     parser.add_argument("--widths", default="1024,4096", help="comma-separated (default 1024,4096)")
     parser.add_argument("--tokens", default="1,64,512,4096", help="comma-separated (default 1,64,512,4096)")
-    parser.add_argument("--dtypes", default="f32,bf16", help="comma-separated, of f32 and bf16")
+    parser.add_argument("--dtypes", default="f32,bf16", help="comma-separated, of f32, bf16 and f16")
     parser.add_argument("--methods", default="", help="comma-separated substrings of method names")
     parser.add_argument("--budget", type=float, default=0.4, help="seconds per side per cell (default 0.4)")
     parser.add_argument("--quick", action="store_true", help="width 1024, tokens 1 and 512, f32")

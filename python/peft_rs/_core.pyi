@@ -452,6 +452,7 @@ class _BlasInfo(TypedDict):
     path: Path
     description: str
     ilp64: bool
+    f16_gemm: bool
 
 def use_blas(path: str | PathLike[str] | None) -> _BlasInfo | None: ...
 def blas_info() -> _BlasInfo | None: ...

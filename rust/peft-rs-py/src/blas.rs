@@ -12,6 +12,7 @@ fn info_dict<'py>(py: Python<'py>, info: peft_rs::blas::BlasInfo) -> PyResult<Bo
     dict.set_item("path", info.path)?;
     dict.set_item("description", info.description)?;
     dict.set_item("ilp64", info.ilp64)?;
+    dict.set_item("f16_gemm", info.f16_gemm)?;
     Ok(dict)
 }
 
@@ -32,7 +33,7 @@ pub fn use_blas(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Option<Bound<
     }
 }
 
-/// The BLAS library in use (`path`, `description`, `ilp64`), or `None`.
+/// The BLAS library in use (`path`, `description`, `ilp64`, `f16_gemm`), or `None`.
 #[pyfunction]
 pub fn blas_info(py: Python<'_>) -> PyResult<Option<Bound<'_, PyDict>>> {
     peft_rs::blas::current()

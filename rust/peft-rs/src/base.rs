@@ -306,7 +306,7 @@ impl BaseLayer {
 
     /// The layer's output with an adapter's `extras` computed in the same pass (one output
     /// buffer, see [`crate::kernels::linear`]); `None` where that kernel does not apply (not a
-    /// Linear or Conv1D layer, not on the CPU, gradients recorded, f16/f64): the caller then
+    /// Linear or Conv1D layer, not on the CPU, gradients recorded, f64): the caller then
     /// takes its plain path, which computes the same values.
     pub(crate) fn forward_fused(&self, x: &Tensor, extras: &Extras) -> Result<Option<Tensor>> {
         if !matches!(self.kind, ModuleKind::Linear | ModuleKind::Conv1D) {

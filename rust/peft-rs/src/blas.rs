@@ -12,6 +12,8 @@ use std::ffi::{CStr, c_char, c_int};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use half::f16;
+
 use crate::error::{PeftError, Result};
 
 /// What [`current`] and [`load`] report about a loaded library.
@@ -23,6 +25,9 @@ pub struct BlasInfo {
     pub description: String,
     /// Whether its integers are 64-bit (ILP64).
     pub ilp64: bool,
+    /// Whether it has an f16 GEMM with f32 sums (MKL's `cblas_gemm_f16f16f32`), which f16
+    /// layers then use instead of f32 copies of their operands.
+    pub f16_gemm: bool,
 }
 
 const ROW_MAJOR: c_int = 101;
@@ -77,6 +82,24 @@ type SgemmFortran = unsafe extern "C" fn(
     *mut f32,
     *const i32,
 );
+/// MKL's `cblas_gemm_f16f16f32` (32-bit integers): CBLAS's sgemm arguments with f16 (`u16`)
+/// operands and an f32 output.
+type GemmF16 = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const u16,
+    i32,
+    *const u16,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
 /// Sets the calling thread's thread count and returns the previous one.
 type SetLocalThreads = unsafe extern "C" fn(c_int) -> c_int;
 type GetConfig = unsafe extern "C" fn() -> *const c_char;
@@ -112,6 +135,7 @@ const CONFIG: [&str; 3] = [
 pub(crate) struct Library {
     info: BlasInfo,
     sgemm: Sgemm,
+    gemm_f16: Option<GemmF16>,
     set_local_threads: SetLocalThreads,
     _library: libloading::Library,
 }
@@ -171,13 +195,19 @@ pub fn load(path: impl AsRef<Path>) -> Result<BlasInfo> {
     let mkl = unsafe { library.get::<SetLocalThreads>(b"MKL_Set_Num_Threads_Local") }.is_ok();
     let kind = if mkl { "MKL" } else { "BLAS" };
     let ilp64 = matches!(sgemm, Sgemm::Ilp64(_));
-    let library = Library {
+    // SAFETY: as above (MKL's LP64 interface; an ILP64 library's would take 64-bit integers).
+    let gemm_f16 = (!ilp64)
+        .then(|| unsafe { Some(*library.get::<GemmF16>(b"cblas_gemm_f16f16f32").ok()?) })
+        .flatten();
+    let mut library = Library {
         info: BlasInfo {
             path: path.to_path_buf(),
             description: config.unwrap_or_else(|| kind.to_string()),
             ilp64,
+            f16_gemm: gemm_f16.is_some(),
         },
         sgemm,
+        gemm_f16,
         set_local_threads,
         _library: library,
     };
@@ -189,6 +219,29 @@ pub fn load(path: impl AsRef<Path>) -> Result<BlasInfo> {
         return Err(fail(format!(
             "its sgemm computed {c:?} for a product that is [17, 23, 39, 53]"
         )));
+    }
+    let (a, b) = (
+        [1., 2., 3., 4.].map(f16::from_f32),
+        [5., 6., 7., 8.].map(f16::from_f32),
+    );
+    let mut c = [0f32; 4];
+    // SAFETY: 2 × 2 row-major operands and output.
+    let ran = unsafe {
+        library.gemm_f16_nt(
+            2,
+            2,
+            2,
+            (a.as_ptr(), 2),
+            (b.as_ptr(), 2),
+            false,
+            c.as_mut_ptr(),
+            2,
+        )
+    };
+    if ran && c != [17., 23., 39., 53.] {
+        // Not an error: f16 layers then take f32 copies through its sgemm.
+        library.gemm_f16 = None;
+        library.info.f16_gemm = false;
     }
     let info = library.info.clone();
     *CURRENT.write().unwrap_or_else(|e| e.into_inner()) = Some(Box::leak(Box::new(library)));
@@ -242,6 +295,63 @@ impl Library {
         // SAFETY: the views' strides and sizes describe their memory (faer's invariant), and
         // the leading dimensions were derived from them.
         unsafe { self.call_raw(n, m, k, alpha, a, b, beta, dst, ldc) };
+        true
+    }
+
+    /// Whether this library has an f16 GEMM ([`Self::gemm_f16_nt`]) whose integers hold these
+    /// sizes.
+    pub(crate) fn f16_gemm_fits<const N: usize>(&self, sizes: [usize; N]) -> bool {
+        self.gemm_f16.is_some() && sizes.iter().all(|v| *v <= i32::MAX as usize)
+    }
+
+    /// `c (n × m, row-major, leading dimension ldc) = a·bᵀ [+ c]` for f16 `a (n × k)` and `b
+    /// (m × k)`, each row-major with its leading dimension, with f32 sums of the exact products
+    /// (as torch's f16 matmul), on this thread. `false`, nothing done, where the library has no
+    /// f16 GEMM or a size does not fit its integers.
+    ///
+    /// # Safety
+    /// The operands and the output hold what their sizes and leading dimensions describe.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_f16_nt(
+        &self,
+        n: usize,
+        m: usize,
+        k: usize,
+        (a, lda): (*const f16, usize),
+        (b, ldb): (*const f16, usize),
+        accumulate: bool,
+        c: *mut f32,
+        ldc: usize,
+    ) -> bool {
+        if !self.f16_gemm_fits([n, m, k, lda, ldb, ldc]) || lda < k || ldb < k || ldc < m {
+            return false;
+        }
+        let Some(gemm) = self.gemm_f16 else {
+            return false;
+        };
+        let i = |v: usize| v as i32;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: the caller's contract; sizes checked to fit.
+        unsafe {
+            let threads = (self.set_local_threads)(1);
+            gemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                i(n),
+                i(m),
+                i(k),
+                1.0,
+                a.cast(),
+                i(lda),
+                b.cast(),
+                i(ldb),
+                beta,
+                c,
+                i(ldc),
+            );
+            (self.set_local_threads)(threads);
+        }
         true
     }
 

@@ -40,6 +40,7 @@ macro_rules! with_simd {
 
 mod bf16;
 pub(crate) mod elementwise;
+mod fp16;
 pub(crate) mod linear;
 mod pool;
 
@@ -154,6 +155,42 @@ mod simd {
 /// `x (n, k) · w (m, k)ᵀ` as `(n, m)` row-major, both contiguous: each output a dot product of
 /// two rows, the weight streamed once in parallel over output features.
 pub(crate) fn rows_dot_rows(x: &[f32], w: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    dot_weight_blocks(x, n, k, m, |first, count, dots| {
+        dots(&w[first * k..][..count * k]);
+    })
+}
+
+/// [`rows_dot_rows`] for an f16 weight, whose rows are widened a block at a time into a
+/// per-thread buffer that stays in cache: the f16 weight is read once from memory, at half
+/// the bytes of an f32 one.
+pub(crate) fn rows_dot_rows_f16(
+    x: &[f32],
+    w: &[half::f16],
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    thread_local! {
+        static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    dot_weight_blocks(x, n, k, m, |first, count, dots| {
+        WIDENED.with_borrow_mut(|rows| {
+            rows.resize(count * k, 0.0);
+            fp16::widen_into(&w[first * k..][..count * k], rows);
+            dots(rows);
+        });
+    })
+}
+
+/// The parallel loop of [`rows_dot_rows`]: `weight_rows(first, count, dots)` hands `dots` the
+/// weight's rows `first..first + count` in f32.
+fn dot_weight_blocks(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+    weight_rows: impl Fn(usize, usize, &mut dyn FnMut(&[f32])) + Sync,
+) -> Vec<f32> {
     // Computed as (m, n) so each task writes one contiguous block, then laid out (n, m).
     let mut out_t = vec![0f32; m * n];
     out_t
@@ -162,22 +199,24 @@ pub(crate) fn rows_dot_rows(x: &[f32], w: &[f32], n: usize, k: usize, m: usize) 
         .for_each(|(block, chunk)| {
             let first = block * BLOCK;
             let count = chunk.len() / n.max(1);
-            let row = |j: usize| &w[(first + j) * k..][..k];
-            for j in (0..count).step_by(4) {
-                // Pad the last group with row j (its results are not stored).
-                let group = [
-                    row(j),
-                    row((j + 1).min(count - 1)),
-                    row((j + 2).min(count - 1)),
-                    row((j + 3).min(count - 1)),
-                ];
-                for r in 0..n {
-                    let dots = dot4(&x[r * k..][..k], group);
-                    for (jj, d) in dots.iter().enumerate().take(count - j) {
-                        chunk[(j + jj) * n + r] = *d;
+            weight_rows(first, count, &mut |w| {
+                let row = |j: usize| &w[j * k..][..k];
+                for j in (0..count).step_by(4) {
+                    // Pad the last group with row j (its results are not stored).
+                    let group = [
+                        row(j),
+                        row((j + 1).min(count - 1)),
+                        row((j + 2).min(count - 1)),
+                        row((j + 3).min(count - 1)),
+                    ];
+                    for r in 0..n {
+                        let dots = dot4(&x[r * k..][..k], group);
+                        for (jj, d) in dots.iter().enumerate().take(count - j) {
+                            chunk[(j + jj) * n + r] = *d;
+                        }
                     }
                 }
-            }
+            });
         });
     if n == 1 {
         out_t

@@ -8,11 +8,11 @@
 //! the base product in bf16 (see [`super::bf16`]) and everything else in f32, rounding once.
 
 use candle_core::{DType, Device, Layout, Storage, Tensor};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::bf16 as bf16_kernel;
-use super::{MAX_ROWS, rows_dot_rows};
+use super::{MAX_ROWS, fp16, rows_dot_rows, rows_dot_rows_f16};
 use crate::error::Result;
 
 /// A term `((scale · x·Aᵀ) ⊙ rank_scale)·Bᵀ ⊙ out_scale (+ scale · bias)` (LoRA and its
@@ -190,7 +190,7 @@ pub(crate) fn linear(
     if all.any(|t| !t.device().is_cpu() || t.track_op())
         || x.dtype() != w_t.dtype()
         || bias.is_some_and(|b| b.dtype() != x.dtype())
-        || !matches!(x.dtype(), DType::F32 | DType::BF16)
+        || !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         || f32_tensors.clone().any(|t| t.dtype() != DType::F32)
         || x.rank() != 2
     {
@@ -227,13 +227,15 @@ pub(crate) fn linear(
     }
     let has_bias = row.iter().any(|v| *v != 0.0);
     let bias_first = has_bias && !extras.unscaled_bias;
-    // The base product. bf16 goes through the bf16 kernel where the rows of x and W are
-    // contiguous (Linear weights), through f32 copies otherwise (what candle's matmul does).
-    let bf16_rows = |t: &Tensor, along: usize| {
+    // The base product. bf16 and f16 go through their kernels where the rows of x and W are
+    // contiguous along k (Linear weights), through f32 copies otherwise (what candle's matmul
+    // does).
+    let rows_along_k = |t: &Tensor, along: usize| {
         let (stride, rows) = (t.stride()[1 - along], t.dim(1 - along).unwrap_or(0));
         t.stride()[along] == 1 && (rows <= 1 || stride >= k)
     };
-    let bf16_kernel_fits = x.dtype() == DType::BF16 && bf16_rows(&x, 1) && bf16_rows(w_t, 0);
+    let half_kernel_fits = rows_along_k(&x, 1) && rows_along_k(w_t, 0);
+    let bf16_kernel_fits = x.dtype() == DType::BF16 && half_kernel_fits;
     if bf16_kernel_fits && bias_first == has_bias {
         let y = bf16_layer(&x, w_t, bias, has_bias.then_some(&row[..]), extras)?;
         super::pool::after_parallel_work(n * m * k);
@@ -286,6 +288,8 @@ pub(crate) fn linear(
         } else {
             out = y;
         }
+    } else if x.dtype() == DType::F16 && half_kernel_fits {
+        f16_product(&x, w_t, &mut out, accumulate)?;
     } else {
         let x32 = x.to_dtype(DType::F32)?;
         let w32 = w_t.to_dtype(DType::F32)?;
@@ -296,10 +300,18 @@ pub(crate) fn linear(
         sgemm(&mut out, m, lhs, rhs, accumulate, 1.0, all_threads());
     }
     let adapted = !low_rank.is_empty() || extras.out_scale.is_some();
-    if x.dtype() == DType::BF16 && adapted {
-        // PEFT adds the adapter's f32 terms to the base layer's bf16 output: round it first.
-        out.par_chunks_mut(ELEMENTS_PER_TASK)
-            .for_each(|o| o.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()));
+    if adapted {
+        // PEFT adds the adapter's f32 terms to the base layer's bf16 or f16 output: round it
+        // first.
+        match x.dtype() {
+            DType::BF16 => out
+                .par_chunks_mut(ELEMENTS_PER_TASK)
+                .for_each(|o| o.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32())),
+            DType::F16 => out
+                .par_chunks_mut(ELEMENTS_PER_TASK)
+                .for_each(fp16::round_in_place),
+            _ => {}
+        }
     }
 
     if !low_rank_first {
@@ -325,6 +337,17 @@ pub(crate) fn linear(
                 .par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(out.par_chunks(ELEMENTS_PER_TASK))
                 .for_each(|(y, o)| bf16_kernel::round_into_uninit(o, y));
+            // SAFETY: the chunks cover all n × m elements, each written above.
+            unsafe { y.set_len(n * m) };
+            Tensor::from_vec(y, (n, m), &Device::Cpu)?
+        }
+        DType::F16 => {
+            // Not zeroed first: every element is written once.
+            let mut y = Vec::<f16>::with_capacity(n * m);
+            y.spare_capacity_mut()[..n * m]
+                .par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(out.par_chunks(ELEMENTS_PER_TASK))
+                .for_each(|(y, o)| fp16::round_into_uninit(o, y));
             // SAFETY: the chunks cover all n × m elements, each written above.
             unsafe { y.set_len(n * m) };
             Tensor::from_vec(y, (n, m), &Device::Cpu)?
@@ -410,6 +433,7 @@ fn project_terms(x: &Tensor, terms: &[LowRank]) -> Result<Vec<(Vec<f32>, usize)>
         }
         let rows = match x.dtype() {
             DType::BF16 => Rows::Bf16(cpu_slice::<bf16>(&xs, xl)?),
+            DType::F16 => Rows::F16(cpu_slice::<f16>(&xs, xl)?),
             _ => Rows::F32(cpu_slice::<f32>(&xs, xl)?),
         };
         return project_rows(terms, rows, n, k, lda);
@@ -598,10 +622,11 @@ const ROWS_PER_TASK: usize = 64;
 enum Rows<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
+    F16(&'a [f16]),
 }
 
 /// Each term's `s·x·Aᵀ` (row-major `(n, r)`, and `r`) for `x (n, k)` with row stride `lda`, a
-/// block of rows per task: bf16 rows are widened to f32 (as PEFT casts `x` to the adapter's
+/// block of rows per task: bf16 and f16 rows are widened to f32 (as PEFT casts `x` to the adapter's
 /// dtype) into a per-thread buffer, so no f32 copy of the whole of `x` is made.
 fn project_rows(
     terms: &[LowRank],
@@ -640,6 +665,11 @@ fn project_rows(
                                 buf.resize(at + k, 0.0);
                                 bf16_kernel::widen_into(&x[i * lda..][..k], &mut buf[at..]);
                             }
+                            Rows::F16(x) => {
+                                let at = buf.len();
+                                buf.resize(at + k, 0.0);
+                                fp16::widen_into(&x[i * lda..][..k], &mut buf[at..]);
+                            }
                         }
                     }
                     project(buf, rows.len())
@@ -655,6 +685,102 @@ fn project_rows(
             (h, term.a.dims()[0])
         })
         .collect())
+}
+
+/// `out (n, m) [+]= x·Wᵀ` for f16 `x (n, k)` and the f16 weight `w_t (k, m)`, both with rows
+/// contiguous along k: f32 sums of exact products, as torch's f16 matmul. Few rows take row dot
+/// products on the weight widened a block at a time (read once, as f16); more take the loaded
+/// BLAS's f16 GEMM (MKL's) where it has one, else f32 copies of both through [`sgemm`].
+fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> Result<()> {
+    let (n, k, m) = (x.dim(0)?, x.dim(1)?, w_t.dim(1)?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w_t.storage_and_layout();
+    let (xv, wv) = (cpu_slice::<f16>(&xs, xl)?, cpu_slice::<f16>(&ws, wl)?);
+    let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
+    let widened = |v: &[f16], rows: usize, ld: usize| {
+        let mut wide = vec![0f32; rows * k];
+        wide.par_chunks_mut(k.max(1))
+            .enumerate()
+            .with_min_len(ELEMENTS_PER_TASK.div_ceil(k.max(1)))
+            .for_each(|(i, row)| fp16::widen_into(&v[i * ld..][..k], row));
+        wide
+    };
+    let out = &mut out[..n * m];
+    if n <= MAX_ROWS && ldw == k {
+        let y = rows_dot_rows_f16(&widened(xv, n, lda), &wv[..m * k], n, k, m);
+        if accumulate {
+            out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
+        } else {
+            out.copy_from_slice(&y);
+        }
+        return Ok(());
+    }
+    let blas = crate::blas::library().filter(|b| b.f16_gemm_fits([n, m, k, lda, ldw]));
+    let Some(blas) = blas else {
+        let (x32, w32) = (widened(xv, n, lda), widened(wv, m, ldw));
+        let (lhs, rhs) = (
+            Strided::row_major(&x32, n, k),
+            Strided::row_major(&w32, m, k).t(),
+        );
+        sgemm(out, m, lhs, rhs, accumulate, 1.0, all_threads());
+        return Ok(());
+    };
+    // As `sgemm` splits: one block per thread along the output's longer side.
+    let threads = rayon::current_num_threads();
+    let parts = if n * m * k < super::pool::PARALLEL_MIN_WORK {
+        1
+    } else {
+        threads
+    };
+    let product = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: *mut f32| {
+        let (x, w) = (
+            xv[rows.start * lda..].as_ptr(),
+            wv[cols.start * ldw..].as_ptr(),
+        );
+        // SAFETY: `x`'s rows and `w`'s rows (output columns) exist from these starts, and `c`
+        // is this block's corner of `out` (row stride m), written by this block alone.
+        unsafe {
+            blas.gemm_f16_nt(
+                rows.len(),
+                cols.len(),
+                k,
+                (x, lda),
+                (w, ldw),
+                accumulate,
+                c,
+                m,
+            )
+        };
+    };
+    if n >= m {
+        let rows = n.div_ceil(parts).max(1);
+        out.par_chunks_mut(rows * m).enumerate().for_each(|(b, o)| {
+            product(b * rows..b * rows + o.len() / m, 0..m, o.as_mut_ptr());
+        });
+    } else {
+        let cols = m.div_ceil(parts).next_multiple_of(16);
+        let corner = SendPtr(out.as_mut_ptr());
+        (0..m.div_ceil(cols)).into_par_iter().for_each(|b| {
+            let cols = b * cols..m.min((b + 1) * cols);
+            // The block's columns start `cols.start` floats into each output row.
+            product(0..n, cols.clone(), corner.offset(cols.start));
+        });
+    }
+    Ok(())
+}
+
+/// A pointer into an output whose parallel blocks write disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for blocks that write disjoint elements of a buffer that outlives them.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn offset(self, by: usize) -> *mut f32 {
+        self.0.wrapping_add(by)
+    }
 }
 
 /// `scale · lhs·rhs` for 2-D tensors (any strides): one parallel f32 GEMM on the CPU with the
@@ -879,6 +1005,77 @@ mod tests {
             .unwrap();
             let diff = max_abs_diff(y, expected);
             assert!(diff < 1e-4, "{n} rows: {diff}");
+        }
+    }
+
+    /// An f16 layer with a low-rank term, as PEFT computes it: the base output (f32 sums of the
+    /// exact f16 products, plus the bias) rounded to f16, the term added in f32, the sum rounded
+    /// to f16. Against that computed in f64 every output is within one f16 step (f32 summation
+    /// order can move a value across a rounding boundary) and nearly all are equal; for few rows
+    /// (row dot products on the widened weight) and more (f32 copies through faer: no BLAS is
+    /// loaded in these tests), `x` with rows further apart than its width, and without a term.
+    #[test]
+    fn f16_layer_rounds_as_peft() {
+        let mut init = Initializer::new(9);
+        let (k, m, r) = (72, 40, 4);
+        let mut u = |dims: &[usize]| init.uniform(dims, 1.0, DType::F32).unwrap();
+        let (w, bias, a, b, out_scale) = (u(&[m, k]), u(&[m]), u(&[r, k]), u(&[m, r]), u(&[m]));
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let (w16, bias16) = (half(&w), half(&bias));
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        let round = |v: f64| f16::from_f64(v).to_f64();
+        for (n, with_term) in [
+            (1, true),
+            (5, true),
+            (16, false),
+            (17, true),
+            (40, true),
+            (40, false),
+        ] {
+            let wide = half(&u(&[n, k + 8]));
+            let x = wide.narrow(1, 0, k).unwrap();
+            let term = LowRank {
+                out_scale: Some(out_scale.clone()),
+                ..LowRank::new(a.clone(), b.clone(), None, 0.5)
+            };
+            let extras = if with_term {
+                Extras::low_rank(term)
+            } else {
+                Extras::default()
+            };
+            let y = linear(&x, &w16.t().unwrap(), Some(&bias16), &extras)
+                .unwrap()
+                .unwrap();
+            assert_eq!(y.dtype(), DType::F16);
+            let (xs, ws, bs) = (f64s(&x), f64s(&w16), bias16.to_dtype(DType::F64).unwrap());
+            let bs = bs.to_vec1::<f64>().unwrap();
+            let (av, bv, ss) = (f64s(&a), f64s(&b), out_scale.to_dtype(DType::F64).unwrap());
+            let ss = ss.to_vec1::<f64>().unwrap();
+            let dot = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(p, q)| p * q).sum::<f64>();
+            let (mut equal, mut total) = (0, 0);
+            for (i, got) in f64s(&y).iter().enumerate() {
+                let h: Vec<f64> = av.iter().map(|a| 0.5 * dot(&xs[i], a)).collect();
+                for j in 0..m {
+                    let mut want = round(dot(&xs[i], &ws[j]) + bs[j]);
+                    if with_term {
+                        want = round(want + dot(&h, &bv[j]) * ss[j]);
+                    }
+                    let step = f16::from_f64(want.abs()).to_f64() * 2f64.powi(-10);
+                    let diff = (got[j] - want).abs();
+                    assert!(
+                        diff <= step.max(2f64.powi(-24)),
+                        "{n} rows, ({i}, {j}): {} vs {want}",
+                        got[j]
+                    );
+                    equal += usize::from(diff == 0.0);
+                    total += 1;
+                }
+            }
+            eprintln!("{n} rows: {equal} of {total} equal");
+            assert!(
+                equal * 100 >= total * 95,
+                "{n} rows: {equal} of {total} equal"
+            );
         }
     }
 
