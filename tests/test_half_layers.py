@@ -106,3 +106,7 @@ def test_half_layer_matches_peft(method, dtype, blas, tmp_path):
     x = inputs["3x7 rows"].to(dtype)
     with torch.no_grad():
         assert_close(ours.forward(x), layer(x), tol=TOL[dtype], msg=f"{method} merged")
+    ours.unmerge()
+    layer.unmerge()
+    with torch.no_grad():
+        assert_close(ours.forward(x), layer(x), tol=TOL[dtype], msg=f"{method} unmerged")

@@ -4,20 +4,43 @@
 //! dtypes) and the caller uses candle's ops, which compute the same values.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
-use half::bf16;
+use std::mem::MaybeUninit;
+
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::bf16::{round_into, round_into_uninit, widen, widen_into};
+use super::fp16;
 use crate::error::Result;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 1 << 15;
 
-/// Elements of a contiguous f32 or bf16 CPU tensor, widened to f32 on the fly.
+/// Elements of a contiguous f32, bf16 or f16 CPU tensor, widened to f32 on the fly.
 enum Values<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl Values<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+            Values::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `range`, widened into `wide`.
+    fn widen_range(&self, range: std::ops::Range<usize>, wide: &mut [f32]) {
+        match self {
+            Values::F32(v) => wide.copy_from_slice(&v[range]),
+            Values::Bf16(v) => widen_into(&v[range], wide),
+            Values::F16(v) => fp16::widen_into(&v[range], wide),
+        }
+    }
 }
 
 fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
@@ -32,14 +55,15 @@ fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
     match cpu {
         candle_core::CpuStorage::F32(v) => Some(f(Values::F32(&v[start..end]))),
         candle_core::CpuStorage::BF16(v) => Some(f(Values::Bf16(&v[start..end]))),
+        candle_core::CpuStorage::F16(v) => Some(f(Values::F16(&v[start..end]))),
         _ => None,
     }
 }
 
 /// `target` widened to f32, then `op(first, chunk)` on it in place, in parallel over chunks of
 /// whole rows of `cols` elements (`first`: the chunk's first row), stored as a tensor of `dims`
-/// in `dtype` (f32, or bf16 rounded once chunk by chunk: no f32 copy of the whole). Ops are
-/// written per slice so that the compiler vectorises them.
+/// in `dtype` (f32, or bf16 or f16 rounded once chunk by chunk: no f32 copy of the whole). Ops
+/// are written per slice so that the compiler vectorises them.
 fn map_rows(
     target: Values,
     cols: usize,
@@ -47,34 +71,40 @@ fn map_rows(
     dims: &[usize],
     op: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Result<Tensor> {
-    let n = match &target {
-        Values::F32(v) => v.len(),
-        Values::Bf16(v) => v.len(),
-    };
+    let n = target.len();
     let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
     let chunk_len = rows_per_chunk * cols.max(1);
     let fill = |c: usize, wide: &mut [f32]| {
-        let range = c * chunk_len..c * chunk_len + wide.len();
-        match &target {
-            Values::F32(v) => wide.copy_from_slice(&v[range]),
-            Values::Bf16(v) => widen_into(&v[range], wide),
-        }
+        target.widen_range(c * chunk_len..c * chunk_len + wide.len(), wide);
         op(c * rows_per_chunk, wide);
     };
+    // Not zeroed first: every element is written once.
+    fn rounded<T: Send>(
+        n: usize,
+        chunk_len: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+        round: fn(&[f32], &mut [MaybeUninit<T>]),
+    ) -> Vec<T> {
+        let mut out = Vec::with_capacity(n);
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut wide = vec![0f32; chunk.len()];
+                fill(c, &mut wide);
+                round(&wide, chunk);
+            });
+        // SAFETY: the chunks cover all n elements, each written above.
+        unsafe { out.set_len(n) };
+        out
+    }
     Ok(match dtype {
         DType::BF16 => {
-            // Not zeroed first: every element is written once.
-            let mut out = Vec::with_capacity(n);
-            out.spare_capacity_mut()[..n]
-                .par_chunks_mut(chunk_len)
-                .enumerate()
-                .for_each(|(c, chunk)| {
-                    let mut wide = vec![0f32; chunk.len()];
-                    fill(c, &mut wide);
-                    round_into_uninit(&wide, chunk);
-                });
-            // SAFETY: the chunks cover all n elements, each written above.
-            unsafe { out.set_len(n) };
+            let out = rounded(n, chunk_len, fill, round_into_uninit);
+            Tensor::from_vec(out, dims, &Device::Cpu)?
+        }
+        DType::F16 => {
+            let out = rounded(n, chunk_len, fill, fp16::round_into_uninit);
             Tensor::from_vec(out, dims, &Device::Cpu)?
         }
         _ => {
@@ -87,13 +117,13 @@ fn map_rows(
     })
 }
 
-/// `target + factor · delta` computed in f32 and stored in `target`'s dtype (f32 or bf16);
+/// `target + factor · delta` computed in f32 and stored in `target`'s dtype (f32, bf16 or f16);
 /// `delta` f32 of the same shape.
 pub(crate) fn add_scaled(target: &Tensor, delta: &Tensor, factor: f64) -> Result<Option<Tensor>> {
     add_scaled_as(target, delta, factor, target.dtype())
 }
 
-/// [`add_scaled`] stored in `dtype` (f32 or bf16).
+/// [`add_scaled`] stored in `dtype` (f32, bf16 or f16).
 pub(crate) fn add_scaled_as(
     target: &Tensor,
     delta: &Tensor,
@@ -118,7 +148,7 @@ pub(crate) fn add_scaled_as(
 }
 
 /// `t ⊙ s` (or `t ⊘ (s + eps)` with `undo`) for a 2-D `t` and an f32 `s` that is a column
-/// `(rows, 1)` or a row `(1, cols)`; in f32, stored in `t`'s dtype (f32 or bf16).
+/// `(rows, 1)` or a row `(1, cols)`; in f32, stored in `t`'s dtype (f32, bf16 or f16).
 pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<Option<Tensor>> {
     let (Ok((rows, cols)), Ok((sr, sc))) = (t.dims2(), s.dims2()) else {
         return Ok(None);
@@ -153,7 +183,7 @@ pub(crate) fn scale_2d(t: &Tensor, s: &Tensor, undo: bool, eps: f64) -> Result<O
     .transpose()
 }
 
-/// DoRA's merge of 2-D tensors, row by row in f32 and stored in `weight`'s dtype (f32 or bf16):
+/// DoRA's merge of 2-D tensors, row by row in f32 and stored in `weight`'s dtype (f32, bf16 or f16):
 /// `(weight_i + delta_i) · factor_i`, or with `undo` its inverse `weight_i / factor_i - delta_i`;
 /// `delta` f32 of `weight`'s shape, one factor per row. One pass where candle's ops take four.
 pub(crate) fn dora_rows(
@@ -336,7 +366,7 @@ pub(crate) fn kron_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<T
 }
 
 /// `‖weight_i + delta_i‖` for each row `i` of 2-D tensors (DoRA's norm), accumulated in f64;
-/// `weight` f32 or bf16, `delta` f32, both contiguous.
+/// `weight` f32, bf16 or f16, `delta` f32, both contiguous.
 pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option<Tensor>> {
     let (Ok((rows, cols)), true) = (weight.dims2(), delta.dtype() == DType::F32) else {
         return Ok(None);
@@ -361,6 +391,11 @@ pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option
                         .zip(d)
                         .map(|(w, d)| f64::from(widen(*w) + d).powi(2))
                         .sum(),
+                    Values::F16(w) => w[i * cols..(i + 1) * cols]
+                        .iter()
+                        .zip(d)
+                        .map(|(w, d)| f64::from(w.to_f32() + d).powi(2))
+                        .sum(),
                 };
                 *norm = sum.sqrt() as f32;
             });
@@ -375,7 +410,7 @@ pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option
 
 /// `x (…, r·b)` with each of its `r` feature blocks of `b` multiplied by its `b × b` block of
 /// `blocks` (`(r, b, b)`, or `(1, b, b)` shared by all), `y_blk = x_blk · R_blk` (OFT's input
-/// rotation): in f32 from `x` widened, stored in `dtype` (f32 or bf16, rounded once), in
+/// rotation): in f32 from `x` widened, stored in `dtype` (f32, or bf16 or f16 rounded once), in
 /// parallel over rows. One pass where candle takes a cast, a transposing copy, a batched
 /// matmul and another cast.
 pub(crate) fn rotate_blocks(x: &Tensor, blocks: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
@@ -511,7 +546,7 @@ impl InPlace {
             || !fits(operand)
             || !shapes_fit
             || operand.dtype() != DType::F32
-            || !matches!(target.dtype(), DType::F32 | DType::BF16)
+            || !matches!(target.dtype(), DType::F32 | DType::BF16 | DType::F16)
         {
             return Ok(false);
         }
@@ -526,6 +561,27 @@ impl InPlace {
             .par_chunks_mut(rows_per_chunk * cols.max(1))
             .enumerate()
             .for_each(|(c, chunk)| self.rows(c * rows_per_chunk, chunk, operand, cols));
+    }
+
+    /// [`Self::run`] on a half-precision `target`, widened a chunk at a time and rounded back.
+    fn run_widened<T: Send>(
+        &self,
+        target: &mut [T],
+        operand: &[f32],
+        cols: usize,
+        widen: fn(&[T], &mut [f32]),
+        round: fn(&[f32], &mut [T]),
+    ) {
+        let rows_per_chunk = (CHUNK / cols.max(1)).max(1);
+        target
+            .par_chunks_mut(rows_per_chunk * cols.max(1))
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut wide = vec![0f32; chunk.len()];
+                widen(chunk, &mut wide);
+                self.rows(c * rows_per_chunk, &mut wide, operand, cols);
+                round(&wide, chunk);
+            });
     }
 
     /// [`Self::rows_inline`] compiled for AVX-512 or AVX2 + FMA where the CPU has them (the
@@ -594,20 +650,18 @@ impl candle_core::InplaceOp2 for InPlace {
         let (operand, cols) = (&operand[o_start..o_end], self.cols(l1));
         match s1 {
             CpuStorage::F32(t) => self.run(&mut t[start..end], operand, cols),
+            // Widened chunk by chunk: the same f32 arithmetic, one rounding back.
             CpuStorage::BF16(t) => {
-                // Widened chunk by chunk: the same f32 arithmetic, one rounding back.
-                let rows_per_chunk = (CHUNK / cols).max(1);
-                t[start..end]
-                    .par_chunks_mut(rows_per_chunk * cols)
-                    .enumerate()
-                    .for_each(|(c, chunk)| {
-                        let mut wide = vec![0f32; chunk.len()];
-                        widen_into(chunk, &mut wide);
-                        self.rows(c * rows_per_chunk, &mut wide, operand, cols);
-                        round_into(&wide, chunk);
-                    });
+                self.run_widened(&mut t[start..end], operand, cols, widen_into, round_into)
             }
-            _ => candle_core::bail!("merging in place needs an f32 or bf16 weight"),
+            CpuStorage::F16(t) => self.run_widened(
+                &mut t[start..end],
+                operand,
+                cols,
+                fp16::widen_into,
+                fp16::round_into,
+            ),
+            _ => candle_core::bail!("merging in place needs an f32, bf16 or f16 weight"),
         }
         Ok(())
     }
@@ -633,7 +687,7 @@ mod tests {
     fn every_pass_equals_candles_ops_exactly() {
         for dims in [[1, 1], [3, 5], [257, 130]] {
             let delta = uniform(&dims, 2, DType::F32);
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let target = uniform(&dims, 1, dtype);
                 for factor in [1.0, -0.37] {
                     let fast = add_scaled(&target, &delta, factor).unwrap().unwrap();
@@ -696,6 +750,7 @@ mod tests {
         for (dims, dtype) in [
             ([1, 1], DType::F32),
             ([7, 300], DType::BF16),
+            ([9, 70], DType::F16),
             ([65, 9], DType::F32),
         ] {
             let (w, d) = (uniform(&dims, 1, dtype), uniform(&dims, 2, DType::F32));
@@ -708,7 +763,7 @@ mod tests {
 
     #[test]
     fn in_place_passes_write_what_the_copying_ones_return() {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
             let dims = [67, 130];
             let delta = uniform(&dims, 2, DType::F32);
             let target = uniform(&dims, 1, dtype);
@@ -754,7 +809,7 @@ mod tests {
             (vec![40, 48], 1, 16),
         ] {
             let blocks = uniform(&[count, b, b], 11, DType::F32);
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let x = uniform(&dims, 12, dtype);
                 let fast = rotate_blocks(&x, &blocks, dtype).unwrap().unwrap();
                 let k = *dims.last().unwrap();
@@ -784,7 +839,11 @@ mod tests {
                     .unwrap();
                 assert_eq!(fast.dims(), x.dims());
                 assert_eq!(fast.dtype(), dtype);
-                let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-5 };
+                let tol = match dtype {
+                    DType::BF16 => 2e-2,
+                    DType::F16 => 3e-3,
+                    _ => 1e-5,
+                };
                 let diff = max_diff(&fast, &plain);
                 assert!(
                     diff < tol,
@@ -840,8 +899,8 @@ mod tests {
         let strided = t.t().unwrap();
         let delta = uniform(&[6, 4], 2, DType::F32);
         assert!(add_scaled(&strided, &delta, 1.0).unwrap().is_none());
-        let f16 = uniform(&[4, 6], 1, DType::F16);
-        assert!(add_scaled(&f16, &t, 1.0).unwrap().is_none());
+        let f64 = uniform(&[4, 6], 1, DType::F64);
+        assert!(add_scaled(&f64, &t, 1.0).unwrap().is_none());
         let not_broadcast = uniform(&[4, 6], 3, DType::F32);
         assert!(scale_2d(&t, &not_broadcast, false, 0.0).unwrap().is_none());
     }

@@ -50,6 +50,14 @@ fn round_at(level: Level, src: &[f32], dst: &mut [MaybeUninit<f16>]) {
     }
 }
 
+/// [`round_into_uninit`] into initialized memory.
+pub(crate) fn round_into(src: &[f32], dst: &mut [f16]) {
+    // SAFETY: `MaybeUninit<f16>` has f16's layout, and only initialized values are written
+    // through the view.
+    let dst = unsafe { &mut *(std::ptr::from_mut(dst) as *mut [MaybeUninit<f16>]) };
+    round_into_uninit(src, dst);
+}
+
 /// `v[i] = f32(f16(v[i]))`: the value an f16 tensor would hold, kept in f32.
 pub(crate) fn round_in_place(v: &mut [f32]) {
     const CHUNK: usize = 256;
