@@ -122,6 +122,75 @@ mod simd {
         out
     }
 
+    /// [`dot4_avx512`] for f16 rows, each widened as it is loaded.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and each row of `w` must have `x.len()` elements.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot4_f16_avx512(x: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
+        let k = x.len();
+        let body = k - k % 16;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= body <= k, the length of x and of each row.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for (a, row) in acc.iter_mut().zip(&w) {
+                    let h = _mm256_loadu_si256(row.as_ptr().add(i).cast());
+                    *a = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(h), *a);
+                }
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
+            let tail: f32 = x[body..]
+                .iter()
+                .zip(&row[body..])
+                .map(|(p, q)| p * q.to_f32())
+                .sum();
+            *o = _mm512_reduce_add_ps(a) + tail;
+        }
+        out
+    }
+
+    /// [`dot4_avx2`] for f16 rows, each widened as it is loaded.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C and each row of `w` must have `x.len()` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_f16_avx2(x: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
+        let k = x.len();
+        let body = k - k % 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 8 <= body <= k, the length of x and of each row.
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for (a, row) in acc.iter_mut().zip(&w) {
+                    let h = _mm_loadu_si128(row.as_ptr().add(i).cast());
+                    *a = _mm256_fmadd_ps(xv, _mm256_cvtph_ps(h), *a);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [0f32; 4];
+        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+            let tail: f32 = x[body..]
+                .iter()
+                .zip(&row[body..])
+                .map(|(p, q)| p * q.to_f32())
+                .sum();
+            *o = lanes.iter().sum::<f32>() + tail;
+        }
+        out
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA and each row of `w` must have `x.len()` elements.
     #[target_feature(enable = "avx2,fma")]
@@ -152,44 +221,15 @@ mod simd {
     }
 }
 
-/// `x (n, k) · w (m, k)ᵀ` as `(n, m)` row-major, both contiguous: each output a dot product of
-/// two rows, the weight streamed once in parallel over output features.
-pub(crate) fn rows_dot_rows(x: &[f32], w: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
-    dot_weight_blocks(x, n, k, m, |first, count, dots| {
-        dots(&w[first * k..][..count * k]);
-    })
-}
-
-/// [`rows_dot_rows`] for an f16 weight, whose rows are widened a block at a time into a
-/// per-thread buffer that stays in cache: the f16 weight is read once from memory, at half
-/// the bytes of an f32 one.
-pub(crate) fn rows_dot_rows_f16(
+/// `x (n, k) · w (m, k)ᵀ` as `(n, m)` row-major, both contiguous, `w` in f32 or f16 (widened
+/// as it is read: an f16 weight streams half the bytes): each output a dot product of two rows,
+/// the weight streamed once in parallel over output features.
+pub(crate) fn rows_dot_rows<W: WeightElement>(
     x: &[f32],
-    w: &[half::f16],
+    w: &[W],
     n: usize,
     k: usize,
     m: usize,
-) -> Vec<f32> {
-    thread_local! {
-        static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    dot_weight_blocks(x, n, k, m, |first, count, dots| {
-        WIDENED.with_borrow_mut(|rows| {
-            rows.resize(count * k, 0.0);
-            fp16::widen_into(&w[first * k..][..count * k], rows);
-            dots(rows);
-        });
-    })
-}
-
-/// The parallel loop of [`rows_dot_rows`]: `weight_rows(first, count, dots)` hands `dots` the
-/// weight's rows `first..first + count` in f32.
-fn dot_weight_blocks(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    m: usize,
-    weight_rows: impl Fn(usize, usize, &mut dyn FnMut(&[f32])) + Sync,
 ) -> Vec<f32> {
     // Computed as (m, n) so each task writes one contiguous block, then laid out (n, m).
     let mut out_t = vec![0f32; m * n];
@@ -199,29 +239,60 @@ fn dot_weight_blocks(
         .for_each(|(block, chunk)| {
             let first = block * BLOCK;
             let count = chunk.len() / n.max(1);
-            weight_rows(first, count, &mut |w| {
-                let row = |j: usize| &w[j * k..][..k];
-                for j in (0..count).step_by(4) {
-                    // Pad the last group with row j (its results are not stored).
-                    let group = [
-                        row(j),
-                        row((j + 1).min(count - 1)),
-                        row((j + 2).min(count - 1)),
-                        row((j + 3).min(count - 1)),
-                    ];
-                    for r in 0..n {
-                        let dots = dot4(&x[r * k..][..k], group);
-                        for (jj, d) in dots.iter().enumerate().take(count - j) {
-                            chunk[(j + jj) * n + r] = *d;
-                        }
+            let row = |j: usize| &w[(first + j) * k..][..k];
+            for j in (0..count).step_by(4) {
+                // Pad the last group with row j (its results are not stored).
+                let group = [
+                    row(j),
+                    row((j + 1).min(count - 1)),
+                    row((j + 2).min(count - 1)),
+                    row((j + 3).min(count - 1)),
+                ];
+                for r in 0..n {
+                    let dots = W::dot4(&x[r * k..][..k], group);
+                    for (jj, d) in dots.iter().enumerate().take(count - j) {
+                        chunk[(j + jj) * n + r] = *d;
                     }
                 }
-            });
+            }
         });
     if n == 1 {
         out_t
     } else {
         (0..n * m).map(|i| out_t[(i % m) * n + i / m]).collect()
+    }
+}
+
+/// A weight element type [`rows_dot_rows`] reads.
+pub(crate) trait WeightElement: Sync + Sized {
+    /// Four dot products `x · w[j]`.
+    fn dot4(x: &[f32], w: [&[Self]; 4]) -> [f32; 4];
+}
+
+impl WeightElement for f32 {
+    fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+        dot4(x, w)
+    }
+}
+
+impl WeightElement for half::f16 {
+    fn dot4(x: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
+        let w = w.map(|row| &row[..x.len()]);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, and every row is as long as `x`.
+                return unsafe { simd::dot4_f16_avx512(x, w) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                // SAFETY: the CPU has AVX2, FMA and F16C, and every row is as long as `x`.
+                return unsafe { simd::dot4_f16_avx2(x, w) };
+            }
+        }
+        w.map(|row| x.iter().zip(row).map(|(a, b)| a * b.to_f32()).sum())
     }
 }
 
@@ -398,6 +469,38 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             check(unsafe { simd::dot4_avx2(&x, w) }, "avx2");
+        }
+        // f16 rows: the same sums over the rows rounded to f16.
+        let halves: Vec<Vec<half::f16>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| half::f16::from_f32(*v)).collect())
+            .collect();
+        let h = [
+            &halves[0][..],
+            &halves[1][..],
+            &halves[2][..],
+            &halves[3][..],
+        ];
+        let want = h.map(|r| {
+            x.iter()
+                .zip(r)
+                .map(|(a, b)| f64::from(*a) * b.to_f64())
+                .sum::<f64>()
+        });
+        let check = |got: [f32; 4], path: &str| {
+            for (g, e) in got.iter().zip(want) {
+                assert!((f64::from(*g) - e).abs() < 1e-4, "{path}: {g} vs {e}");
+            }
+        };
+        check(half::f16::dot4(&x, h), "f16 dispatch");
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            check(unsafe { simd::dot4_f16_avx512(&x, h) }, "f16 avx512");
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            check(unsafe { simd::dot4_f16_avx2(&x, h) }, "f16 avx2");
         }
     }
 

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::bf16 as bf16_kernel;
-use super::{MAX_ROWS, fp16, rows_dot_rows, rows_dot_rows_f16};
+use super::{MAX_ROWS, fp16, rows_dot_rows};
 use crate::error::Result;
 
 /// A term `((scale · x·Aᵀ) ⊙ rank_scale)·Bᵀ ⊙ out_scale (+ scale · bias)` (LoRA and its
@@ -689,7 +689,7 @@ fn project_rows(
 
 /// `out (n, m) [+]= x·Wᵀ` for f16 `x (n, k)` and the f16 weight `w_t (k, m)`, both with rows
 /// contiguous along k: f32 sums of exact products, as torch's f16 matmul. Few rows take row dot
-/// products on the weight widened a block at a time (read once, as f16); more take the loaded
+/// products on the weight widened as it is read (read once, as f16); more take the loaded
 /// BLAS's f16 GEMM (MKL's) where it has one, else f32 copies of both through [`sgemm`].
 fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> Result<()> {
     let (n, k, m) = (x.dim(0)?, x.dim(1)?, w_t.dim(1)?);
@@ -707,7 +707,7 @@ fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> R
     };
     let out = &mut out[..n * m];
     if n <= MAX_ROWS && ldw == k {
-        let y = rows_dot_rows_f16(&widened(xv, n, lda), &wv[..m * k], n, k, m);
+        let y = rows_dot_rows(&widened(xv, n, lda), &wv[..m * k], n, k, m);
         if accumulate {
             out.iter_mut().zip(&y).for_each(|(o, y)| *o += y);
         } else {
