@@ -12,7 +12,7 @@ spent --budget seconds (3 to 30 repetitions); cells show the median and ± half 
 range as % of the median. ratio = peft_rs / PEFT (< 1: peft_rs faster; project goal ≤ 0.9
 everywhere). Every cell's outputs are compared before timing.
 
-    python benches/bench_speed.py                  # widths 1024/4096 x f32/bf16 x tokens 1/64/512/4096
+    python benches/bench_speed.py                  # widths 1024/4096 x f32/bf16/f16 x tokens 1/64/512/4096
     python benches/bench_speed.py --quick          # width 1024, tokens 1 and 512, f32
     python benches/bench_speed.py --widths 1024 --dtypes f32,bf16 --methods lora,oft --json out.json
 """
@@ -334,7 +334,7 @@ def main() -> None:
     )
     parser.add_argument("--widths", default="1024,4096", help="comma-separated (default 1024,4096)")
     parser.add_argument("--tokens", default="1,64,512,4096", help="comma-separated (default 1,64,512,4096)")
-    parser.add_argument("--dtypes", default="f32,bf16", help="comma-separated, of f32, bf16 and f16")
+    parser.add_argument("--dtypes", default="f32,bf16,f16", help="comma-separated, of f32, bf16 and f16")
     parser.add_argument("--methods", default="", help="comma-separated substrings of method names")
     parser.add_argument("--budget", type=float, default=0.4, help="seconds per side per cell (default 0.4)")
     parser.add_argument("--quick", action="store_true", help="width 1024, tokens 1 and 512, f32")
