@@ -13,10 +13,11 @@
 //! no compiled code uses the tile registers, so nothing else can clobber them.
 
 use std::arch::asm;
-use std::arch::x86_64::{_mm512_maskz_loadu_epi16, _mm512_setzero_si512, _mm512_store_si512};
+use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::avx512::{self, DOT_MAX_M, Line, SCRATCH, SharedMut, XR, mask32, transpose16, words};
 use super::{Problem, Sink, chunk_len, parallel_for, threads_for};
@@ -98,24 +99,27 @@ pub(super) fn fits(p: &Problem<'_>) -> bool {
 /// (1024 × 1024) and 3.1 vs 3.9–4.4 ms (4096 × 4096); 256 rows 0.42 vs 0.43
 /// and 5.7–6.2 vs 6.0–7.0; 512 rows 0.85 vs 0.74 and 11.6–12.0 vs 10.9–11.5.
 pub(super) fn w_in_place_pays(p: &Problem<'_>) -> bool {
-    p.m < IN_PLACE_MAX_M
+    !p.f16
+        && p.m < IN_PLACE_MAX_M
         && p.k.is_multiple_of(TK)
         && p.n.is_multiple_of(TILE)
         && (p.w.as_ptr() as usize).is_multiple_of(64)
         && (2 * p.ldw).is_multiple_of(64)
 }
 
-/// Computes the product of `p` into `sink`.
+/// Computes the product of `p` into `sink`; `false`, nothing written, where f16 operands hold
+/// an infinity (found while packing them): split, `∞ · 0` in a cross product would make it NaN.
 ///
 /// # Safety
 /// [`available`] and [`fits`] hold.
-pub(super) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) {
+pub(super) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) -> bool {
     if w_in_place_pays(p) {
         // SAFETY: the caller's contract; the shape fits whole tiles.
-        return unsafe { matmul_w_in_place(p, sink) };
+        unsafe { matmul_w_in_place(p, sink) };
+        return true;
     }
     let threads = threads_for(p);
-    let kt = p.k.div_ceil(TK);
+    let kt = k_tiles(p);
     let (m_pad, n_pad) = (p.m.next_multiple_of(BLOCK), p.n.next_multiple_of(BLOCK));
     let mut buf = PACKED.take();
     let a_words = m_pad / TILE * kt * TILE_WORDS;
@@ -123,6 +127,7 @@ pub(super) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) {
     // SAFETY: `a_words` is inside the buffer.
     let b = unsafe { SharedMut(a.at(a_words)) };
     let (a_strips, b_strips) = (m_pad / TILE, n_pad / TILE);
+    let infinite = AtomicBool::new(false);
     parallel_for(a_strips + b_strips, threads, |s| {
         // SAFETY: AMX implies the AVX-512 features; strip s's rows or
         // columns exist up to m or n, and its tiles are written by this task
@@ -132,15 +137,33 @@ pub(super) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) {
             if s < a_strips {
                 let rows = TILE.min(p.m.saturating_sub(s * TILE));
                 let dst = a.at(s * kt * TILE_WORDS);
-                pack_strip::<false>(x.wrapping_add(s * TILE * p.lda), p.lda, rows, p.k, dst);
+                let src = x.wrapping_add(s * TILE * p.lda);
+                if p.f16 {
+                    if pack_strip_split::<false>(src, p.lda, rows, p.k, dst) {
+                        infinite.store(true, Ordering::Relaxed);
+                    }
+                } else {
+                    pack_strip::<false>(src, p.lda, rows, p.k, dst);
+                }
             } else {
                 let s = s - a_strips;
                 let cols = TILE.min(p.n.saturating_sub(s * TILE));
                 let dst = b.at(s * kt * TILE_WORDS);
-                pack_strip::<true>(w.wrapping_add(s * TILE * p.ldw), p.ldw, cols, p.k, dst);
+                let src = w.wrapping_add(s * TILE * p.ldw);
+                if p.f16 {
+                    if pack_strip_split::<true>(src, p.ldw, cols, p.k, dst) {
+                        infinite.store(true, Ordering::Relaxed);
+                    }
+                } else {
+                    pack_strip::<true>(src, p.ldw, cols, p.k, dst);
+                }
             }
         }
     });
+    if infinite.into_inner() {
+        PACKED.set(buf);
+        return false;
+    }
     let row_blocks = m_pad.div_ceil(TASK_ROWS);
     let nc = chunk_len(n_pad, (4 * threads).div_ceil(row_blocks), BLOCK).min(TASK_COLS);
     let col_blocks = n_pad.div_ceil(nc);
@@ -154,6 +177,7 @@ pub(super) unsafe fn matmul(p: &Problem<'_>, sink: &Sink<'_>) {
         });
     });
     PACKED.set(buf);
+    true
 }
 
 /// Copies one strip of 16 rows (`rows` of them real, the rest zero) of `x`
@@ -192,6 +216,83 @@ unsafe fn pack_strip<const PAIRS: bool>(
     }
 }
 
+/// Tiles along k per packed strip: f16 operands take four per 32 of k ([`pack_strip_split`]).
+fn k_tiles(p: &Problem<'_>) -> usize {
+    p.k.div_ceil(TK) * if p.f16 { SPLIT_TILES } else { 1 }
+}
+
+/// Tiles per 32 of k for f16 operands: each f16 is the sum of two bf16, `hi` (its top eight
+/// significant bits) and `lo` (the other three, exact in bf16), so `x·wᵀ` is the sum of the four
+/// products `hi·hi + hi·lo + lo·hi + lo·lo`, each multiply exact, all summed in f32 (torch's f16
+/// matmul, in another order). The strips hold `x` as `[hi, hi, lo, lo]` and `w` as
+/// `[hi, lo, hi, lo]`, so the tile loop is the bf16 one over four times the tiles.
+const SPLIT_TILES: usize = 4;
+
+/// [`pack_strip`] for f16 rows (their bits, as `u16`): each tile of 32 along k becomes the
+/// four tiles of [`SPLIT_TILES`]. `hi` is cut from the f16 value widened to f32 (its top eight
+/// significant bits, all normal in bf16: f16's range is inside bf16's), `lo` the exact rest (zero
+/// where `hi` is NaN, which stays NaN). Returns whether a value was infinite: its products with
+/// the other operand's `lo` would be `∞ · 0`, so the caller must not use these tiles then.
+///
+/// # Safety
+/// As for [`pack_strip`], with room for `SPLIT_TILES · k.div_ceil(32)` tiles at `dst`.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn pack_strip_split<const PAIRS: bool>(
+    src: *const u16,
+    ld: usize,
+    rows: usize,
+    k: usize,
+    dst: *mut u32,
+) -> bool {
+    let (magnitude, infinity) = (_mm512_set1_epi16(0x7fff), _mm512_set1_epi16(0x7c00));
+    let mut infinite = 0;
+    let top = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    // 16 f32 lanes to their upper halves as 16 words (exact for `hi` and `lo`: their lower
+    // halves are zero).
+    let words = |v: __m512i| _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v));
+    for t in 0..k.div_ceil(TK) {
+        let mask = mask32(k - t * TK);
+        let mut hi = [_mm512_setzero_si512(); TILE];
+        let mut lo = [_mm512_setzero_si512(); TILE];
+        for i in 0..rows.min(TILE) {
+            // SAFETY: row i < rows exists; the mask stops at k.
+            let raw = unsafe { _mm512_maskz_loadu_epi16(mask, src.add(i * ld + t * TK).cast()) };
+            infinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(raw, magnitude), infinity);
+            let halves = [
+                _mm512_castsi512_si256(raw),
+                _mm512_extracti64x4_epi64::<1>(raw),
+            ];
+            let [(h0, l0), (h1, l1)] = halves.map(|h| {
+                let v = _mm512_cvtph_ps(h);
+                let high = _mm512_and_si512(_mm512_castps_si512(v), top);
+                let rest = _mm512_sub_ps(v, _mm512_castsi512_ps(high));
+                let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(rest, rest);
+                (high, _mm512_castps_si512(_mm512_maskz_mov_ps(finite, rest)))
+            });
+            hi[i] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(words(h0)), words(h1));
+            lo[i] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(words(l0)), words(l1));
+        }
+        if PAIRS {
+            transpose16(&mut hi);
+            transpose16(&mut lo);
+        }
+        // x: [hi, hi, lo, lo]; w: [hi, lo, hi, lo] (see SPLIT_TILES).
+        let order = if PAIRS {
+            [&hi, &lo, &hi, &lo]
+        } else {
+            [&hi, &hi, &lo, &lo]
+        };
+        for (j, tile) in order.into_iter().enumerate() {
+            for (i, v) in tile.iter().enumerate() {
+                let at = (SPLIT_TILES * t + j) * TILE_WORDS + i * TILE;
+                // SAFETY: the tile's row i is inside `dst`, 64-byte aligned.
+                unsafe { _mm512_store_si512(dst.add(at).cast(), *v) };
+            }
+        }
+    }
+    infinite != 0
+}
+
 /// Output rows `rows` × columns `cols` (block-aligned, possibly past m and
 /// n) from the packed operands: sums kept in `sums` (row-major) through the
 /// k blocks, then the real rows and columns handed to the sink.
@@ -209,7 +310,7 @@ unsafe fn block(
     b: *const u32,
     sums: &mut Vec<Line>,
 ) {
-    let kt = p.k.div_ceil(TK);
+    let kt = k_tiles(p);
     let strip = kt * TILE_WORDS;
     let ldc = cols.len();
     let c = words(sums, rows.len() * ldc).cast::<f32>();

@@ -138,6 +138,50 @@ pub fn matmul_bf16_nt(
     run(backend, Problem::new(m, n, k, x, lda, w, ldw), out);
 }
 
+/// [`matmul_bf16_nt`] for f16 operands on AMX tiles: each f16 is split exactly into two bf16, so
+/// the product is four bf16 products with exact multiplies and f32 sums (torch's f16 matmul, in
+/// another summation order). Returns `false`, nothing written, where AMX is absent, the shape
+/// does not fill a tile (fewer than 16 rows), or an operand holds an infinity (split, `∞ · 0`
+/// would make it NaN where torch's product keeps it).
+///
+/// # Panics
+/// As [`matmul_bf16_nt`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f16_nt_amx(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[half::f16],
+    lda: usize,
+    w: &[half::f16],
+    ldw: usize,
+    out: Out<'_>,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Both are 16-bit patterns; only the split packing reads them, as f16.
+        let bits = |v: &[half::f16]| -> &[bf16] {
+            // SAFETY: f16 and bf16 are both `u16`-sized plain bit patterns.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+        };
+        let p = Problem {
+            f16: true,
+            ..Problem::new(m, n, k, bits(x), lda, bits(w), ldw)
+        };
+        if !(has_amx() && amx::fits(&p) && n > 0 && k > 0) {
+            return false;
+        }
+        let sink = Sink::new(out, p.m, p.n);
+        // SAFETY: AMX was just detected and the shape fits its tiles.
+        unsafe { amx::matmul(&p, &sink) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, x, lda, w, ldw, out);
+        false
+    }
+}
+
 /// Which implementation computes the product; tests force each one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
@@ -157,6 +201,8 @@ struct Problem<'a> {
     lda: usize,
     w: &'a [bf16],
     ldw: usize,
+    /// `x` and `w` hold f16 bits (only the AMX kernel takes them: [`matmul_f16_nt_amx`]).
+    f16: bool,
 }
 
 impl<'a> Problem<'a> {
@@ -184,6 +230,7 @@ impl<'a> Problem<'a> {
             lda,
             w,
             ldw,
+            f16: false,
         }
     }
 }
@@ -205,8 +252,9 @@ fn run(backend: Backend, p: Problem<'_>, out: Out<'_>) {
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Amx if amx::available() && amx::fits(&p) => {
-            // SAFETY: AMX was just detected and the shape fits its tiles.
-            unsafe { amx::matmul(&p, &sink) }
+            // SAFETY: AMX was just detected and the shape fits its tiles; bf16 operands are
+            // never refused.
+            unsafe { amx::matmul(&p, &sink) };
         }
         #[cfg(target_arch = "x86_64")]
         Backend::Amx | Backend::Bf16Dot if has_bf16_dot() => {

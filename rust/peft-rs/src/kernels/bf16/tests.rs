@@ -434,3 +434,90 @@ fn amx_schemes_are_both_tested() {
     assert!(!in_place(1040, 32, 64, 0), "many rows");
     assert!(!in_place(50, 77, 33, 0), "part tiles");
 }
+
+/// f16 operands on the AMX tiles: every output equals the f64 sum of the exact products to f32
+/// accuracy (1e-6 of Σ|x·w|), with odd shapes, rows further apart than k, f16's subnormals and
+/// largest values among the inputs, accumulation onto what the output holds, and an infinity in
+/// `x` giving infinities (not NaNs) in its row.
+#[test]
+fn f16_split_product_matches_the_exact_products() {
+    use half::f16;
+    if !super::has_amx() {
+        return;
+    }
+    let values = |len: usize, seed: u64| -> Vec<f16> {
+        let mut v: Vec<f16> = data(len, seed)
+            .iter()
+            .map(|b| f16::from_f32(b.to_f32() * 3.7))
+            .collect();
+        // Subnormals, the largest finite values and values needing all 11 bits, spread out.
+        let special = [
+            f16::from_bits(0x0001),
+            f16::from_bits(0x83ff),
+            f16::MAX,
+            f16::from_f32(-1.0009766),
+            f16::from_bits(0x3bff),
+        ];
+        for (i, s) in special.iter().enumerate() {
+            if let Some(e) = v.get_mut(i * 97 + 5) {
+                *e = *s;
+            }
+        }
+        v
+    };
+    for (m, n, k, pad) in [
+        (16, 16, 32, 0),
+        (37, 45, 70, 3),
+        (300, 40, 129, 1),
+        (64, 600, 1024, 0),
+    ] {
+        let (lda, ldw) = (k + pad, k + 2 * pad);
+        let x = values((m - 1) * lda + k, (m * 7 + k) as u64);
+        let w = values((n - 1) * ldw + k, (n * 13 + k) as u64);
+        let start = data_f32(m * n, 5);
+        for accumulate in [false, true] {
+            let mut y = start.clone();
+            let out = Out::F32 {
+                y: &mut y,
+                accumulate,
+            };
+            assert!(super::matmul_f16_nt_amx(m, n, k, &x, lda, &w, ldw, out));
+            for i in 0..m {
+                for j in 0..n {
+                    let terms = (0..k).map(|t| x[i * lda + t].to_f64() * w[j * ldw + t].to_f64());
+                    let (sum, scale) = terms.fold((0.0, 0.0), |(s, a), p| (s + p, a + p.abs()));
+                    let want = sum
+                        + if accumulate {
+                            f64::from(start[i * n + j])
+                        } else {
+                            0.0
+                        };
+                    let got = f64::from(y[i * n + j]);
+                    let bound = 1e-6 * (scale + f64::from(start[i * n + j].abs())) + 1e-30;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{m}x{n}x{k} ({i}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    // An infinity in either operand: refused (split, ∞ · 0 would be NaN), nothing written.
+    let (m, n, k) = (16, 16, 32);
+    for in_x in [true, false] {
+        let (mut x, mut w) = (values(m * k, 1), vec![f16::from_f32(0.5); n * k]);
+        let at = 3 * k + 7;
+        if in_x {
+            x[at] = f16::NEG_INFINITY
+        } else {
+            w[at] = f16::INFINITY
+        }
+        let mut y = vec![1f32; m * n];
+        let out = Out::F32 {
+            y: &mut y,
+            accumulate: false,
+        };
+        assert!(!super::matmul_f16_nt_amx(m, n, k, &x, k, &w, k, out));
+        assert!(y.iter().all(|v| *v == 1.0));
+    }
+}
