@@ -82,13 +82,22 @@ enum Level {
 }
 
 impl Level {
+    /// The best this CPU has (the feature checks are cached by std).
     fn detect() -> Self {
-        *Self::available()
-            .first()
-            .expect("Scalar is always available")
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx") {
+                return Self::F16c;
+            }
+        }
+        Self::Scalar
     }
 
-    /// The levels this CPU has, best first.
+    /// Every level this CPU has, best first.
+    #[cfg(test)]
     fn available() -> Vec<Self> {
         let mut levels = Vec::new();
         #[cfg(target_arch = "x86_64")]
