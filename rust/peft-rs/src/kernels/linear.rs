@@ -236,10 +236,14 @@ pub(crate) fn linear(
     };
     let half_kernel_fits = rows_along_k(&x, 1) && rows_along_k(w_t, 0);
     let bf16_kernel_fits = x.dtype() == DType::BF16 && half_kernel_fits;
-    if bf16_kernel_fits && bias_first == has_bias {
-        let y = bf16_layer(&x, w_t, bias, has_bias.then_some(&row[..]), extras)?;
+    let f16_tiles_fit = x.dtype() == DType::F16 && half_kernel_fits && f16_tiles_pay(n, m, k);
+    if (bf16_kernel_fits || f16_tiles_fit) && bias_first == has_bias {
+        let y = half_layer(&x, w_t, bias, has_bias.then_some(&row[..]), extras)?;
         super::pool::after_parallel_work(n * m * k);
-        return Ok(Some(y));
+        // f16 operands holding an infinity are refused by the tiles: the path below takes them.
+        if y.is_some() {
+            return Ok(y);
+        }
     }
     let folded = fold_low_rank(&x, w_t, &extras.low_rank)?;
     let (w_t, low_rank) = match &folded {
@@ -528,24 +532,50 @@ const ROW_DOTS_MAX_RANK: usize = 64;
 /// term is formed first.
 const EPILOGUE_MAX_RANK: usize = 64;
 
-/// A bf16 layer (`x (n, k)`, `w_t (k, m)` with contiguous rows along k) whose adapters' f32
-/// terms are added as the bf16 kernel finishes each tile: the output is written once, in bf16,
-/// rounded as PEFT rounds (`bias_row`: the f32 biases, all added before `out_scale`).
-fn bf16_layer(
+/// A bf16 layer, or an f16 one on the AMX tiles (`x (n, k)`, `w_t (k, m)` with contiguous rows
+/// along k), whose adapters' f32 terms are added as the kernel finishes each tile: the output is
+/// written once, in the layer's dtype, rounded as PEFT rounds (`bias_row`: the f32 biases, all
+/// added before `out_scale`). `None` where the tiles refuse f16 operands (an infinity).
+fn half_layer(
     x: &Tensor,
     w_t: &Tensor,
     bias: Option<&Tensor>,
     bias_row: Option<&[f32]>,
     extras: &Extras,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let (n, k, m) = (x.dim(0)?, x.dim(1)?, w_t.dim(1)?);
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w_t.storage_and_layout();
-    let (xv, wv) = (cpu_slice::<bf16>(&xs, xl)?, cpu_slice::<bf16>(&ws, wl)?);
     let (lda, ldw) = (xl.stride()[0].max(k), wl.stride()[1].max(k));
+    let plain = extras.low_rank.is_empty() && extras.out_scale.is_none();
+    if x.dtype() == DType::F16 {
+        let (xv, wv) = (cpu_slice::<f16>(&xs, xl)?, cpu_slice::<f16>(&ws, wl)?);
+        let hs = if plain {
+            Vec::new()
+        } else {
+            project_terms(x, &extras.low_rank)?
+        };
+        return with_addend(extras, &hs, n, m, |addend, scale| {
+            // Not zeroed first: the kernel writes every element (or none, when it refuses).
+            let mut y = Vec::with_capacity(n * m);
+            let out = bf16_kernel::Out::Adapted {
+                y: bf16_kernel::HalfOut::F16(&mut y.spare_capacity_mut()[..n * m]),
+                bias: bias_row,
+                addend,
+                scale,
+            };
+            if !bf16_kernel::matmul_f16_nt_amx(n, m, k, xv, lda, wv, ldw, out) {
+                return Ok(None);
+            }
+            // SAFETY: the kernel wrote all n × m elements.
+            unsafe { y.set_len(n * m) };
+            Ok(Some(Tensor::from_vec(y, (n, m), &Device::Cpu)?))
+        });
+    }
+    let (xv, wv) = (cpu_slice::<bf16>(&xs, xl)?, cpu_slice::<bf16>(&ws, wl)?);
     // Not zeroed first: the kernel writes every element of a bf16 output.
     let mut y = Vec::with_capacity(n * m);
-    if extras.low_rank.is_empty() && extras.out_scale.is_none() {
+    if plain {
         // A plain bf16 linear: torch's rounding (bias added to the f32 sum, rounded once).
         let bias = bias.map(|b| b.to_vec1::<bf16>()).transpose()?;
         let out = bf16_kernel::Out::Bf16 {
@@ -555,9 +585,32 @@ fn bf16_layer(
         bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
         // SAFETY: the kernel wrote all n × m elements.
         unsafe { y.set_len(n * m) };
-        return Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?);
+        return Ok(Some(Tensor::from_vec(y, (n, m), &Device::Cpu)?));
     }
     let hs = project_terms(x, &extras.low_rank)?;
+    with_addend(extras, &hs, n, m, |addend, scale| {
+        let out = bf16_kernel::Out::Adapted {
+            y: bf16_kernel::HalfOut::Bf16(&mut y.spare_capacity_mut()[..n * m]),
+            bias: bias_row,
+            addend,
+            scale,
+        };
+        bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
+        // SAFETY: the kernel wrote all n × m elements.
+        unsafe { y.set_len(n * m) };
+        Ok(Some(Tensor::from_vec(y, (n, m), &Device::Cpu)?))
+    })
+}
+
+/// The adapters' terms as the kernel's epilogue takes them (`hs`: each low-rank term's
+/// `s·x·Aᵀ`), and the output scale, handed to `kernel`.
+fn with_addend<T>(
+    extras: &Extras,
+    hs: &[(Vec<f32>, usize)],
+    n: usize,
+    m: usize,
+    kernel: impl FnOnce(bf16_kernel::Addend<'_>, Option<&[f32]>) -> Result<T>,
+) -> Result<T> {
     let total_rank: usize = hs.iter().map(|(_, r)| r).sum();
     // Few rows take a dense term (`B` is not transposed for them).
     let ldbt = bf16_kernel::LowRank::padded_stride(m);
@@ -599,16 +652,7 @@ fn bf16_layer(
         .as_ref()
         .map(|s| s.to_vec1::<f32>())
         .transpose()?;
-    let out = bf16_kernel::Out::Adapted {
-        y: &mut y.spare_capacity_mut()[..n * m],
-        bias: bias_row,
-        addend,
-        scale: scale.as_deref(),
-    };
-    bf16_kernel::matmul_bf16_nt(n, m, k, xv, lda, wv, ldw, out);
-    // SAFETY: the kernel wrote all n × m elements.
-    unsafe { y.set_len(n * m) };
-    Ok(Tensor::from_vec(y, (n, m), &Device::Cpu)?)
+    kernel(addend, scale.as_deref())
 }
 
 /// Elements per parallel task in the passes over the output.
@@ -720,8 +764,7 @@ fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> R
         y: &mut *out,
         accumulate,
     };
-    let split_pays = n >= if m * k > F16_LARGE_WEIGHT { 128 } else { 32 };
-    if split_pays && bf16_kernel::matmul_f16_nt_amx(n, m, k, xv, lda, wv, ldw, tiles) {
+    if f16_tiles_pay(n, m, k) && bf16_kernel::matmul_f16_nt_amx(n, m, k, xv, lda, wv, ldw, tiles) {
         return Ok(());
     }
     let blas = crate::blas::library().filter(|b| b.f16_gemm_fits([n, m, k, lda, ldw]));
@@ -776,6 +819,11 @@ fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> R
         });
     }
     Ok(())
+}
+
+/// Whether an f16 product of `n` rows by an `(m, k)` weight takes the AMX tiles.
+fn f16_tiles_pay(n: usize, m: usize, k: usize) -> bool {
+    n >= if m * k > F16_LARGE_WEIGHT { 128 } else { 32 } && bf16_kernel::has_amx()
 }
 
 /// Weight elements above which f16 products take the AMX tiles only from 128 rows (from 32

@@ -31,17 +31,24 @@ pub enum Out<'a> {
     /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate` is set (to fuse
     /// several products, e.g. base + `LoRA`, before one final rounding).
     F32 { y: &'a mut [f32], accumulate: bool },
-    /// A bf16 layer's output with f32 adapter terms added, as PEFT adds its
+    /// A bf16 (or f16) layer's output with f32 adapter terms added, as PEFT adds its
     /// adapters' f32 outputs to the base layer's bf16 output and rounds the
     /// sum once: `y = bf16((bf16(x · wᵀ + bias) + addend) ⊙ scale)`.
     Adapted {
-        y: &'a mut [MaybeUninit<bf16>],
+        y: HalfOut<'a>,
         /// One f32 entry per output column.
         bias: Option<&'a [f32]>,
         addend: Addend<'a>,
         /// One entry per output column.
         scale: Option<&'a [f32]>,
     },
+}
+
+/// The output of [`Out::Adapted`], in the layer's dtype (f16 from [`matmul_f16_nt_amx`]).
+#[derive(Debug)]
+pub enum HalfOut<'a> {
+    Bf16(&'a mut [MaybeUninit<bf16>]),
+    F16(&'a mut [MaybeUninit<half::f16>]),
 }
 
 /// What [`Out::Adapted`] adds to the rounded base output.
@@ -284,7 +291,9 @@ enum Dst<'a> {
         accumulate: bool,
     },
     Adapted {
-        y: *mut MaybeUninit<bf16>,
+        /// bf16 bits, or f16 bits where `f16`.
+        y: *mut u16,
+        f16: bool,
         epilogue: Epilogue<'a>,
     },
 }
@@ -330,7 +339,11 @@ impl<'a> Sink<'a> {
                 addend,
                 scale,
             } => {
-                assert_eq!(y.len(), m * n, "output must be m × n");
+                let (y, len, f16) = match y {
+                    HalfOut::Bf16(y) => (y.as_mut_ptr().cast::<u16>(), y.len(), false),
+                    HalfOut::F16(y) => (y.as_mut_ptr().cast::<u16>(), y.len(), true),
+                };
+                assert_eq!(len, m * n, "output must be m × n");
                 for per_column in [bias, scale].into_iter().flatten() {
                     assert_eq!(per_column.len(), n, "bias and scale need n entries");
                 }
@@ -349,7 +362,8 @@ impl<'a> Sink<'a> {
                     }
                 }
                 Dst::Adapted {
-                    y: y.as_mut_ptr(),
+                    y,
+                    f16,
                     epilogue: Epilogue {
                         bias,
                         addend,
@@ -408,22 +422,21 @@ impl<'a> Sink<'a> {
                     row.copy_from_slice(vals);
                 }
             }
-            Dst::Adapted { y, epilogue } => {
-                // SAFETY: in bounds and exclusive per the caller's contract.
-                let row = unsafe { std::slice::from_raw_parts_mut(y.add(at), vals.len()) };
+            Dst::Adapted { y, f16, epilogue } => {
                 // In pieces of 64 columns, a fixed-size f32 buffer the compiler keeps in
                 // vector registers while the terms are added.
                 let (full, _) = vals.as_chunks::<64>();
                 for (c, chunk) in full.iter().enumerate() {
-                    let (j, out) = (j0 + 64 * c, &mut row[64 * c..64 * c + 64]);
-                    let out: &mut [MaybeUninit<bf16>; 64] = out.try_into().expect("64 columns");
-                    epilogue.finish(self.n, i, j, chunk, out);
+                    // SAFETY: in bounds and exclusive per the caller's contract.
+                    unsafe {
+                        epilogue.store(f16, self.n, i, j0 + 64 * c, chunk, y.add(at + 64 * c))
+                    };
                 }
                 let done = 64 * full.len();
                 for (c, &v) in vals[done..].iter().enumerate() {
-                    let (j, out) = (j0 + done + c, &mut row[done + c..done + c + 1]);
-                    let out: &mut [MaybeUninit<bf16>; 1] = out.try_into().expect("one column");
-                    epilogue.finish(self.n, i, j, &[v], out);
+                    let (j, dst) = (j0 + done + c, y.wrapping_add(at + done + c));
+                    // SAFETY: as above.
+                    unsafe { epilogue.store(f16, self.n, i, j, &[v], dst) };
                 }
             }
         }
@@ -431,34 +444,63 @@ impl<'a> Sink<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Columns `j..j + L` of row `i` of an output `n` wide.
+    /// Columns `j..j + L` of row `i` of an output `n` wide, stored at `dst` as bf16 or (`f16`)
+    /// f16.
+    ///
+    /// # Safety
+    /// `dst` holds `L` elements no other thread accesses during the call.
     #[inline(always)]
-    fn finish<const L: usize>(
+    unsafe fn store<const L: usize>(
+        &self,
+        f16: bool,
+        n: usize,
+        i: usize,
+        j: usize,
+        vals: &[f32; L],
+        dst: *mut u16,
+    ) {
+        if f16 {
+            let v = self.finish::<L, true>(n, i, j, vals);
+            // SAFETY: the caller's contract.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(dst.cast::<MaybeUninit<half::f16>>(), L) };
+            super::fp16::round_into_uninit(&v, out);
+        } else {
+            let v = self.finish::<L, false>(n, i, j, vals);
+            // SAFETY: the caller's contract.
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.cast::<MaybeUninit<bf16>>(), L) };
+            for c in 0..L {
+                out[c].write(round_bf16(v[c]));
+            }
+        }
+    }
+
+    /// Columns `j..j + L` of row `i` of an output `n` wide, in f32 before the final rounding:
+    /// the base output rounded to bf16 (or `F16`), the terms added, the scale applied.
+    #[inline(always)]
+    fn finish<const L: usize, const F16: bool>(
         &self,
         n: usize,
         i: usize,
         j: usize,
         vals: &[f32; L],
-        out: &mut [MaybeUninit<bf16>; L],
-    ) {
+    ) -> [f32; L] {
         let Self {
             bias,
             addend,
             scale,
         } = *self;
-        let mut v = [0f32; L];
-        match bias {
-            Some(b) => {
-                let b = &b[j..][..L];
-                for c in 0..L {
-                    v[c] = widen(round_bf16(vals[c] + b[c]));
-                }
+        let mut v = *vals;
+        if let Some(b) = bias {
+            let b = &b[j..][..L];
+            for c in 0..L {
+                v[c] += b[c];
             }
-            None => {
-                for c in 0..L {
-                    v[c] = widen(round_bf16(vals[c]));
-                }
-            }
+        }
+        if F16 {
+            super::fp16::round_in_place(&mut v);
+        } else {
+            v.iter_mut().for_each(|v| *v = widen(round_bf16(*v)));
         }
         match addend {
             Addend::None => {}
@@ -484,9 +526,7 @@ impl Epilogue<'_> {
                 v[c] *= s[j + c];
             }
         }
-        for c in 0..L {
-            out[c].write(round_bf16(v[c]));
-        }
+        v
     }
 }
 

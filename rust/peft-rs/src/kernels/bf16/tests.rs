@@ -278,7 +278,7 @@ fn adapted_output_is_the_rounded_base_plus_the_addend() {
                 let scale = with_scale.then_some(&scale[..]);
                 let mut y = nan_out(m * n);
                 let out = Out::Adapted {
-                    y: &mut y,
+                    y: super::HalfOut::Bf16(&mut y),
                     bias,
                     addend: *addend,
                     scale,
