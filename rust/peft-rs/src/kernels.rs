@@ -72,153 +72,148 @@ pub(crate) fn matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Four dot products `x · w[j]` at once: four weight rows streamed side by side keep more memory
-/// requests in flight than one. Uses the widest vector unit the CPU has (checked at run time,
-/// cached by std); the compiler does not vectorise the portable loop by itself.
-fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-    let w = w.map(|row| &row[..x.len()]);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, and every row is as long as `x`.
-            return unsafe { simd::dot4_avx512(x, w) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA, and every row is as long as `x`.
-            return unsafe { simd::dot4_avx2(x, w) };
-        }
-    }
-    w.map(|row| x.iter().zip(row).map(|(a, b)| a * b).sum())
+/// A weight element [`rows_dot_rows`] reads: f32, or f16 widened as it is loaded.
+pub(crate) trait WeightElement: Copy + Sync {
+    fn widen(self) -> f32;
+
+    /// Four dot products `x · w[j]` at once (each row at least as long as `x`): four weight
+    /// rows streamed side by side keep more memory requests in flight than one. Uses the widest
+    /// vector unit the CPU has (checked at run time, cached by std); the compiler does not
+    /// vectorise the portable loop by itself.
+    fn dot4(x: &[f32], w: [&[Self]; 4]) -> [f32; 4];
 }
+
+/// [`WeightElement`] for `$t`: `dot4` dispatching to the `simd` functions `$avx512` and `$avx2`
+/// (the latter needing the features listed), with a portable fallback.
+macro_rules! weight_element {
+    ($t:ty, $widen:expr, $avx512:ident, $avx2:ident, [$($avx2_feature:tt),+]) => {
+        impl WeightElement for $t {
+            fn widen(self) -> f32 {
+                $widen(self)
+            }
+
+            fn dot4(x: &[f32], w: [&[$t]; 4]) -> [f32; 4] {
+                let w = w.map(|row| &row[..x.len()]);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F, and every row is as long as `x`.
+                        return unsafe { simd::$avx512(x, w) };
+                    }
+                    if $(std::arch::is_x86_feature_detected!($avx2_feature))&&+ {
+                        // SAFETY: the CPU has the features, and every row is as long as `x`.
+                        return unsafe { simd::$avx2(x, w) };
+                    }
+                }
+                w.map(|row| x.iter().zip(row).map(|(a, b)| a * b.widen()).sum())
+            }
+        }
+    };
+}
+
+weight_element!(f32, |v| v, dot4_avx512, dot4_avx2, ["avx2", "fma"]);
+weight_element!(
+    half::f16,
+    half::f16::to_f32,
+    dot4_f16_avx512,
+    dot4_f16_avx2,
+    ["avx2", "fma", "f16c"]
+);
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// The CPU must support AVX-512F and each row of `w` must have `x.len()` elements.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot4_avx512(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-        let k = x.len();
-        let body = k - k % 16;
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i < body {
-            // SAFETY: i + 16 <= body <= k, the length of x and of each row.
-            unsafe {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                for (a, row) in acc.iter_mut().zip(&w) {
-                    *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.as_ptr().add(i)), *a);
+    use super::WeightElement;
+
+    /// The AVX-512 and AVX2 + FMA `dot4` for rows of `$t`, whose 16 or 8 elements at `$p` load
+    /// as f32 lanes by `$load16` / `$load8`.
+    macro_rules! dot4_simd {
+        ($t:ty, $avx512:ident, |$p:ident| $load16:expr, $avx2:ident, $avx2_features:literal, |$q:ident| $load8:expr) => {
+            /// # Safety
+            /// The CPU must support AVX-512F and each row of `w` must have `x.len()` elements.
+            #[target_feature(enable = "avx512f")]
+            pub unsafe fn $avx512(x: &[f32], w: [&[$t]; 4]) -> [f32; 4] {
+                let k = x.len();
+                let body = k - k % 16;
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut i = 0;
+                while i < body {
+                    // SAFETY: i + 16 <= body <= k, the length of x and of each row.
+                    unsafe {
+                        let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                        for (a, row) in acc.iter_mut().zip(&w) {
+                            let $p = row.as_ptr().add(i);
+                            *a = _mm512_fmadd_ps(xv, $load16, *a);
+                        }
+                    }
+                    i += 16;
                 }
+                let mut out = [0f32; 4];
+                for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
+                    let tail: f32 = x[body..]
+                        .iter()
+                        .zip(&row[body..])
+                        .map(|(p, q)| p * q.widen())
+                        .sum();
+                    *o = _mm512_reduce_add_ps(a) + tail;
+                }
+                out
             }
-            i += 16;
-        }
-        let mut out = [0f32; 4];
-        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
-            let tail: f32 = x[body..].iter().zip(&row[body..]).map(|(p, q)| p * q).sum();
-            *o = _mm512_reduce_add_ps(a) + tail;
-        }
-        out
+
+            /// # Safety
+            /// The CPU must support the features enabled here, and each row of `w` must have
+            /// `x.len()` elements.
+            #[target_feature(enable = $avx2_features)]
+            pub unsafe fn $avx2(x: &[f32], w: [&[$t]; 4]) -> [f32; 4] {
+                let k = x.len();
+                let body = k - k % 8;
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < body {
+                    // SAFETY: i + 8 <= body <= k, the length of x and of each row.
+                    unsafe {
+                        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                        for (a, row) in acc.iter_mut().zip(&w) {
+                            let $q = row.as_ptr().add(i);
+                            *a = _mm256_fmadd_ps(xv, $load8, *a);
+                        }
+                    }
+                    i += 8;
+                }
+                let mut out = [0f32; 4];
+                for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: `lanes` holds 8 f32.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+                    let tail: f32 = x[body..]
+                        .iter()
+                        .zip(&row[body..])
+                        .map(|(p, q)| p * q.widen())
+                        .sum();
+                    *o = lanes.iter().sum::<f32>() + tail;
+                }
+                out
+            }
+        };
     }
 
-    /// [`dot4_avx512`] for f16 rows, each widened as it is loaded.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F and each row of `w` must have `x.len()` elements.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot4_f16_avx512(x: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
-        let k = x.len();
-        let body = k - k % 16;
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i < body {
-            // SAFETY: i + 16 <= body <= k, the length of x and of each row.
-            unsafe {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                for (a, row) in acc.iter_mut().zip(&w) {
-                    let h = _mm256_loadu_si256(row.as_ptr().add(i).cast());
-                    *a = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(h), *a);
-                }
-            }
-            i += 16;
-        }
-        let mut out = [0f32; 4];
-        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
-            let tail: f32 = x[body..]
-                .iter()
-                .zip(&row[body..])
-                .map(|(p, q)| p * q.to_f32())
-                .sum();
-            *o = _mm512_reduce_add_ps(a) + tail;
-        }
-        out
-    }
-
-    /// [`dot4_avx2`] for f16 rows, each widened as it is loaded.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C and each row of `w` must have `x.len()` elements.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4_f16_avx2(x: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
-        let k = x.len();
-        let body = k - k % 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < body {
-            // SAFETY: i + 8 <= body <= k, the length of x and of each row.
-            unsafe {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-                for (a, row) in acc.iter_mut().zip(&w) {
-                    let h = _mm_loadu_si128(row.as_ptr().add(i).cast());
-                    *a = _mm256_fmadd_ps(xv, _mm256_cvtph_ps(h), *a);
-                }
-            }
-            i += 8;
-        }
-        let mut out = [0f32; 4];
-        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
-            let tail: f32 = x[body..]
-                .iter()
-                .zip(&row[body..])
-                .map(|(p, q)| p * q.to_f32())
-                .sum();
-            *o = lanes.iter().sum::<f32>() + tail;
-        }
-        out
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA and each row of `w` must have `x.len()` elements.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4_avx2(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-        let k = x.len();
-        let body = k - k % 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < body {
-            // SAFETY: i + 8 <= body <= k, the length of x and of each row.
-            unsafe {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-                for (a, row) in acc.iter_mut().zip(&w) {
-                    *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row.as_ptr().add(i)), *a);
-                }
-            }
-            i += 8;
-        }
-        let mut out = [0f32; 4];
-        for ((o, a), row) in out.iter_mut().zip(acc).zip(&w) {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
-            let tail: f32 = x[body..].iter().zip(&row[body..]).map(|(p, q)| p * q).sum();
-            *o = lanes.iter().sum::<f32>() + tail;
-        }
-        out
-    }
+    dot4_simd!(
+        f32,
+        dot4_avx512,
+        |p| _mm512_loadu_ps(p),
+        dot4_avx2,
+        "avx2,fma",
+        |p| _mm256_loadu_ps(p)
+    );
+    dot4_simd!(
+        half::f16,
+        dot4_f16_avx512,
+        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+        dot4_f16_avx2,
+        "avx2,fma,f16c",
+        |p| _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    );
 }
 
 /// `x (n, k) · w (m, k)ᵀ` as `(n, m)` row-major, both contiguous, `w` in f32 or f16 (widened
@@ -260,39 +255,6 @@ pub(crate) fn rows_dot_rows<W: WeightElement>(
         out_t
     } else {
         (0..n * m).map(|i| out_t[(i % m) * n + i / m]).collect()
-    }
-}
-
-/// A weight element type [`rows_dot_rows`] reads.
-pub(crate) trait WeightElement: Sync + Sized {
-    /// Four dot products `x · w[j]`.
-    fn dot4(x: &[f32], w: [&[Self]; 4]) -> [f32; 4];
-}
-
-impl WeightElement for f32 {
-    fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-        dot4(x, w)
-    }
-}
-
-impl WeightElement for half::f16 {
-    fn dot4(x: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
-        let w = w.map(|row| &row[..x.len()]);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, and every row is as long as `x`.
-                return unsafe { simd::dot4_f16_avx512(x, w) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                // SAFETY: the CPU has AVX2, FMA and F16C, and every row is as long as `x`.
-                return unsafe { simd::dot4_f16_avx2(x, w) };
-            }
-        }
-        w.map(|row| x.iter().zip(row).map(|(a, b)| a * b.to_f32()).sum())
     }
 }
 
@@ -462,7 +424,7 @@ mod tests {
                 assert!((f64::from(*g) - e).abs() < 1e-4, "{path}: {g} vs {e}");
             }
         };
-        check(dot4(&x, w), "dispatch");
+        check(f32::dot4(&x, w), "dispatch");
         if std::arch::is_x86_feature_detected!("avx512f") {
             check(unsafe { simd::dot4_avx512(&x, w) }, "avx512");
         }
