@@ -51,16 +51,16 @@ class One(nn.Module):
 
 @pytest.fixture(params=["mkl", "no-blas"])
 def blas(request):
-    """The BLAS the fused layer uses: torch's MKL (f16 GEMM included) or none (faer)."""
+    """The BLAS the fused layer uses: torch's MKL (its f16 GEMM found and checked at load) or
+    none (faer); the choice in use before is restored."""
     before = peft_rs.blas_info()
     if request.param == "mkl":
-        if before is None or not before["f16_gemm"]:
-            pytest.skip("torch's MKL with an f16 GEMM is not in use")
+        info = peft_rs.use_blas(peft_rs._torch_mkl())
+        assert info["description"] == "MKL" and info["f16_gemm"], info
     else:
         peft_rs.use_blas(None)
     yield request.param
-    if request.param == "no-blas" and before is not None:
-        peft_rs.use_blas(before["path"])
+    peft_rs.use_blas(before["path"] if before else None)
 
 
 def built(method: str, dtype: torch.dtype, tmp_path):

@@ -44,6 +44,33 @@ mod fp16;
 pub(crate) mod linear;
 mod pool;
 
+/// A CPU tensor's elements in f32, bf16 or f16, widened to f32 as they are read.
+#[derive(Clone, Copy)]
+pub(crate) enum Elements<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl Elements<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    /// Elements `range`, widened into `wide` (as long as the range).
+    pub(crate) fn widen_range(&self, range: std::ops::Range<usize>, wide: &mut [f32]) {
+        match self {
+            Self::F32(v) => wide.copy_from_slice(&v[range]),
+            Self::Bf16(v) => bf16::widen_into(&v[range], wide),
+            Self::F16(v) => fp16::widen_into(&v[range], wide),
+        }
+    }
+}
+
 /// Row counts up to which the kernel beats the general matmul.
 pub(crate) const MAX_ROWS: usize = 16;
 /// Output features per parallel task.

@@ -3,47 +3,21 @@
 //! Each returns `None` where it does not apply (not CPU, gradients recorded, other layouts or
 //! dtypes) and the caller uses candle's ops, which compute the same values.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 use std::mem::MaybeUninit;
 
-use half::{bf16, f16};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::bf16::{round_into, round_into_uninit, widen, widen_into};
-use super::fp16;
+use super::{Elements, fp16};
 use crate::error::Result;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 1 << 15;
 
-/// Elements of a contiguous f32, bf16 or f16 CPU tensor, widened to f32 on the fly.
-enum Values<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-    F16(&'a [f16]),
-}
-
-impl Values<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Values::F32(v) => v.len(),
-            Values::Bf16(v) => v.len(),
-            Values::F16(v) => v.len(),
-        }
-    }
-
-    /// Elements `range`, widened into `wide`.
-    fn widen_range(&self, range: std::ops::Range<usize>, wide: &mut [f32]) {
-        match self {
-            Values::F32(v) => wide.copy_from_slice(&v[range]),
-            Values::Bf16(v) => widen_into(&v[range], wide),
-            Values::F16(v) => fp16::widen_into(&v[range], wide),
-        }
-    }
-}
-
-fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
+/// The elements of a contiguous CPU tensor (f32, bf16 or f16) that records no gradient.
+fn with_values<T>(t: &Tensor, f: impl FnOnce(Elements) -> T) -> Option<T> {
     if !t.device().is_cpu() || t.track_op() {
         return None;
     }
@@ -53,9 +27,9 @@ fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
         return None;
     };
     match cpu {
-        candle_core::CpuStorage::F32(v) => Some(f(Values::F32(&v[start..end]))),
-        candle_core::CpuStorage::BF16(v) => Some(f(Values::Bf16(&v[start..end]))),
-        candle_core::CpuStorage::F16(v) => Some(f(Values::F16(&v[start..end]))),
+        candle_core::CpuStorage::F32(v) => Some(f(Elements::F32(&v[start..end]))),
+        candle_core::CpuStorage::BF16(v) => Some(f(Elements::Bf16(&v[start..end]))),
+        candle_core::CpuStorage::F16(v) => Some(f(Elements::F16(&v[start..end]))),
         _ => None,
     }
 }
@@ -65,7 +39,7 @@ fn with_values<T>(t: &Tensor, f: impl FnOnce(Values) -> T) -> Option<T> {
 /// in `dtype` (f32, or bf16 or f16 rounded once chunk by chunk: no f32 copy of the whole). Ops
 /// are written per slice so that the compiler vectorises them.
 fn map_rows(
-    target: Values,
+    target: Elements,
     cols: usize,
     dtype: DType,
     dims: &[usize],
@@ -135,7 +109,7 @@ pub(crate) fn add_scaled_as(
     }
     let factor = factor as f32;
     with_values(delta, |d| {
-        let Values::F32(d) = d else { return None };
+        let Elements::F32(d) = d else { return None };
         with_values(target, |t| {
             map_rows(t, 1, dtype, target.dims(), |first, out| {
                 let d = &d[first..first + out.len()];
@@ -205,7 +179,7 @@ pub(crate) fn dora_rows(
     }
     let factors = factors.flatten_all()?.to_vec1::<f32>()?;
     with_values(delta, |d| {
-        let Values::F32(d) = d else { return None };
+        let Elements::F32(d) = d else { return None };
         with_values(weight, |w| {
             map_rows(w, cols, weight.dtype(), weight.dims(), |first, out| {
                 let d = &d[first * cols..first * cols + out.len()];
@@ -232,7 +206,7 @@ pub(crate) fn mul_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Te
     }
     let (scale, dims) = (scale as f32, a.dims());
     with_values(b, |b| {
-        let Values::F32(b) = b else { return None };
+        let Elements::F32(b) = b else { return None };
         with_values(a, |a| {
             map_rows(a, 1, DType::F32, dims, |first, out| {
                 let b = &b[first..first + out.len()];
@@ -334,11 +308,11 @@ pub(crate) fn kron_scaled(a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<T
     let (p, scale) = (a.dim(0)?, scale as f32);
     let cols = q * t;
     let product = with_values(b, |b_vals| {
-        let Values::F32(b_vals) = b_vals else {
+        let Elements::F32(b_vals) = b_vals else {
             return None;
         };
         with_values(a, |a_vals| {
-            let Values::F32(a_vals) = a_vals else {
+            let Elements::F32(a_vals) = a_vals else {
                 return None;
             };
             let mut out = vec![0f32; p * r * cols];
@@ -375,23 +349,23 @@ pub(crate) fn row_norms_of_sum(weight: &Tensor, delta: &Tensor) -> Result<Option
         return Ok(None);
     }
     let norms = with_values(delta, |d| {
-        let Values::F32(d) = d else { return None };
+        let Elements::F32(d) = d else { return None };
         with_values(weight, |w| {
             let mut norms = vec![0f32; rows];
             norms.par_iter_mut().enumerate().for_each(|(i, norm)| {
                 let d = &d[i * cols..(i + 1) * cols];
                 let sum: f64 = match &w {
-                    Values::F32(w) => w[i * cols..(i + 1) * cols]
+                    Elements::F32(w) => w[i * cols..(i + 1) * cols]
                         .iter()
                         .zip(d)
                         .map(|(w, d)| f64::from(w + d).powi(2))
                         .sum(),
-                    Values::Bf16(w) => w[i * cols..(i + 1) * cols]
+                    Elements::Bf16(w) => w[i * cols..(i + 1) * cols]
                         .iter()
                         .zip(d)
                         .map(|(w, d)| f64::from(widen(*w) + d).powi(2))
                         .sum(),
-                    Values::F16(w) => w[i * cols..(i + 1) * cols]
+                    Elements::F16(w) => w[i * cols..(i + 1) * cols]
                         .iter()
                         .zip(d)
                         .map(|(w, d)| f64::from(w.to_f32() + d).powi(2))

@@ -9,12 +9,14 @@
 //! does; f16 layers the same, their base product as f32 sums of the exact f16 products
 //! ([`f16_product`], or on AMX tiles through the bf16 kernel with split operands).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Layout, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::bf16 as bf16_kernel;
-use super::{MAX_ROWS, fp16, rows_dot_rows};
+use super::{Elements, MAX_ROWS, fp16, rows_dot_rows};
 use crate::error::Result;
 
 /// A term `((scale · x·Aᵀ) ⊙ rank_scale)·Bᵀ ⊙ out_scale (+ scale · bias)` (LoRA and its
@@ -336,32 +338,31 @@ pub(crate) fn linear(
             .for_each(|o| o.iter_mut().zip(&row).for_each(|(v, b)| *v += b));
     }
     let y = match x.dtype() {
-        DType::BF16 => {
-            // Not zeroed first: every element is written once.
-            let mut y = Vec::<bf16>::with_capacity(n * m);
-            y.spare_capacity_mut()[..n * m]
-                .par_chunks_mut(ELEMENTS_PER_TASK)
-                .zip(out.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|(y, o)| bf16_kernel::round_into_uninit(o, y));
-            // SAFETY: the chunks cover all n × m elements, each written above.
-            unsafe { y.set_len(n * m) };
-            Tensor::from_vec(y, (n, m), &Device::Cpu)?
-        }
+        DType::BF16 => Tensor::from_vec(
+            rounded(&out, bf16_kernel::round_into_uninit),
+            (n, m),
+            &Device::Cpu,
+        )?,
         DType::F16 => {
-            // Not zeroed first: every element is written once.
-            let mut y = Vec::<f16>::with_capacity(n * m);
-            y.spare_capacity_mut()[..n * m]
-                .par_chunks_mut(ELEMENTS_PER_TASK)
-                .zip(out.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|(y, o)| fp16::round_into_uninit(o, y));
-            // SAFETY: the chunks cover all n × m elements, each written above.
-            unsafe { y.set_len(n * m) };
-            Tensor::from_vec(y, (n, m), &Device::Cpu)?
+            Tensor::from_vec(rounded(&out, fp16::round_into_uninit), (n, m), &Device::Cpu)?
         }
         _ => Tensor::from_vec(out, (n, m), &Device::Cpu)?,
     };
     super::pool::after_parallel_work(n * m * k);
     Ok(Some(y))
+}
+
+/// `out` rounded to a half-precision type by `round`, in parallel, written once into new memory
+/// (not zeroed first).
+fn rounded<T: Send>(out: &[f32], round: fn(&[f32], &mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut y = Vec::with_capacity(out.len());
+    y.spare_capacity_mut()[..out.len()]
+        .par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(out.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|(y, o)| round(o, y));
+    // SAFETY: the chunks cover every element, each written above.
+    unsafe { y.set_len(out.len()) };
+    y
 }
 
 /// `w_t + Σ ΔWᵀ` for f32 rows `x (n, k)` when that costs less than the terms per row
@@ -438,9 +439,9 @@ fn project_terms(x: &Tensor, terms: &[LowRank]) -> Result<Vec<(Vec<f32>, usize)>
             return project_split(terms, cpu_slice::<bf16>(&xs, xl)?, n, k, lda);
         }
         let rows = match x.dtype() {
-            DType::BF16 => Rows::Bf16(cpu_slice::<bf16>(&xs, xl)?),
-            DType::F16 => Rows::F16(cpu_slice::<f16>(&xs, xl)?),
-            _ => Rows::F32(cpu_slice::<f32>(&xs, xl)?),
+            DType::BF16 => Elements::Bf16(cpu_slice::<bf16>(&xs, xl)?),
+            DType::F16 => Elements::F16(cpu_slice::<f16>(&xs, xl)?),
+            _ => Elements::F32(cpu_slice::<f32>(&xs, xl)?),
         };
         return project_rows(terms, rows, n, k, lda);
     }
@@ -663,20 +664,12 @@ const ELEMENTS_PER_TASK: usize = 1 << 15;
 /// Rows of `x` per task in [`project_rows`]: their f32 copy (`ROWS_PER_TASK · k`) stays in L2.
 const ROWS_PER_TASK: usize = 64;
 
-/// Rows of `x` for [`project_rows`]: `n × k` with row stride `lda`.
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-    F16(&'a [f16]),
-}
-
 /// Each term's `s·x·Aᵀ` (row-major `(n, r)`, and `r`) for `x (n, k)` with row stride `lda`, a
 /// block of rows per task: bf16 and f16 rows are widened to f32 (as PEFT casts `x` to the adapter's
 /// dtype) into a per-thread buffer, so no f32 copy of the whole of `x` is made.
 fn project_rows(
     terms: &[LowRank],
-    x: Rows,
+    x: Elements,
     n: usize,
     k: usize,
     lda: usize,
@@ -700,23 +693,13 @@ fn project_rows(
         .map(|b| {
             let rows = b * ROWS_PER_TASK..n.min((b + 1) * ROWS_PER_TASK);
             match x {
-                Rows::F32(x) if lda == k => project(&x[rows.start * k..rows.end * k], rows.len()),
+                Elements::F32(x) if lda == k => {
+                    project(&x[rows.start * k..rows.end * k], rows.len())
+                }
                 _ => WIDENED.with_borrow_mut(|buf| {
-                    buf.clear();
-                    for i in rows.clone() {
-                        match x {
-                            Rows::F32(x) => buf.extend_from_slice(&x[i * lda..][..k]),
-                            Rows::Bf16(x) => {
-                                let at = buf.len();
-                                buf.resize(at + k, 0.0);
-                                bf16_kernel::widen_into(&x[i * lda..][..k], &mut buf[at..]);
-                            }
-                            Rows::F16(x) => {
-                                let at = buf.len();
-                                buf.resize(at + k, 0.0);
-                                fp16::widen_into(&x[i * lda..][..k], &mut buf[at..]);
-                            }
-                        }
+                    buf.resize(rows.len() * k, 0.0);
+                    for (i, wide) in rows.clone().zip(buf.chunks_mut(k.max(1))) {
+                        x.widen_range(i * lda..i * lda + k, wide);
                     }
                     project(buf, rows.len())
                 }),
@@ -782,47 +765,23 @@ fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> R
         sgemm(out, m, lhs, rhs, accumulate, 1.0, all_threads());
         return Ok(());
     };
-    // As `sgemm` splits: one block per thread along the output's longer side.
-    let threads = rayon::current_num_threads();
     let parts = if n * m * k < super::pool::PARALLEL_MIN_WORK {
         1
     } else {
-        threads
+        rayon::current_num_threads()
     };
-    let product = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: *mut f32| {
-        let (x, w) = (
-            xv[rows.start * lda..].as_ptr(),
-            wv[cols.start * ldw..].as_ptr(),
-        );
-        // SAFETY: `x`'s rows and `w`'s rows (output columns) exist from these starts, and `c`
-        // is this block's corner of `out` (row stride m), written by this block alone.
-        unsafe {
-            blas.gemm_f16_nt(
-                rows.len(),
-                cols.len(),
-                k,
-                (x, lda),
-                (w, ldw),
-                accumulate,
-                c,
-                m,
-            )
-        };
-    };
-    if n >= m {
-        let rows = n.div_ceil(parts).max(1);
-        out.par_chunks_mut(rows * m).enumerate().for_each(|(b, o)| {
-            product(b * rows..b * rows + o.len() / m, 0..m, o.as_mut_ptr());
+    let out = faer::MatMut::from_row_major_slice_mut(out, n, m);
+    output_blocks(out, parts)
+        .into_par_iter()
+        .for_each(|(i, j, dst)| {
+            let (x, w) = (xv[i * lda..].as_ptr(), wv[j * ldw..].as_ptr());
+            // SAFETY: `x`'s rows from i and `w`'s rows (output columns) from j exist, and `dst` is
+            // this block of the output (row stride m), written by this block alone.
+            unsafe {
+                let (rows, cols, c) = (dst.nrows(), dst.ncols(), dst.as_ptr_mut());
+                blas.gemm_f16_nt(rows, cols, k, (x, lda), (w, ldw), accumulate, c, m)
+            };
         });
-    } else {
-        let cols = m.div_ceil(parts).next_multiple_of(16);
-        let corner = SendPtr(out.as_mut_ptr());
-        (0..m.div_ceil(cols)).into_par_iter().for_each(|b| {
-            let cols = b * cols..m.min((b + 1) * cols);
-            // The block's columns start `cols.start` floats into each output row.
-            product(0..n, cols.clone(), corner.offset(cols.start));
-        });
-    }
     Ok(())
 }
 
@@ -837,20 +796,6 @@ fn f16_tiles_pay(n: usize, m: usize, k: usize) -> bool {
 /// tiles vs MKL: 4096², 17 rows 15.3 vs 8.3 ms, 64 rows 17.7 vs 13.3, 128 rows 21.4 vs 21.5, 256
 /// rows 28.7 vs 38.7; 1024², 17 rows 0.55 vs 0.53, 32 rows 0.58 vs 0.65, 64 rows 0.78 vs 0.97.
 const F16_LARGE_WEIGHT: usize = 1 << 22;
-
-/// A pointer into an output whose parallel blocks write disjoint elements.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for blocks that write disjoint elements of a buffer that outlives them.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn offset(self, by: usize) -> *mut f32 {
-        self.0.wrapping_add(by)
-    }
-}
 
 /// `scale · lhs·rhs` for 2-D tensors (any strides): one parallel f32 GEMM on the CPU with the
 /// scale applied in it, candle's matmul and a scaling pass elsewhere.
@@ -986,31 +931,43 @@ fn sgemm(
     // 1024, MKL: 26.2 ms vs 27.6 with 4 per thread); faer's sequential products were fastest
     // with 4 per thread.
     let parts = threads * if blas.is_some() { 1 } else { 4 };
+    let out = faer::MatMut::from_row_major_slice_mut(out, n, m);
+    output_blocks(out, parts)
+        .into_par_iter()
+        .for_each(|(i, j, dst)| {
+            let (rows, cols) = (dst.nrows(), dst.ncols());
+            product(dst, lhs.subrows(i, rows), rhs.subcols(j, cols));
+        });
+}
+
+/// `out` cut into `parts` blocks along its longer side (columns in multiples of 16), each with
+/// its first row and column: the parallel split of the products here, one sequential product
+/// per block.
+fn output_blocks(
+    out: faer::MatMut<'_, f32>,
+    parts: usize,
+) -> Vec<(usize, usize, faer::MatMut<'_, f32>)> {
+    let (n, m) = (out.nrows(), out.ncols());
+    let mut blocks = Vec::with_capacity(parts);
+    let (mut rest, mut at) = (out, 0);
     if n >= m {
-        // Blocks of whole rows are contiguous slices of `out`.
-        let rows = n.div_ceil(parts);
-        out.par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each(|(b, out)| {
-                let block_rows = out.len() / m;
-                let dst = faer::MatMut::from_row_major_slice_mut(out, block_rows, m);
-                product(dst, lhs.subrows(b * rows, block_rows), rhs);
-            });
+        let rows = n.div_ceil(parts).max(1);
+        while rest.nrows() > rows {
+            let (block, tail) = rest.split_at_row_mut(rows);
+            blocks.push((at, 0, block));
+            (rest, at) = (tail, at + rows);
+        }
+        blocks.push((at, 0, rest));
     } else {
         let cols = m.div_ceil(parts).next_multiple_of(16);
-        let mut blocks = Vec::with_capacity(parts);
-        let mut rest = faer::MatMut::from_row_major_slice_mut(out, n, m);
         while rest.ncols() > cols {
             let (block, tail) = rest.split_at_col_mut(cols);
-            blocks.push(block);
-            rest = tail;
+            blocks.push((0, at, block));
+            (rest, at) = (tail, at + cols);
         }
-        blocks.push(rest);
-        blocks.into_par_iter().enumerate().for_each(|(b, dst)| {
-            let block_cols = dst.ncols();
-            product(dst, lhs, rhs.subcols(b * cols, block_cols));
-        });
+        blocks.push((0, at, rest));
     }
+    blocks
 }
 
 /// faer's parallelism over rayon's whole pool.
