@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::base::{BaseLayer, ModuleKind};
 use crate::error::{PeftError, Result};
-use crate::kernels::linear::matmul_scaled;
+use crate::linalg::BlockFactors;
 use crate::method::{MergeRule, Side};
 
 /// The dtype PEFT keeps adapter weights in (`autocast_adapter_dtype=True`): f32 for f32, f16 and
@@ -280,23 +280,23 @@ fn scale_bias(bias: Option<&Tensor>, s: Option<&Tensor>, undo: bool) -> Result<O
 fn transform(
     base: &BaseLayer,
     weight: &Tensor,
-    matrix: &Tensor,
+    matrix: &BlockFactors,
     side: Side,
     out_scale: Option<&Tensor>,
     undo: bool,
 ) -> Result<Tensor> {
     let dtype = matrix.dtype();
-    let mut w = base.to_out_in(&weight.to_dtype(dtype)?)?;
+    let mut w = base.to_out_in(weight)?;
     let s = out_scale
         .map(|s| s.flatten_all()?.unsqueeze(1))
         .transpose()?;
     if undo && let Some(s) = &s {
-        w = w.broadcast_div(s)?;
+        w = w.to_dtype(dtype)?.broadcast_div(s)?;
     }
-    // The CPU's f32 GEMM (and the loaded BLAS) where it applies, candle's matmul elsewhere.
+    // Input: W·Rᵀ, rows times Rᵀ; output: Rᵀ·W = (Wᵀ·R)ᵀ.
     w = match side {
-        Side::Input => matmul_scaled(&w, &matrix.t()?, 1.0)?,
-        Side::Output => matmul_scaled(&matrix.t()?, &w, 1.0)?,
+        Side::Input => matrix.transpose()?.rows_times(&w.contiguous()?, dtype)?,
+        Side::Output => matrix.rows_times(&w.t()?.contiguous()?, dtype)?.t()?,
     };
     if !undo && let Some(s) = &s {
         w = w.broadcast_mul(s)?;

@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::base::{BaseLayer, ModuleKind};
 use crate::config::PEFT_VERSION;
 use crate::error::Result;
+use crate::linalg::BlockFactors;
 use crate::matching::Selection;
 use crate::module::Below;
 use crate::params::Params;
@@ -270,11 +271,12 @@ pub enum MergeRule {
     },
     /// A linear transform of the layer's input (`x → x·R`) or output (`y → y·R`) features,
     /// then output rows scaled by `out_scale` (OFT, BOFT). In the `(out, in)` view of the
-    /// weight ([`BaseLayer::to_out_in`]): input `W ← (W·Rᵀ)·diag(s)`, output `W ← Rᵀ·W`;
-    /// undone with `inverse` in place of `R`. The bias is unchanged.
+    /// weight ([`BaseLayer::to_out_in`]): input `W ← diag(s)·(W·Rᵀ)`, output `W ← Rᵀ·W`;
+    /// undone with `inverse` in place of `R`. The bias is unchanged. `R` is kept as its
+    /// block-diagonal factors: the merge never forms it.
     Transform {
-        matrix: Tensor,
-        inverse: Tensor,
+        matrix: BlockFactors,
+        inverse: BlockFactors,
         side: Side,
         out_scale: Option<Tensor>,
     },

@@ -27,9 +27,8 @@ use crate::base::{BaseLayer, ModuleKind, linear_rows};
 use crate::config::{CommonFields, ModuleSelector, OneOrMany, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
-use crate::kernels::elementwise::rotate_blocks;
 use crate::kernels::linear::Extras;
-use crate::linalg::{block_diag, cayley};
+use crate::linalg::{BlockFactors, cayley};
 use crate::matching::Selection;
 use crate::merge::{adapter_dtype, apply_rule};
 use crate::method::{
@@ -548,24 +547,7 @@ impl BoftAdapter {
     /// `get_delta_weight`); with a training stream `dropout`, PEFT's multiplicative dropout
     /// first replaces blocks of one random factor by the identity.
     pub fn rotation(&self, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        self.rotation_of(&self.factor_blocks(dropout)?)
-    }
-
-    /// `R` from the factors' blocks ([`Self::factor_blocks`]).
-    fn rotation_of(&self, blocks: &Tensor) -> Result<Tensor> {
-        let mut rotation: Option<Tensor> = None;
-        for (i, perm) in self.perms.iter().enumerate() {
-            let diag = block_diag(&blocks.get(i)?)?;
-            let m = match perm {
-                Some(p) => diag.index_select(p, 0)?.index_select(p, 1)?,
-                None => diag,
-            };
-            rotation = Some(match rotation {
-                None => m,
-                Some(prev) => m.matmul(&prev)?,
-            });
-        }
-        rotation.ok_or_else(|| PeftError::InvalidOperation("BOFT layer without factors".into()))
+        self.factors(&self.factor_blocks(dropout)?)?.to_dense()
     }
 
     /// The orthogonal blocks of each factor `(factors, block_num, size, size)`, after the
@@ -582,33 +564,12 @@ impl BoftAdapter {
         }
     }
 
-    /// `x · R` without forming `R` (`D²` multiply-adds per row where the factors take
-    /// `factors · D · block_size`): `x·R = x·M_N ⋯ M_0`, and `x·M_i` with
-    /// `M_i[a, b] = D_i[p(a), p(b)]` is `x` scattered by `p`, the block products of `D_i`, then
-    /// gathered by `p`. In f32 on the CPU, `x`'s dtype stored once at the end; `None` where the
-    /// block kernel does not apply (other devices, f64 adapters).
-    fn rotate_input(&self, x: &Tensor, blocks: &Tensor) -> Result<Option<Tensor>> {
-        let last = x.rank() - 1;
-        let mut y = x.contiguous()?;
-        for (i, perm) in self.perms.iter().enumerate().rev() {
-            let dtype = if i == 0 { x.dtype() } else { DType::F32 };
-            if let Some(p) = perm {
-                let mut inverse = vec![0u32; p.dim(0)?];
-                for (a, pa) in p.to_vec1::<u32>()?.into_iter().enumerate() {
-                    inverse[pa as usize] = a as u32;
-                }
-                let inverse = Tensor::from_vec(inverse, p.dim(0)?, p.device())?;
-                y = y.index_select(&inverse, last)?;
-            }
-            let Some(rotated) = rotate_blocks(&y, &blocks.get(i)?, dtype)? else {
-                return Ok(None);
-            };
-            y = match perm {
-                Some(p) => rotated.index_select(p, last)?,
-                None => rotated,
-            };
-        }
-        Ok(Some(y))
+    /// `R` kept as its factors, from their blocks ([`Self::factor_blocks`]).
+    fn factors(&self, blocks: &Tensor) -> Result<BlockFactors> {
+        let factors = (self.perms.iter().enumerate())
+            .map(|(i, perm)| Ok((blocks.get(i)?, perm.clone())))
+            .collect::<Result<_>>()?;
+        BlockFactors::new(factors, self.butterfly.dim)
     }
 
     /// PEFT's `MultiplicativeDropoutLayer`: in one random factor, `int(p · block_num)` random
@@ -635,11 +596,12 @@ impl BoftAdapter {
         Ok(mask.where_cond(&eye, blocks)?)
     }
 
-    fn rule(&self, rotation: Tensor) -> Result<MergeRule> {
+    fn rule(&self, blocks: &Tensor) -> Result<MergeRule> {
+        let matrix = self.factors(blocks)?;
         Ok(MergeRule::Transform {
             // PEFT unmerges with the transpose (R is orthogonal), not an inverse.
-            inverse: rotation.t()?.contiguous()?,
-            matrix: rotation,
+            inverse: matrix.transpose()?,
+            matrix,
             side: Side::Input,
             out_scale: Some(self.params.get(BOFT_S)?.flatten_all()?),
         })
@@ -695,13 +657,13 @@ impl LayerAdapter for BoftAdapter {
         let base = below.base();
         match self.kind {
             ModuleKind::Conv2d(_) => {
-                let rotation = self.rotation(below.training_rng())?;
+                let blocks = self.factor_blocks(below.training_rng())?;
                 // PEFT's Conv2d forward is the conv with the merged weight, which the f32
                 // scaling promotes: the conv runs in the adapter dtype, its result is cast back.
-                let dtype = rotation.dtype();
+                let dtype = blocks.dtype();
                 let (weight, bias) = below.weights()?;
                 let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
-                let rule = self.rule(rotation)?;
+                let rule = self.rule(&blocks)?;
                 let (weight, _, _) =
                     apply_rule(base, &rule, &weight.to_dtype(dtype)?, bias.as_ref())?;
                 let y = base.forward_with(&x.to_dtype(dtype)?, &weight, bias.as_ref())?;
@@ -709,11 +671,12 @@ impl LayerAdapter for BoftAdapter {
             }
             _ => {
                 let blocks = self.factor_blocks(below.training_rng())?;
-                let rotated = match self.rotate_input(x, &blocks)? {
+                let factors = self.factors(&blocks)?;
+                let rotated = match factors.rows_times_on_cpu(x, x.dtype())? {
                     Some(rotated) => rotated,
                     None => {
                         // x · R, the rotation cast to the input's dtype as PEFT does.
-                        let rotation = self.rotation_of(&blocks)?.to_dtype(x.dtype())?;
+                        let rotation = factors.to_dense()?.to_dtype(x.dtype())?;
                         linear_rows(x, &rotation, None, self.butterfly.dim)?
                     }
                 };
@@ -735,7 +698,7 @@ impl LayerAdapter for BoftAdapter {
     }
 
     fn merge_rule(&self, _base: &BaseLayer) -> Result<MergeRule> {
-        self.rule(self.rotation(None)?)
+        self.rule(&self.factor_blocks(None)?)
     }
 }
 
@@ -989,7 +952,7 @@ mod tests {
                 ParamSource::Init { seed: 3 },
             )
             .unwrap();
-            let blocks = a.factor_blocks(None).unwrap();
+            let matrix = a.factors(&a.factor_blocks(None).unwrap()).unwrap();
             let rotation = a.rotation(None).unwrap();
             let wide = init.uniform(&[5, 19], 1.0, DType::F32).unwrap();
             let inputs = [
@@ -1000,7 +963,7 @@ mod tests {
             for x in inputs {
                 for dtype in [DType::F32, DType::BF16] {
                     let x = x.to_dtype(dtype).unwrap();
-                    let fast = a.rotate_input(&x, &blocks).unwrap().unwrap();
+                    let fast = matrix.rows_times_on_cpu(&x, dtype).unwrap().unwrap();
                     assert_eq!(fast.dtype(), dtype);
                     let x32 = x.to_dtype(DType::F32).unwrap();
                     let formed = x32.broadcast_matmul(&rotation).unwrap();

@@ -41,8 +41,7 @@ use crate::base::{BaseLayer, ModuleKind};
 use crate::config::{CommonFields, ModuleSelector, OneOrMany, check_extra_fields, parse_config};
 use crate::error::{PeftError, Result};
 use crate::init::Initializer;
-use crate::kernels::elementwise::rotate_blocks;
-use crate::linalg;
+use crate::linalg::{self, BlockFactors};
 use crate::matching::Selection;
 use crate::merge::adapter_dtype;
 use crate::method::{
@@ -537,34 +536,15 @@ impl OftAdapter {
         }
     }
 
-    /// `x · R` over the last dimension of `x` (width `blocks · b`), in `x`'s dtype.
-    fn rotate_rows(&self, x: &Tensor, rotation: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (r, b) = (self.blocks, self.block_size);
-        if dims.last() != Some(&(r * b)) {
-            let mut expected = dims[..dims.len().saturating_sub(1)].to_vec();
-            expected.push(r * b);
-            return Err(PeftError::shape(
-                "OFT input (last dimension)",
-                &expected,
-                dims,
-            ));
-        }
-        let rows = x.elem_count() / (r * b);
-        let y = if self.config.block_share {
-            // One block for all: a single (rows·r, b) × (b, b) product.
-            x.reshape((rows * r, b))?.matmul(&rotation.squeeze(0)?)?
-        } else {
-            let per_block = x.reshape((rows, r, b))?.transpose(0, 1)?.contiguous()?;
-            per_block.matmul(rotation)?.transpose(0, 1)?
-        };
-        Ok(y.reshape(dims)?)
+    /// `R` (block diagonal, `D × D`) from the current parameters.
+    fn rotation(&self) -> Result<BlockFactors> {
+        BlockFactors::block_diagonal(self.rotation_blocks()?, self.blocks * self.block_size)
     }
 
     /// PEFT's Conv2d rotation of `(N, C, H, W)` input: unfold k×k patches (stride 1, no
     /// padding), rotate each `C·k·k` patch vector, then `F.fold` back to `(N, C, H, W)` after
     /// PEFT's reordering `view` (fold sums overlapping patches).
-    fn rotate_patches(&self, x: &Tensor, rotation: &Tensor, k: usize) -> Result<Tensor> {
+    fn rotate_patches(&self, x: &Tensor, rotation: &BlockFactors, k: usize) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if h < k || w < k {
             return Err(PeftError::InvalidOperation(format!(
@@ -580,7 +560,7 @@ impl OftAdapter {
         let patches = Tensor::stack(&shifts, 4)?
             .permute((0, 2, 3, 1, 4))?
             .reshape((n * ho * wo, c * k * k))?;
-        let rotated = self.rotate_rows(&patches, rotation)?;
+        let rotated = rotation.rows_times(&patches, patches.dtype())?;
         // PEFT's `permute(0, 3, 1, 2, 4, 5).contiguous().view(n, c·k·k, ho·wo)`: the memory of
         // (n, c, ho, wo, k, k) read as fold's (n, c, k, k, ho, wo).
         let cols = rotated
@@ -709,26 +689,18 @@ impl LayerAdapter for OftAdapter {
     /// the dtype it was given (the layer input, or an Embedding's output).
     fn forward(&self, x: &Tensor, below: &Below<'_>) -> Result<Tensor> {
         let dtype = adapter_dtype(below.base().dtype());
-        let rotation = self.rotation_blocks()?;
+        let rotation = self.rotation()?;
         match self.rotated {
             Rotated::Input => {
-                // One pass on the CPU (f32 adapters); candle's ops otherwise.
-                let fast = match dtype {
-                    DType::F32 => rotate_blocks(x, &rotation, x.dtype())?,
-                    _ => None,
-                };
-                let x_rot = match fast {
+                let x_rot = match rotation.rows_times_on_cpu(x, x.dtype())? {
                     Some(rotated) => rotated,
-                    None => self
-                        .rotate_rows(&x.to_dtype(dtype)?, &rotation)?
-                        .to_dtype(x.dtype())?,
+                    None => rotation.rows_times(&x.to_dtype(dtype)?, x.dtype())?,
                 };
                 below.forward(&x_rot)
             }
             Rotated::Output => {
                 let y = below.forward(x)?;
-                let y_rot = self.rotate_rows(&y.to_dtype(dtype)?, &rotation)?;
-                Ok(y_rot.to_dtype(y.dtype())?)
+                rotation.rows_times(&y, y.dtype())
             }
             Rotated::Patches { kernel, .. } => {
                 let x4 = match x.rank() {
@@ -754,25 +726,14 @@ impl LayerAdapter for OftAdapter {
         if let Some(e) = self.merge_error() {
             return Err(e);
         }
-        let blocks = self.rotation_blocks()?;
-        let dtype = blocks.dtype();
-        let block_inverse = linalg::inverse(&blocks.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        let b = self.block_size;
-        let spread = |t: Tensor| -> Result<Tensor> {
-            let t = if self.config.block_share {
-                t.broadcast_as((self.blocks, b, b))?.contiguous()?
-            } else {
-                t
-            };
-            linalg::block_diag(&t)
-        };
+        let matrix = self.rotation()?;
         let side = match self.rotated {
             Rotated::Output => Side::Output,
             Rotated::Input | Rotated::Patches { .. } => Side::Input,
         };
         Ok(MergeRule::Transform {
-            matrix: spread(blocks)?,
-            inverse: spread(block_inverse)?,
+            inverse: matrix.inverse()?,
+            matrix,
             side,
             out_scale: None,
         })
