@@ -1,7 +1,8 @@
 """f16 and bf16 layers against PEFT's, per method: the base in half precision with the adapter kept
 in f32 (PEFT's `autocast_adapter_dtype`), through each path of peft_rs's fused CPU layer: few rows
-(row dot products), more rows with the BLAS's f16 product (torch's MKL, opened by default) and
-without a BLAS (f32 copies through faer), rows of `x` further apart than its width."""
+(row dot products), more rows on the AMX tiles (where the CPU has them), with the BLAS's f16
+product (torch's MKL, opened by default) and without a BLAS (f32 copies through faer), rows of `x`
+further apart than its width."""
 
 from __future__ import annotations
 
@@ -49,17 +50,20 @@ class One(nn.Module):
         self.lin = nn.Linear(IN, OUT)
 
 
-@pytest.fixture(params=["mkl", "no-blas"])
+@pytest.fixture(params=["amx", "mkl", "no-blas"])
 def blas(request):
-    """The BLAS the fused layer uses: torch's MKL (its f16 GEMM found and checked at load) or
-    none (faer); the choice in use before is restored."""
+    """The CPU paths the fused layer takes: the AMX tiles where the CPU has them (with torch's MKL
+    loaded, as by default), or with the tiles off torch's MKL (its f16 GEMM found and checked at
+    load) or no BLAS (faer); the choices in use before are restored."""
     before = peft_rs.blas_info()
-    if request.param == "mkl":
+    if request.param == "no-blas":
+        peft_rs.use_blas(None)
+    else:
         info = peft_rs.use_blas(peft_rs._torch_mkl())
         assert info["description"] == "MKL" and info["f16_gemm"], info
-    else:
-        peft_rs.use_blas(None)
+    peft_rs.use_amx(request.param == "amx")
     yield request.param
+    peft_rs.use_amx(True)
     peft_rs.use_blas(before["path"] if before else None)
 
 

@@ -25,6 +25,7 @@ from ._core import (
     blas_info,
     combine_adapters,
     merge_checkpoint,
+    use_amx,
 )
 from .errors import PeftError
 from .protocols import Adapter, Mergeable
@@ -133,6 +134,7 @@ __all__ = [
     "merge_checkpoint",
     "models",
     "module_types",
+    "use_amx",
     "use_blas",
     *CONFIG_CLASSES,
 ]

@@ -115,6 +115,7 @@ __all__ = [
     "blas_info",
     "combine_adapters",
     "merge_checkpoint",
+    "use_amx",
     "use_blas",
 ]
 # END generated
@@ -456,6 +457,7 @@ class _BlasInfo(TypedDict):
 
 def use_blas(path: str | PathLike[str] | None) -> _BlasInfo | None: ...
 def blas_info() -> _BlasInfo | None: ...
+def use_amx(enabled: bool) -> bool: ...
 @overload
 def combine_adapters(  # type: ignore[overload-overlap]
     adapter_dirs: Sequence[str | PathLike[str]],

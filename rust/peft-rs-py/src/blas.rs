@@ -1,4 +1,5 @@
-//! `peft_rs._core.use_blas` / `blas_info`: the BLAS library of `peft_rs::blas`.
+//! `peft_rs._core.use_blas` / `blas_info`: the BLAS library of `peft_rs::blas`; `use_amx`: the
+//! kernels' use of the AMX tiles.
 
 use std::path::PathBuf;
 
@@ -39,4 +40,11 @@ pub fn blas_info(py: Python<'_>) -> PyResult<Option<Bound<'_, PyDict>>> {
     peft_rs::blas::current()
         .map(|info| info_dict(py, info))
         .transpose()
+}
+
+/// Lets the CPU kernels use the AMX tiles where the CPU has them (the default) or not; returns
+/// whether they are in use now.
+#[pyfunction]
+pub fn use_amx(enabled: bool) -> bool {
+    peft_rs::use_amx(enabled)
 }

@@ -66,5 +66,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(arithmetic::combine_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(blas::use_blas, m)?)?;
     m.add_function(wrap_pyfunction!(blas::blas_info, m)?)?;
+    m.add_function(wrap_pyfunction!(blas::use_amx, m)?)?;
     Ok(())
 }

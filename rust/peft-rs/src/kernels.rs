@@ -40,6 +40,7 @@ macro_rules! with_simd {
 
 mod bf16;
 pub(crate) mod elementwise;
+pub use bf16::use_amx;
 mod fp16;
 pub(crate) mod linear;
 mod pool;

@@ -51,6 +51,7 @@ pub mod train;
 
 pub use config::PeftConfig;
 pub use error::{PeftError, Result};
+pub use kernels::use_amx;
 pub use method::{BiasMode, LayerAdapter, MergeRule, MethodConfig, ParamSource};
 pub use methods::lora::LoraConfig;
 pub use module::{AdaptedModule, MergeOutcome};

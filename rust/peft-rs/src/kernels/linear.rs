@@ -240,7 +240,7 @@ pub(crate) fn linear(
     };
     let half_kernel_fits = rows_along_k(&x, 1) && rows_along_k(w_t, 0);
     let bf16_kernel_fits = x.dtype() == DType::BF16 && half_kernel_fits;
-    let f16_tiles_fit = x.dtype() == DType::F16 && half_kernel_fits && f16_tiles_pay(n, m, k);
+    let f16_tiles_fit = x.dtype() == DType::F16 && half_kernel_fits && f16_tiles_pay(n);
     if (bf16_kernel_fits || f16_tiles_fit) && bias_first == has_bias {
         let y = half_layer(&x, w_t, bias, has_bias.then_some(&row[..]), extras)?;
         super::pool::after_parallel_work(n * m * k);
@@ -752,7 +752,7 @@ fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> R
         y: &mut *out,
         accumulate,
     };
-    if f16_tiles_pay(n, m, k) && bf16_kernel::matmul_f16_nt_amx(n, m, k, xv, lda, wv, ldw, tiles) {
+    if f16_tiles_pay(n) && bf16_kernel::matmul_f16_nt_amx(n, m, k, xv, lda, wv, ldw, tiles) {
         return Ok(());
     }
     let blas = crate::blas::library().filter(|b| b.f16_gemm_fits([n, m, k, lda, ldw]));
@@ -785,17 +785,12 @@ fn f16_product(x: &Tensor, w_t: &Tensor, out: &mut [f32], accumulate: bool) -> R
     Ok(())
 }
 
-/// Whether an f16 product of `n` rows by an `(m, k)` weight takes the AMX tiles.
-fn f16_tiles_pay(n: usize, m: usize, k: usize) -> bool {
-    n >= if m * k > F16_LARGE_WEIGHT { 128 } else { 32 } && bf16_kernel::has_amx()
+/// Whether an f16 product of `n` rows takes the AMX tiles: past the row dot products' rows,
+/// where the CPU has them. Measured on the 2-core Xeon, tiles vs MKL's f16 GEMM: 4096², 17 rows
+/// 4.4 vs 8.1 ms, 64 rows 7.1 vs 12.8 (torch 7.4); 1024², 17 rows 0.29 vs 0.42.
+fn f16_tiles_pay(n: usize) -> bool {
+    n > MAX_ROWS && bf16_kernel::has_amx()
 }
-
-/// Weight elements above which f16 products take the AMX tiles only from 128 rows (from 32
-/// below): the tiles hold each f16 weight split into four, packed on every call, which MKL's f16
-/// GEMM (converting the weight once per call) beats over fewer rows. Measured on the 2-core Xeon,
-/// tiles vs MKL: 4096², 17 rows 15.3 vs 8.3 ms, 64 rows 17.7 vs 13.3, 128 rows 21.4 vs 21.5, 256
-/// rows 28.7 vs 38.7; 1024², 17 rows 0.55 vs 0.53, 32 rows 0.58 vs 0.65, 64 rows 0.78 vs 0.97.
-const F16_LARGE_WEIGHT: usize = 1 << 22;
 
 /// `scale · lhs·rhs` for 2-D tensors (any strides): one parallel f32 GEMM on the CPU with the
 /// scale applied in it, candle's matmul and a scaling pass elsewhere.

@@ -6,7 +6,7 @@
 //! f32 path gives the same result up to summation order.
 
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use half::bf16;
 
@@ -101,13 +101,25 @@ pub fn has_bf16_dot() -> bool {
     }
 }
 
-/// Whether this CPU has the AMX BF16 tile instructions and the OS lets this
-/// process use them; the kernel then runs on them where shapes allow.
+/// Set by [`use_amx`]`(false)`: the kernels leave the tiles alone.
+static AMX_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Lets the kernels use the AMX tiles where the CPU has them (the default) or not (they then
+/// take the AVX-512 BF16 kernels, MKL's f16 GEMM or f32 copies: for comparisons and tests);
+/// returns whether they are in use now.
+pub fn use_amx(enabled: bool) -> bool {
+    AMX_OFF.store(!enabled, Ordering::Relaxed);
+    has_amx()
+}
+
+/// Whether this CPU has the AMX BF16 tile instructions, the OS lets this
+/// process use them and [`use_amx`] has not turned them off; the kernel then
+/// runs on them where shapes allow.
 #[must_use]
 pub fn has_amx() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        amx::available()
+        !AMX_OFF.load(Ordering::Relaxed) && amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -437,8 +437,8 @@ fn amx_schemes_are_both_tested() {
 
 /// f16 operands on the AMX tiles: every output equals the f64 sum of the exact products to f32
 /// accuracy (1e-6 of Σ|x·w|), with odd shapes, rows further apart than k, f16's subnormals and
-/// largest values among the inputs, accumulation onto what the output holds, and an infinity in
-/// `x` giving infinities (not NaNs) in its row.
+/// largest values among the inputs, accumulation onto what the output holds, `w` split in the
+/// tasks (up to 512 rows) and packed up front (530 rows); infinities as described below.
 #[test]
 fn f16_split_product_matches_the_exact_products() {
     use half::f16;
@@ -469,6 +469,7 @@ fn f16_split_product_matches_the_exact_products() {
         (16, 16, 32, 0),
         (37, 45, 70, 3),
         (300, 40, 129, 1),
+        (530, 24, 70, 2),
         (64, 600, 1024, 0),
     ] {
         let (lda, ldw) = (k + pad, k + 2 * pad);
@@ -502,9 +503,16 @@ fn f16_split_product_matches_the_exact_products() {
             }
         }
     }
-    // An infinity in either operand: refused (split, ∞ · 0 would be NaN), nothing written.
-    let (m, n, k) = (16, 16, 32);
-    for in_x in [true, false] {
+    // An infinity in `x`, or in `w` packed up front (more rows than two tasks): refused (split,
+    // ∞ · 0 would be NaN), nothing written. In `w` split per task: that task's block takes the
+    // exact f32 sums instead, ∞ where torch's product has it.
+    let k = 32;
+    for (m, n, in_x) in [
+        (16, 16, true),
+        (300, 16, false),
+        (16, 40, false),
+        (256, 16, false),
+    ] {
         let (mut x, mut w) = (values(m * k, 1), vec![f16::from_f32(0.5); n * k]);
         let at = 3 * k + 7;
         if in_x {
@@ -517,7 +525,33 @@ fn f16_split_product_matches_the_exact_products() {
             y: &mut y,
             accumulate: false,
         };
-        assert!(!super::matmul_f16_nt_amx(m, n, k, &x, k, &w, k, out));
-        assert!(y.iter().all(|v| *v == 1.0));
+        let done = super::matmul_f16_nt_amx(m, n, k, &x, k, &w, k, out);
+        if in_x || m > 512 {
+            assert!(!done, "{m} {n} {in_x}");
+            assert!(y.iter().all(|v| *v == 1.0));
+            continue;
+        }
+        assert!(done);
+        for i in 0..m {
+            for j in 0..n {
+                let want = (0..k).fold(0f32, |s, t| {
+                    s + x[i * k + t].to_f32() * w[j * k + t].to_f32()
+                });
+                let got = y[i * n + j];
+                let bound = 1e-6
+                    * (0..k)
+                        .map(|t| (x[i * k + t].to_f32() * w[j * k + t].to_f32()).abs())
+                        .sum::<f32>();
+                if want.is_finite() {
+                    assert!((got - want).abs() <= bound, "({i}, {j}): {got} vs {want}");
+                } else {
+                    assert!(
+                        got == want || (got.is_nan() && want.is_nan()),
+                        "({i}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+        assert!(y.iter().any(|v| v.is_infinite()));
     }
 }
