@@ -265,34 +265,39 @@ unsafe fn pack_strip_split<const PAIRS: bool>(
     let (magnitude, infinity) = (_mm512_set1_epi16(0x7fff), _mm512_set1_epi16(0x7c00));
     let mut infinite = 0;
     let top = _mm512_set1_epi32(0xffff_0000_u32 as i32);
-    // 16 f32 lanes to their upper halves as 16 words (exact for `hi` and `lo`: their lower
-    // halves are zero).
-    let words = |v: __m512i| _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v));
+    // 16 f16 widened: the top eight significant bits and the exact rest (zero where the value
+    // is not finite: a NaN stays NaN in the top part).
+    let parts = |h: __m256i| {
+        let v = _mm512_cvtph_ps(h);
+        let high = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), top));
+        let rest = _mm512_sub_ps(v, high);
+        let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(rest, rest);
+        (high, _mm512_maskz_mov_ps(finite, rest))
+    };
     for t in 0..k.div_ceil(TK) {
         let mask = mask32(k - t * TK);
+        let mut raw = [_mm512_setzero_si512(); TILE];
+        for (i, v) in raw.iter_mut().enumerate().take(rows.min(TILE)) {
+            // SAFETY: row i < rows exists; the mask stops at k.
+            *v = unsafe { _mm512_maskz_loadu_epi16(mask, src.add(i * ld + t * TK).cast()) };
+            infinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(*v, magnitude), infinity);
+        }
+        // The split is per element, so it commutes with the transpose into k-pairs: one
+        // transpose of the raw values instead of one per part.
+        if PAIRS {
+            transpose16(&mut raw);
+        }
         let mut hi = [_mm512_setzero_si512(); TILE];
         let mut lo = [_mm512_setzero_si512(); TILE];
-        for i in 0..rows.min(TILE) {
-            // SAFETY: row i < rows exists; the mask stops at k.
-            let raw = unsafe { _mm512_maskz_loadu_epi16(mask, src.add(i * ld + t * TK).cast()) };
-            infinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(raw, magnitude), infinity);
-            let halves = [
-                _mm512_castsi512_si256(raw),
-                _mm512_extracti64x4_epi64::<1>(raw),
-            ];
-            let [(h0, l0), (h1, l1)] = halves.map(|h| {
-                let v = _mm512_cvtph_ps(h);
-                let high = _mm512_and_si512(_mm512_castps_si512(v), top);
-                let rest = _mm512_sub_ps(v, _mm512_castsi512_ps(high));
-                let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(rest, rest);
-                (high, _mm512_castps_si512(_mm512_maskz_mov_ps(finite, rest)))
-            });
-            hi[i] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(words(h0)), words(h1));
-            lo[i] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(words(l0)), words(l1));
-        }
-        if PAIRS {
-            transpose16(&mut hi);
-            transpose16(&mut lo);
+        for i in 0..TILE {
+            let (h0, l0) = parts(_mm512_castsi512_si256(raw[i]));
+            let (h1, l1) = parts(_mm512_extracti64x4_epi64::<1>(raw[i]));
+            // Both parts are bf16 values, so the conversion's rounding leaves them exact.
+            // SAFETY: both types are 512 bits of lanes, any bit pattern valid.
+            unsafe {
+                hi[i] = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h1, h0));
+                lo[i] = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(l1, l0));
+            }
         }
         // x: [hi, hi, lo, lo]; w: [hi, lo, hi, lo] (see SPLIT_TILES).
         let order = if PAIRS {
