@@ -129,18 +129,29 @@ impl LowRank {
             out.iter_mut().zip(&term).for_each(|(o, t)| *o += t);
             return Ok(());
         }
+        let h = Strided::row_major(h, rows, r);
+        if let Some(s) = self.out_scale.as_ref().filter(|_| rows < r) {
+            // Fewer rows than the rank: the term scaled per output (as PEFT scales it), not a
+            // scaled copy of `B` (VeRA r256 at 64 rows, width 4096: 1M elements against 256K).
+            let (b_s, b_l) = self.b.storage_and_layout();
+            let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
+            let mut term = vec![0f32; rows * m];
+            sgemm(&mut term, m, h, b_t, false, 1.0, all_threads());
+            let s = s.to_vec1::<f32>()?;
+            out.par_chunks_mut(m.max(1))
+                .zip(term.par_chunks(m.max(1)))
+                .with_min_len(ELEMENTS_PER_TASK.div_ceil(m.max(1)))
+                .for_each(|(o, t)| {
+                    for ((o, t), s) in o.iter_mut().zip(t).zip(&s) {
+                        *o += t * s;
+                    }
+                });
+            return Ok(());
+        }
         let b = self.scaled_b()?;
         let (b_s, b_l) = b.storage_and_layout();
         let b_t = Strided::new(cpu_slice::<f32>(&b_s, b_l)?, b_l).t();
-        sgemm(
-            out,
-            m,
-            Strided::row_major(h, h.len() / r.max(1), r),
-            b_t,
-            true,
-            1.0,
-            all_threads(),
-        );
+        sgemm(out, m, h, b_t, true, 1.0, all_threads());
         Ok(())
     }
 }
@@ -990,12 +1001,13 @@ mod tests {
     }
 
     /// Scaled low-rank terms (VeRA's per-rank and per-output scales, a term bias) with the base
-    /// and bias equal candle's ops, for few rows (the terms per row) and many rows (folded into
-    /// the weight: `fold_low_rank` applies, checked).
+    /// and bias equal candle's ops, for few rows (the terms per row), fewer rows than the rank
+    /// (the term scaled per output) and more (`B` scaled), and many rows (folded into the
+    /// weight: `fold_low_rank` applies, checked).
     #[test]
     fn low_rank_terms_kept_apart_or_folded_equal_candles_ops() {
         let mut init = Initializer::new(5);
-        let (k, m, r) = (16, 24, 8);
+        let (k, m, r) = (16, 24, 40);
         let mut u = |dims: &[usize]| init.uniform(dims, 1.0, DType::F32).unwrap();
         let (w, bias, a, b) = (u(&[m, k]), u(&[m]), u(&[r, k]), u(&[m, r]));
         let (rank_scale, out_scale, term_bias) = (u(&[r]), u(&[m]), u(&[m]));
@@ -1004,7 +1016,7 @@ mod tests {
             out_scale: Some(out_scale.clone()),
             ..LowRank::new(a.clone(), b.clone(), Some(term_bias.clone()), 0.7)
         };
-        for (n, folds) in [(5, false), (400, true)] {
+        for (n, folds) in [(5, false), (24, false), (50, false), (400, true)] {
             let x = u(&[n, k]);
             let w_t = w.t().unwrap();
             let folded = fold_low_rank(&x, &w_t, &[term()]).unwrap();
