@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::base::{BaseLayer, ModuleKind};
 use crate::error::{PeftError, Result};
+use crate::kernels::linear::{add_product_in_place, matmul_scaled};
 use crate::linalg::BlockFactors;
 use crate::method::{MergeRule, Side};
 
@@ -34,6 +35,7 @@ pub(crate) fn apply_rule(
             add_bias(base, bias, db.as_ref(), 1.0)?,
             Vec::new(),
         )),
+        MergeRule::AddProduct { .. } => apply_rule(base, &dense(rule)?, weight, bias),
         MergeRule::Scale {
             weight: s,
             bias: sb,
@@ -101,6 +103,18 @@ pub(crate) fn apply_rule_in_place(
     use crate::kernels::elementwise::InPlace;
     let sign = if undo { -1.0 } else { 1.0 };
     match rule {
+        MergeRule::AddProduct {
+            left,
+            right,
+            scale,
+            bias: db,
+        } => {
+            let fits = matches!(base.kind(), ModuleKind::Linear);
+            if fits && add_product_in_place(weight, left, right, sign * scale)? {
+                return Ok(Some(add_bias(base, bias, db.as_ref(), sign)?));
+            }
+            return apply_rule_in_place(base, &dense(rule)?, weight, bias, undo);
+        }
         MergeRule::Add { delta, bias: db } => {
             let op = InPlace::AddScaled {
                 factor: sign as f32,
@@ -140,6 +154,7 @@ pub(crate) fn undo_rule(
             add_to(weight, delta, -1.0)?,
             add_bias(base, bias, db.as_ref(), -1.0)?,
         )),
+        MergeRule::AddProduct { .. } => undo_rule(base, &dense(rule)?, weight, bias, cache),
         MergeRule::Scale {
             weight: s,
             bias: sb,
@@ -183,6 +198,22 @@ pub(crate) fn undo_rule(
             ))
         }
     }
+}
+
+/// [`MergeRule::AddProduct`] as [`MergeRule::Add`] with `ΔW` formed (other rules as they are).
+pub fn dense(rule: &MergeRule) -> Result<MergeRule> {
+    Ok(match rule {
+        MergeRule::AddProduct {
+            left,
+            right,
+            scale,
+            bias,
+        } => MergeRule::Add {
+            delta: matmul_scaled(left, right, *scale)?,
+            bias: bias.clone(),
+        },
+        other => other.clone(),
+    })
 }
 
 /// DoRA's merge (or with `undo` its inverse) in one parallel pass where the weight's rows are its

@@ -263,6 +263,16 @@ pub trait LayerAdapter: std::fmt::Debug + Send + Sync {
 pub enum MergeRule {
     /// `W += delta`, `b += bias` (LoRA, AdaLoRA, VeRA, LoHa, LoKr); undone by subtracting.
     Add { delta: Tensor, bias: Option<Tensor> },
+    /// `W += scale · left·right` for a Linear weight (`left (out, r)`, `right (r, in)`),
+    /// `b += bias` (LoRA, AdaLoRA, VeRA): [`MergeRule::Add`] with `ΔW` kept as its factors, so
+    /// that an f32 weight takes it in one GEMM accumulating into it (no `ΔW` buffer, no pass
+    /// adding it). Undone by subtracting.
+    AddProduct {
+        left: Tensor,
+        right: Tensor,
+        scale: f64,
+        bias: Option<Tensor>,
+    },
     /// `W *= weight` (broadcast: rows or columns), `b *= bias` (IA³); undone by dividing by
     /// `scale + 1e-8`, as PEFT does.
     Scale {

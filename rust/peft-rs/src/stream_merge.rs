@@ -926,6 +926,17 @@ fn weighted(rule: MergeRule, a: &Weighted, module: &str) -> Result<MergeRule> {
             delta: delta.affine(a.weight, 0.0)?,
             bias: bias.map(|b| b.affine(a.weight, 0.0)).transpose()?,
         }),
+        MergeRule::AddProduct {
+            left,
+            right,
+            scale,
+            bias,
+        } => Ok(MergeRule::AddProduct {
+            left,
+            right,
+            scale: scale * a.weight,
+            bias: bias.map(|b| b.affine(a.weight, 0.0)).transpose()?,
+        }),
         _ => Err(PeftError::InvalidOperation(format!(
             "adapter {} ({}) on `{module}` does not merge as an added update, so it cannot be \
              weighted (weight {}); only additive methods (LoRA, LoHa, LoKr, VeRA, AdaLoRA \

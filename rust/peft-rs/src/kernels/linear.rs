@@ -830,6 +830,69 @@ pub(crate) fn matmul_scaled(lhs: &Tensor, rhs: &Tensor, scale: f64) -> Result<Te
     Ok(Tensor::from_vec(out, (n, m), &Device::Cpu)?)
 }
 
+/// `target (n, m) += scale · lhs·rhs` in the target's own storage, for f32 CPU tensors without
+/// gradients (`lhs (n, r)` and `rhs (r, m)` of any strides, `target` contiguous): the parallel
+/// GEMM accumulates into it (a merge then needs no `ΔW` buffer and no pass adding it). `false`,
+/// nothing done, where that does not apply. The caller must own `target` (a module's weight).
+pub(crate) fn add_product_in_place(
+    target: &Tensor,
+    lhs: &Tensor,
+    rhs: &Tensor,
+    scale: f64,
+) -> Result<bool> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && !t.track_op() && t.dtype() == DType::F32;
+    let (Ok((n, m)), Ok((ln, r)), Ok((rr, rm))) = (target.dims2(), lhs.dims2(), rhs.dims2()) else {
+        return Ok(false);
+    };
+    let shapes = ln == n && rr == r && rm == m;
+    if !(shapes && target.is_contiguous() && [target, lhs, rhs].into_iter().all(f32_cpu)) {
+        return Ok(false);
+    }
+    target.inplace_op3(lhs, rhs, &AddProduct(scale as f32))?;
+    super::pool::after_parallel_work(n * m * r);
+    Ok(true)
+}
+
+/// [`add_product_in_place`]'s in-place op: the scale.
+struct AddProduct(f32);
+
+impl candle_core::InplaceOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "add-product-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(target), F32(lhs), F32(rhs)) = (s1, s2, s3) else {
+            candle_core::bail!("adding a product in place needs f32 tensors");
+        };
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("adding a product in place needs a contiguous target");
+        };
+        let m = l1.dims()[1];
+        let (lhs, rhs) = (&lhs[l2.start_offset()..], &rhs[l3.start_offset()..]);
+        let (lhs, rhs) = (Strided::new(lhs, l2), Strided::new(rhs, l3));
+        sgemm(
+            &mut target[start..end],
+            m,
+            lhs,
+            rhs,
+            true,
+            self.0,
+            all_threads(),
+        );
+        Ok(())
+    }
+}
+
 /// The elements of a CPU tensor from its storage's start offset on.
 fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
     match s {
@@ -998,6 +1061,39 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The product added in place equals candle's `target + scale·lhs·rhs` (strided factors, a
+    /// negative scale as unmerging uses); other dtypes, a non-contiguous target or mismatched
+    /// shapes are refused with the target untouched.
+    #[test]
+    fn product_added_in_place_equals_candles_ops() {
+        let mut init = Initializer::new(3);
+        let mut u = |dims: &[usize]| init.uniform(dims, 1.0, DType::F32).unwrap();
+        let (n, r, m) = (37, 5, 300);
+        let (left, right_t) = (u(&[n, r]), u(&[m, r]));
+        let right = right_t.t().unwrap();
+        for scale in [0.75, -2.0] {
+            let target = u(&[n, m]);
+            let want = (&target + (left.matmul(&right).unwrap() * scale).unwrap()).unwrap();
+            assert!(add_product_in_place(&target, &left, &right, scale).unwrap());
+            assert!(max_abs_diff(target, want) < 1e-5);
+        }
+        let half = u(&[n, m]).to_dtype(DType::BF16).unwrap();
+        let wide = u(&[m, n]);
+        let refused = [
+            (half.clone(), left.clone(), right.clone()),
+            (wide.t().unwrap(), left.clone(), right.clone()),
+            (u(&[n, m]), left.clone(), right_t.clone()),
+        ];
+        for (target, l, r) in refused {
+            let before = target.to_dtype(DType::F32).unwrap().copy().unwrap();
+            assert!(!add_product_in_place(&target, &l, &r, 1.0).unwrap());
+            assert_eq!(
+                max_abs_diff(target.to_dtype(DType::F32).unwrap(), before),
+                0.0
+            );
+        }
     }
 
     /// Scaled low-rank terms (VeRA's per-rank and per-output scales, a term bias) with the base

@@ -484,6 +484,14 @@ impl LayerAdapter for AdaLoraAdapter {
     }
 
     fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
+        if self.kind == ModuleKind::Linear && self.r > 0 {
+            return Ok(MergeRule::AddProduct {
+                left: self.params.get(ADALORA_B)?,
+                right: self.scaled_a()?,
+                scale: self.scaling,
+                bias: None,
+            });
+        }
         Ok(MergeRule::Add {
             delta: self.delta_weight(base)?,
             bias: None,

@@ -713,8 +713,16 @@ impl LayerAdapter for LoraAdapter {
     }
 
     fn merge_rule(&self, base: &BaseLayer) -> Result<MergeRule> {
-        let delta = self.delta_weight(base)?;
         let bias = self.bias_delta()?;
+        if self.kind == ModuleKind::Linear && !self.config.use_dora {
+            return Ok(MergeRule::AddProduct {
+                left: self.params.get(LORA_B)?,
+                right: self.params.get(LORA_A)?,
+                scale: self.scaling,
+                bias,
+            });
+        }
+        let delta = self.delta_weight(base)?;
         Ok(if self.config.use_dora {
             MergeRule::Magnitude {
                 delta,

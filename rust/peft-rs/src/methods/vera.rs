@@ -353,14 +353,19 @@ impl VeraAdapter {
     }
 
     /// `(λ_b ⊙ B_s) (λ_d ⊙ A_s)`, transposed for Conv1D.
-    fn delta_weight(&self) -> Result<Tensor> {
+    /// `ΔW = (λ_b ⊙ B_s)(λ_d ⊙ A_s)` as its two factors, each scaled as PEFT scales it.
+    fn delta_factors(&self) -> Result<(Tensor, Tensor)> {
         let lambda_b = self.params.get(VERA_LAMBDA_B)?.unsqueeze(1)?;
         let lambda_d = self.params.get(VERA_LAMBDA_D)?.unsqueeze(1)?;
-        let delta = matmul_scaled(
-            &self.b.broadcast_mul(&lambda_b)?,
-            &self.a.broadcast_mul(&lambda_d)?,
-            1.0,
-        )?;
+        Ok((
+            self.b.broadcast_mul(&lambda_b)?,
+            self.a.broadcast_mul(&lambda_d)?,
+        ))
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        let (left, right) = self.delta_factors()?;
+        let delta = matmul_scaled(&left, &right, 1.0)?;
         Ok(match self.kind {
             ModuleKind::Conv1D => delta.t()?.contiguous()?,
             _ => delta,
@@ -406,6 +411,15 @@ impl LayerAdapter for VeraAdapter {
     }
 
     fn merge_rule(&self, _base: &BaseLayer) -> Result<MergeRule> {
+        if self.kind == ModuleKind::Linear {
+            let (left, right) = self.delta_factors()?;
+            return Ok(MergeRule::AddProduct {
+                left,
+                right,
+                scale: 1.0,
+                bias: None,
+            });
+        }
         Ok(MergeRule::Add {
             delta: self.delta_weight()?,
             bias: None,
