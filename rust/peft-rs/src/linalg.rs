@@ -81,8 +81,9 @@ fn inverse_on_host(m: &Tensor, n: usize, b: usize) -> Result<Option<Tensor>> {
     }
     let mut inv = vec![0f64; n * b * b];
     let values = m.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    inv.par_chunks_mut(b * b.max(1))
-        .zip(values.par_chunks(b * b.max(1)))
+    let per_matrix = (b * b).max(1);
+    inv.par_chunks_mut(per_matrix)
+        .zip(values.par_chunks(per_matrix))
         .for_each(|(inv, a)| {
             let mut a = a.to_vec();
             for i in 0..b {
@@ -248,6 +249,9 @@ impl BlockFactors {
     pub fn rows_times(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         if let Some(y) = self.rows_times_on_cpu(x, dtype)? {
             return Ok(y);
+        }
+        if self.dim == 0 || x.elem_count() == 0 {
+            return Ok(x.to_dtype(dtype)?);
         }
         let mut y = x.to_dtype(self.dtype())?.contiguous()?;
         for factor in self.factors.iter().rev() {
@@ -420,6 +424,8 @@ mod tests {
             assert_eq!(max_abs_diff(&perm_inv, &perm.transpose(1, 2).unwrap()), 0.0);
         }
         assert_eq!(max_abs_diff(&inverse(&m).unwrap(), &on_host), 0.0);
+        let empty = Tensor::zeros((2, 0, 0), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(inverse(&empty).unwrap().dims(), &[2, 0, 0]);
     }
 
     /// Both eliminations agree on a batch of f32 blocks (OFT's unmerge), and a tracked batch
@@ -600,6 +606,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("[3, 8]") && e.contains("[3, 6]"), "{e}");
+        let none = Tensor::zeros((0, 8), DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            matrix.rows_times(&none, DType::F32).unwrap().dims(),
+            &[0, 8]
+        );
     }
 
     #[test]
